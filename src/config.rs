@@ -1,0 +1,546 @@
+//! Configuration: a TOML file plus command-line flags, validated into [`Config`] before any
+//! socket is bound. Every rejection names the key, the value and why (`ConfigError`), and
+//! `main` exits with [`EXIT_CONFIG`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// `EX_CONFIG` from sysexits.h: the configuration is invalid.
+pub const EXIT_CONFIG: i32 = 78;
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/credlock/credlock.toml";
+pub const DEFAULT_TEMPLATE_PATH: &str = "/usr/share/credlock/policy-templates/session-policy.json";
+
+/// A rejected setting: `key=value is not valid: why`.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}={value:?} is not valid: {why}")]
+pub struct ConfigError {
+    pub key: String,
+    pub value: String,
+    pub why: String,
+}
+
+fn invalid(key: &str, value: impl std::fmt::Display, why: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.to_string(),
+        value: value.to_string(),
+        why: why.into(),
+    }
+}
+
+/// The validated configuration every component is built from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Vec<SocketAddr>,
+    pub admin_listen: SocketAddr,
+    pub upstream: Upstream,
+    pub upstream_timeout: Duration,
+    pub max_connections: usize,
+    pub drain_timeout: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub lock: LockConfig,
+    pub discovery: DiscoveryConfig,
+    pub policy_template: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `host:port` as written into the Host header and used to connect.
+    pub authority: http::uri::Authority,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LockConfig {
+    pub role_arn: Option<String>,
+    pub session_duration: Duration,
+    pub source_identity: bool,
+    pub session_tags: BTreeMap<String, String>,
+    /// Never serve a locked set with less than this left; fail closed instead.
+    pub serve_margin: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DiscoveryConfig {
+    pub interval: Duration,
+    pub imds: bool,
+    pub echo_urls: Vec<String>,
+    pub echo_timeout: Duration,
+    pub ec2: Option<Ec2Scope>,
+    pub ec2_interval: Duration,
+    pub boot_provider: Option<String>,
+    pub static_env: StaticEnvironment,
+}
+
+/// How wide the EC2 API source looks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ec2Scope {
+    /// The instance's own VPCs only.
+    Vpc,
+    /// Every VPC of the account in the region.
+    Region,
+    /// VPCs carrying this tag (and value, when given).
+    Tagged { key: String, value: Option<String> },
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StaticEnvironment {
+    pub ipv4: Vec<String>,
+    pub ipv6: Vec<String>,
+    pub vpcs: Vec<String>,
+    pub vpc_endpoints: Vec<String>,
+}
+
+// ---- the file format ------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileConfig {
+    server: ServerSection,
+    log: LogSection,
+    lock: LockSection,
+    discovery: DiscoverySection,
+    policy: PolicySection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ServerSection {
+    listen: Option<Vec<String>>,
+    admin_listen: Option<String>,
+    upstream: Option<String>,
+    upstream_timeout_ms: Option<u64>,
+    max_connections: Option<usize>,
+    drain_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LogSection {
+    format: Option<String>,
+    level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LockSection {
+    role_arn: Option<String>,
+    session_duration_seconds: Option<u64>,
+    source_identity: Option<bool>,
+    session_tags: BTreeMap<String, String>,
+    serve_margin_seconds: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct DiscoverySection {
+    interval_seconds: Option<u64>,
+    imds: ToggleSection,
+    echo: EchoSection,
+    ec2: Ec2Section,
+    boot_provider: BootProviderSection,
+    #[serde(rename = "static")]
+    static_env: StaticEnvironment,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ToggleSection {
+    enabled: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct EchoSection {
+    enabled: Option<bool>,
+    urls: Option<Vec<String>>,
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Ec2Section {
+    enabled: Option<bool>,
+    scope: Option<String>,
+    tag_key: Option<String>,
+    tag_value: Option<String>,
+    interval_seconds: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct BootProviderSection {
+    enabled: Option<bool>,
+    url: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct PolicySection {
+    template: Option<PathBuf>,
+}
+
+/// Flags that override the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Vec<String>,
+    pub admin_listen: Option<String>,
+    pub upstream: Option<String>,
+    pub log_format: Option<String>,
+    pub log_level: Option<String>,
+}
+
+/// Reads `path` (or the default path when it exists), applies `overrides`, validates.
+pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+    let file = match path {
+        Some(p) => Some(p.to_path_buf()),
+        None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
+    };
+    let text = match &file {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| invalid("--config", p.display(), format!("cannot read: {e}")))?,
+        None => String::new(),
+    };
+    from_toml(&text, overrides)
+}
+
+/// Parses and validates TOML text with flag overrides.
+pub fn from_toml(text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+    let file: FileConfig = toml::from_str(text).map_err(|e| {
+        let span = e.span().and_then(|s| text.get(s)).unwrap_or("").to_string();
+        invalid("config file", span, e.message().to_string())
+    })?;
+    validate(file, overrides)
+}
+
+fn validate(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
+    let listen_raw = if ov.listen.is_empty() {
+        file.server
+            .listen
+            .unwrap_or_else(|| vec!["127.0.0.1:8169".into(), "[::1]:8169".into()])
+    } else {
+        ov.listen.clone()
+    };
+    if listen_raw.is_empty() {
+        return Err(invalid("server.listen", "[]", "at least one address is needed"));
+    }
+    let listen = listen_raw
+        .iter()
+        .map(|a| parse_addr("server.listen", a))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let admin_raw = ov
+        .admin_listen
+        .clone()
+        .or(file.server.admin_listen)
+        .unwrap_or_else(|| "127.0.0.1:9169".into());
+    let admin_listen = parse_addr("server.admin_listen", &admin_raw)?;
+    if !admin_listen.ip().is_loopback() {
+        return Err(invalid(
+            "server.admin_listen",
+            admin_raw,
+            "the admin listener must be on a loopback address",
+        ));
+    }
+    if listen.contains(&admin_listen) {
+        return Err(invalid(
+            "server.admin_listen",
+            admin_raw,
+            "must differ from every server.listen address",
+        ));
+    }
+
+    let upstream_raw = ov
+        .upstream
+        .clone()
+        .or(file.server.upstream)
+        .unwrap_or_else(|| "http://169.254.169.254".into());
+    let upstream = parse_upstream(&upstream_raw)?;
+
+    let upstream_timeout = millis(
+        "server.upstream_timeout_ms",
+        file.server.upstream_timeout_ms.unwrap_or(1000),
+        50..=30_000,
+    )?;
+    let drain_timeout = millis(
+        "server.drain_timeout_ms",
+        file.server.drain_timeout_ms.unwrap_or(5000),
+        0..=60_000,
+    )?;
+    let max_connections = file.server.max_connections.unwrap_or(1024);
+    if !(1..=65_536).contains(&max_connections) {
+        return Err(invalid(
+            "server.max_connections",
+            max_connections,
+            "must be between 1 and 65536",
+        ));
+    }
+
+    let format_raw = ov
+        .log_format
+        .clone()
+        .or(file.log.format)
+        .unwrap_or_else(|| "plain".into());
+    let log_format = match format_raw.as_str() {
+        "plain" => LogFormat::Plain,
+        "json" => LogFormat::Json,
+        _ => return Err(invalid("log.format", format_raw, "must be \"plain\" or \"json\"")),
+    };
+    let log_level = ov
+        .log_level
+        .clone()
+        .or(file.log.level)
+        .unwrap_or_else(|| "info".into());
+    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        return Err(invalid(
+            "log.level",
+            log_level,
+            "must be a level (error, warn, info, debug, trace) or a tracing filter",
+        ));
+    }
+
+    Ok(Config {
+        listen,
+        admin_listen,
+        upstream,
+        upstream_timeout,
+        max_connections,
+        drain_timeout,
+        log_format,
+        log_level,
+        lock: validate_lock(file.lock)?,
+        discovery: validate_discovery(file.discovery)?,
+        policy_template: file.policy.template,
+    })
+}
+
+fn validate_lock(lock: LockSection) -> Result<LockConfig, ConfigError> {
+    if let Some(arn) = &lock.role_arn
+        && crate::identity::RoleArn::parse(arn).is_none()
+    {
+        return Err(invalid(
+            "lock.role_arn",
+            arn,
+            "must look like arn:<partition>:iam::<12-digit account>:role/[path/]name",
+        ));
+    }
+    let duration = lock.session_duration_seconds.unwrap_or(3600);
+    if !(900..=3600).contains(&duration) {
+        return Err(invalid(
+            "lock.session_duration_seconds",
+            duration,
+            "must be between 900 and 3600 (AssumeRole from instance credentials is role chaining, capped at one hour)",
+        ));
+    }
+    let margin = lock.serve_margin_seconds.unwrap_or(300);
+    if margin >= duration / 2 {
+        return Err(invalid(
+            "lock.serve_margin_seconds",
+            margin,
+            format!("must be less than half the session duration ({} s)", duration / 2),
+        ));
+    }
+    if lock.session_tags.len() > 50 {
+        return Err(invalid(
+            "lock.session_tags",
+            lock.session_tags.len(),
+            "STS accepts at most 50 session tags",
+        ));
+    }
+    for (k, v) in &lock.session_tags {
+        let ok = |s: &str, max: usize| {
+            s.chars().count() <= max
+                && s.chars().all(|c| {
+                    c.is_alphanumeric() || c.is_whitespace() || "_.:/=+-@".contains(c)
+                })
+        };
+        if k.is_empty() || !ok(k, 128) || k.to_ascii_lowercase().starts_with("aws:") {
+            return Err(invalid(
+                "lock.session_tags",
+                k,
+                "a tag key is 1-128 letters, digits, spaces or _.:/=+-@ and may not start with aws:",
+            ));
+        }
+        if !ok(v, 256) {
+            return Err(invalid(
+                &format!("lock.session_tags.{k}"),
+                v,
+                "a tag value is 0-256 letters, digits, spaces or _.:/=+-@",
+            ));
+        }
+    }
+    Ok(LockConfig {
+        role_arn: lock.role_arn,
+        session_duration: Duration::from_secs(duration),
+        source_identity: lock.source_identity.unwrap_or(false),
+        session_tags: lock.session_tags,
+        serve_margin: Duration::from_secs(margin),
+    })
+}
+
+fn validate_discovery(d: DiscoverySection) -> Result<DiscoveryConfig, ConfigError> {
+    let interval = d.interval_seconds.unwrap_or(300);
+    if !(5..=86_400).contains(&interval) {
+        return Err(invalid(
+            "discovery.interval_seconds",
+            interval,
+            "must be between 5 and 86400",
+        ));
+    }
+    let echo_urls = if d.echo.enabled.unwrap_or(true) {
+        d.echo
+            .urls
+            .unwrap_or_else(|| vec!["https://checkip.amazonaws.com".into()])
+    } else {
+        Vec::new()
+    };
+    for url in &echo_urls {
+        check_url("discovery.echo.urls", url)?;
+    }
+    let echo_timeout = millis(
+        "discovery.echo.timeout_ms",
+        d.echo.timeout_ms.unwrap_or(3000),
+        100..=60_000,
+    )?;
+    let ec2 = if d.ec2.enabled.unwrap_or(false) {
+        let scope = d.ec2.scope.unwrap_or_else(|| "vpc".into());
+        Some(match scope.as_str() {
+            "vpc" => Ec2Scope::Vpc,
+            "region" => Ec2Scope::Region,
+            "tagged" => Ec2Scope::Tagged {
+                key: d.ec2.tag_key.ok_or_else(|| {
+                    invalid("discovery.ec2.tag_key", "", "is required with scope = \"tagged\"")
+                })?,
+                value: d.ec2.tag_value,
+            },
+            _ => {
+                return Err(invalid(
+                    "discovery.ec2.scope",
+                    scope,
+                    "must be \"vpc\", \"region\" or \"tagged\"",
+                ));
+            }
+        })
+    } else {
+        None
+    };
+    let ec2_interval = d.ec2.interval_seconds.unwrap_or(3600);
+    if !(60..=86_400).contains(&ec2_interval) {
+        return Err(invalid(
+            "discovery.ec2.interval_seconds",
+            ec2_interval,
+            "must be between 60 and 86400",
+        ));
+    }
+    let boot_provider = if d.boot_provider.enabled.unwrap_or(false) {
+        let url = d.boot_provider.url.ok_or_else(|| {
+            invalid("discovery.boot_provider.url", "", "is required when the source is enabled")
+        })?;
+        check_url("discovery.boot_provider.url", &url)?;
+        Some(url)
+    } else {
+        None
+    };
+    let s = &d.static_env;
+    for v in &s.ipv4 {
+        if v.parse::<ipnet::Ipv4Net>().is_err() && v.parse::<std::net::Ipv4Addr>().is_err() {
+            return Err(invalid("discovery.static.ipv4", v, "not an IPv4 address or CIDR"));
+        }
+    }
+    for v in &s.ipv6 {
+        if v.parse::<ipnet::Ipv6Net>().is_err() && v.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(invalid("discovery.static.ipv6", v, "not an IPv6 address or CIDR"));
+        }
+    }
+    for v in &s.vpcs {
+        if !is_aws_id(v, "vpc-") {
+            return Err(invalid("discovery.static.vpcs", v, "not a VPC ID (vpc-xxxxxxxx)"));
+        }
+    }
+    for v in &s.vpc_endpoints {
+        if !is_aws_id(v, "vpce-") {
+            return Err(invalid(
+                "discovery.static.vpc_endpoints",
+                v,
+                "not a VPC endpoint ID (vpce-xxxxxxxx)",
+            ));
+        }
+    }
+    Ok(DiscoveryConfig {
+        interval: Duration::from_secs(interval),
+        imds: d.imds.enabled.unwrap_or(true),
+        echo_urls,
+        echo_timeout,
+        ec2,
+        ec2_interval: Duration::from_secs(ec2_interval),
+        boot_provider,
+        static_env: d.static_env,
+    })
+}
+
+/// `vpc-` / `vpce-` followed by 8 or 17 lowercase hex digits.
+pub fn is_aws_id(s: &str, prefix: &str) -> bool {
+    s.strip_prefix(prefix).is_some_and(|hex| {
+        matches!(hex.len(), 8 | 17) && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    match url.parse::<http::Uri>() {
+        Ok(u) if matches!(u.scheme_str(), Some("https" | "http")) && u.authority().is_some() => {
+            Ok(())
+        }
+        _ => Err(invalid(key, url, "must be an http(s):// URL")),
+    }
+}
+
+fn parse_addr(key: &str, raw: &str) -> Result<SocketAddr, ConfigError> {
+    raw.parse()
+        .map_err(|_| invalid(key, raw, "must be IP:PORT (IPv6 as [ADDR]:PORT)"))
+}
+
+fn parse_upstream(raw: &str) -> Result<Upstream, ConfigError> {
+    let uri: http::Uri = raw
+        .parse()
+        .map_err(|_| invalid("server.upstream", raw, "not a URL"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(invalid(
+            "server.upstream",
+            raw,
+            "must be an http:// URL (IMDS speaks plain HTTP)",
+        ));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(invalid("server.upstream", raw, "must not have a path or query"));
+    }
+    let Some(authority) = uri.authority().cloned() else {
+        return Err(invalid("server.upstream", raw, "has no host"));
+    };
+    Ok(Upstream { authority })
+}
+
+fn millis(key: &str, v: u64, range: std::ops::RangeInclusive<u64>) -> Result<Duration, ConfigError> {
+    if range.contains(&v) {
+        Ok(Duration::from_millis(v))
+    } else {
+        Err(invalid(
+            key,
+            v,
+            format!("must be between {} and {}", range.start(), range.end()),
+        ))
+    }
+}
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

@@ -1,0 +1,75 @@
+use super::*;
+
+fn err(text: &str) -> ConfigError {
+    from_toml(text, &Overrides::default()).unwrap_err()
+}
+
+#[test]
+fn defaults_match_the_documented_ones() {
+    let c = from_toml("", &Overrides::default()).unwrap();
+    let listen: Vec<String> = c.listen.iter().map(ToString::to_string).collect();
+    assert_eq!(listen, ["127.0.0.1:8169", "[::1]:8169"]);
+    assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9169");
+    assert_eq!(c.upstream.authority.as_str(), "169.254.169.254");
+    assert_eq!(c.lock.session_duration, Duration::from_secs(3600));
+    assert_eq!(c.discovery.echo_urls, ["https://checkip.amazonaws.com"]);
+    assert!(c.discovery.imds && c.discovery.ec2.is_none());
+}
+
+#[test]
+fn flags_override_the_file() {
+    let ov = Overrides {
+        listen: vec!["127.0.0.1:18169".into()],
+        upstream: Some("http://127.0.0.1:1234".into()),
+        ..Overrides::default()
+    };
+    let c = from_toml("[server]\nlisten = [\"127.0.0.1:1\"]\nupstream = \"http://10.0.0.1\"\n", &ov).unwrap();
+    assert_eq!(c.listen, ["127.0.0.1:18169".parse().unwrap()]);
+    assert_eq!(c.upstream.authority.as_str(), "127.0.0.1:1234");
+}
+
+#[test]
+fn errors_name_the_key_the_value_and_why() {
+    let e = err("[server]\nadmin_listen = \"0.0.0.0:9169\"\n");
+    assert_eq!(e.key, "server.admin_listen");
+    assert_eq!(e.value, "0.0.0.0:9169");
+    assert!(e.to_string().contains("loopback"), "{e}");
+
+    let e = err("[server]\nupstream = \"https://169.254.169.254\"\n");
+    assert_eq!(e.key, "server.upstream");
+
+    let e = err("[lock]\nsession_duration_seconds = 7200\n");
+    assert_eq!((e.key.as_str(), e.value.as_str()), ("lock.session_duration_seconds", "7200"));
+    assert!(e.why.contains("role chaining"));
+
+    let e = err("[lock]\nrole_arn = \"arn:aws:iam::123:role/x\"\n");
+    assert_eq!(e.key, "lock.role_arn");
+
+    let e = err("[discovery.static]\nipv4 = [\"300.1.1.1\"]\n");
+    assert_eq!((e.key.as_str(), e.value.as_str()), ("discovery.static.ipv4", "300.1.1.1"));
+
+    let e = err("[discovery.static]\nvpcs = [\"vpc-XYZ\"]\n");
+    assert_eq!(e.key, "discovery.static.vpcs");
+
+    let e = err("[discovery.ec2]\nenabled = true\nscope = \"tagged\"\n");
+    assert_eq!(e.key, "discovery.ec2.tag_key");
+
+    let e = err("[log]\nformat = \"xml\"\n");
+    assert_eq!(e.key, "log.format");
+}
+
+#[test]
+fn unknown_keys_and_bad_toml_are_rejected() {
+    let e = err("[server]\nlisten_on = []\n");
+    assert!(e.why.contains("unknown field"), "{e}");
+    let e = err("[server\n");
+    assert_eq!(e.key, "config file");
+}
+
+#[test]
+fn aws_ids() {
+    assert!(is_aws_id("vpc-0abc1234def567890", "vpc-"));
+    assert!(is_aws_id("vpc-1a2b3c4d", "vpc-"));
+    assert!(!is_aws_id("vpc-1a2b3c4", "vpc-"));
+    assert!(!is_aws_id("vpce-0ABC1234DEF567890", "vpce-"));
+}

@@ -1,0 +1,212 @@
+//! Prometheus metrics: one explicit registry, every metric documented in the README, closed
+//! label sets only (no path, IP, role or error text ever becomes a label).
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub upstream_duration: HistogramVec,
+    pub upstream_errors: IntCounterVec,
+    pub refused: IntCounterVec,
+    pub refreshes: IntCounterVec,
+    pub remaining_seconds: Gauge,
+    pub assume_role_duration: Histogram,
+    pub sts_errors: IntCounterVec,
+    pub discovery_runs: IntCounterVec,
+    pub discovery_last_success: GaugeVec,
+    pub environment_entries: IntGaugeVec,
+    pub policy_characters: IntGauge,
+    pub policy_packed_percent: IntGauge,
+    pub ready: IntGauge,
+}
+
+/// Route labels of `credlock_requests_total`.
+pub const ROUTES: [&str; 5] = ["token", "credentials", "role_listing", "passthrough", "refused"];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let requests = counter(
+            "credlock_requests_total",
+            "IMDS requests answered, by route and status class.",
+            &["route", "code_class"],
+        );
+        let upstream_errors = counter(
+            "credlock_upstream_errors_total",
+            "Upstream IMDS exchanges that failed, by kind.",
+            &["kind"],
+        );
+        let refused = counter(
+            "credlock_refused_requests_total",
+            "Requests answered locally without reaching the upstream, by reason.",
+            &["reason"],
+        );
+        let refreshes = counter(
+            "credlock_credential_refreshes_total",
+            "Attempts to obtain a locked credential set, by result.",
+            &["result"],
+        );
+        let sts_errors = counter(
+            "credlock_sts_errors_total",
+            "STS AssumeRole failures, by error code.",
+            &["code"],
+        );
+        let discovery_runs = counter(
+            "credlock_discovery_runs_total",
+            "Environment discovery runs, by source and result.",
+            &["source", "result"],
+        );
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "credlock_upstream_request_duration_seconds",
+                "Time for one upstream IMDS round trip, by route.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ]),
+            &["route"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(upstream_duration.clone()))
+            .expect("unique metric");
+        let assume_role_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "credlock_assume_role_duration_seconds",
+                "Time for one sts:AssumeRole call.",
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(assume_role_duration.clone()))
+            .expect("unique metric");
+        let remaining_seconds = Gauge::new(
+            "credlock_locked_credentials_remaining_seconds",
+            "Seconds until the locked credential set expires (0 when none is held).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(remaining_seconds.clone()))
+            .expect("unique metric");
+        let discovery_last_success = GaugeVec::new(
+            Opts::new(
+                "credlock_discovery_last_success_timestamp_seconds",
+                "Unix time of the last successful run of each discovery source.",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(discovery_last_success.clone()))
+            .expect("unique metric");
+        let environment_entries = IntGaugeVec::new(
+            Opts::new(
+                "credlock_environment_entries",
+                "Entries in the locked environment, by kind.",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(environment_entries.clone()))
+            .expect("unique metric");
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let policy_characters = gauge(
+            "credlock_policy_characters",
+            "Characters in the injected session policy (STS limit: 2048).",
+        );
+        let policy_packed_percent = gauge(
+            "credlock_policy_packed_size_percent",
+            "PackedPolicySize reported by STS for the current session (100 fails).",
+        );
+        let ready = gauge(
+            "credlock_ready",
+            "1 while credlock holds a servable locked credential set.",
+        );
+        let build_info = IntGaugeVec::new(
+            Opts::new("credlock_build_info", "Build information; always 1."),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        registry
+            .register(Box::new(build_info))
+            .expect("unique metric");
+
+        // Pre-create the closed label sets so every series exists from the first scrape.
+        for route in ROUTES {
+            for class in ["2xx", "4xx", "5xx"] {
+                requests.with_label_values(&[route, class]);
+            }
+        }
+        for kind in ["connect", "timeout", "protocol"] {
+            upstream_errors.with_label_values(&[kind]);
+        }
+        for result in ["success", "failure"] {
+            refreshes.with_label_values(&[result]);
+        }
+        for kind in ["ipv4", "ipv6", "vpc", "vpce"] {
+            environment_entries.with_label_values(&[kind]);
+        }
+
+        Metrics {
+            registry,
+            requests,
+            upstream_duration,
+            upstream_errors,
+            refused,
+            refreshes,
+            remaining_seconds,
+            assume_role_duration,
+            sts_errors,
+            discovery_runs,
+            discovery_last_success,
+            environment_entries,
+            policy_characters,
+            policy_packed_percent,
+            ready,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8192);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to a Vec cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `2xx`..`5xx` for a status code.
+pub fn code_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

@@ -1,0 +1,1041 @@
+#!/usr/bin/env python3
+"""A faithful local emulator of the EC2 Instance Metadata Service (IMDS), the upstream of every
+credlock test and of the README demo.
+
+Standard library only (Python 3.11). Citations such as "ref §1.2" point at
+/work/shared/reference/aws-imds-sts-iam.md; the AWS sources behind each rule are listed there.
+Rules marked ❓ are presumptions the reference could not verify; each says what was picked.
+
+    python3 imds_emulator.py --listen 127.0.0.1:0 [--listen [::1]:0] [--tokens optional|required]
+                             [--instance FILE.json] [--control 127.0.0.1:0]
+
+It prints one line per bound socket, IMDS listeners first, flushed, then serves until
+SIGTERM/SIGINT (exit 0):
+
+    listening 127.0.0.1:41234
+    listening [::1]:41235
+    control 127.0.0.1:41236
+
+IMDS protocol implemented (ref §1):
+  * PUT /latest/api/token with X-aws-ec2-metadata-token-ttl-seconds: 1..21600 -> 200 + token
+    (ref §1.2); bad TTL -> 400; X-Forwarded-For -> 403; versioned or other PUT paths -> 403.
+  * GET/HEAD with X-aws-ec2-metadata-token: unknown/expired token -> 401; with --tokens required,
+    no token -> 401 (ref §1.3). Any other method -> 405 (❓ ref §1.3).
+  * With tokens optional, IMDSv1 (no token) and IMDSv2 (token) requests get DIFFERENT role
+    credential sets (ref §1.8): AccessKeyId ASIAV1... versus ASIAV2..., so tests can prove which
+    set (if any) leaked through the proxy.
+  * The metadata tree of ref §1.5, §1.7 and §6.1 under every version in VERSIONS, with the
+    categories newer than a version answering 404 under it.
+
+Control API (JSON, only on the --control listener; never on an IMDS listener):
+  GET  /state            the whole state, including the current credential sets
+  POST /state            merge keys: tokens, role, instance_profile, interfaces, delay_ms, down,
+                         credentials, extended, user_data (see ControlHandler for the semantics)
+  POST /rotate           new v1, v2 and identity credential sets (new LastUpdated/Expiration)
+  GET  /requests         the last 1000 IMDS requests: method, path (raw target), version,
+                         headers [[name, value], ...], client, listener, status
+  POST /requests/clear   forget them
+  POST /tokens/clear     invalidate every IMDSv2 token issued so far
+  POST /reset            back to the start-up state (also clears tokens and requests)
+
+--instance FILE.json overrides the defaults; see DEFAULT_INSTANCE for every key and
+instance-example.json next to this file for an example. Keys starting with "_" are comments;
+any other unknown key is an error (exit 2).
+
+Deliberate leniency: like an ordinary web server, the emulator collapses repeated '/' and
+ignores a query string (`//latest//meta-data/iam/info?x=1` answers like `/latest/meta-data/iam/info`).
+Whether real IMDS does is ❓ (ref §1.6, §8). It is lenient on purpose: proxy tests must show that
+credlock refuses such targets itself instead of relying on the upstream to 404 them. It does NOT
+decode percent-escapes or resolve '.'/'..' segments: those simply match nothing and get 404.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import copy
+import datetime
+import hashlib
+import http
+import http.server
+import json
+import secrets
+import signal
+import socket
+import socketserver
+import string
+import sys
+import threading
+import time
+import urllib.parse
+
+# --------------------------------------------------------------------------------------------
+# Protocol constants (ref §1.2, §1.3)
+# --------------------------------------------------------------------------------------------
+
+TOKEN_PATH = "/latest/api/token"  # the only path that issues tokens (ref §1.2)
+TOKEN_HEADER = "X-aws-ec2-metadata-token"  # header names are matched case-insensitively
+TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+TTL_MIN_SECONDS = 1  # ref §1.2: "1 s to 21,600 s (6 h)"
+TTL_MAX_SECONDS = 21600
+FORWARDED_FOR_HEADER = "X-Forwarded-For"  # rejected on PUT (ref §1.2)
+
+SERVER_HEADER = "EC2ws"  # ref §1.3 "Other response facts" 🟡
+CREDENTIAL_LIFETIME = datetime.timedelta(hours=6)  # ref §1.8: typical lifetime about 6 h 🟡
+REQUEST_LOG_SIZE = 1000
+MAX_DISCARDED_BODY = 1 << 20  # request bodies are read and dropped, up to 1 MiB
+IDLE_CONNECTION_TIMEOUT = 60.0  # seconds a keep-alive connection may sit idle
+
+# Metadata versions listed by GET / (ref §1.5: "1.0, 2007-01-19, … latest"). These are the dates
+# seen on real instances, plus the category-introduction dates 2018-05-23 and 2020-08-24 of
+# ref §1.5 so tests can probe both sides of each boundary. Listed in this (chronological) order.
+VERSIONS = (
+    "1.0", "2007-01-19", "2007-03-01", "2007-08-29", "2007-10-10", "2007-12-15", "2008-02-01",
+    "2008-09-01", "2009-04-04", "2011-01-01", "2011-05-01", "2012-01-12", "2014-02-25",
+    "2014-11-05", "2015-10-20", "2016-04-19", "2016-06-30", "2016-09-02", "2018-03-28",
+    "2018-05-23", "2018-08-17", "2018-09-24", "2019-10-01", "2020-08-24", "2020-10-27",
+    "2021-01-03", "2021-03-23", "2021-07-15", "2022-09-24", "latest",
+)
+
+# Version that introduced a category (ref §1.5, §6.1). Under an older version the category is
+# absent: not listed, and 404. Everything else exists under every version (a simplification).
+# security-credentials-extended has no documented date (❓ ref §1.5): it follows iam/.
+SINCE_IAM = "2012-01-12"
+SINCE_IDENTITY_CREDENTIALS = "2018-05-23"
+SINCE_PLACEMENT_REGION = "2020-08-24"
+SINCE_IPV6 = "2021-01-03"  # meta-data/ipv6 (ref §6.1)
+
+# --------------------------------------------------------------------------------------------
+# Default instance (the contract's "IMDS emulator CLI" section)
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_INSTANCE = {
+    "instance_id": "i-0123456789abcdef0",
+    "account_id": "123456789012",
+    "region": "us-east-1",
+    "availability_zone": "us-east-1a",
+    "availability_zone_id": "use1-az1",
+    "partition": "aws",
+    "domain": None,  # None: derived from partition (amazonaws.com, amazonaws.com.cn)
+    "ami_id": "ami-0abcdef1234567890",
+    "ami_launch_index": 0,
+    "instance_type": "t3.micro",
+    "architecture": "x86_64",
+    "pending_time": "2024-01-01T00:00:00Z",
+    "reservation_id": "r-0fedcba9876543210",
+    "security_groups": ["default"],
+    "role": "credlock-test-role",  # string, or null for "no role attached"
+    "instance_profile": None,  # None: same name as the role
+    "instance_profile_id": None,  # None: a stable AIPA... id derived from the profile name
+    "user_data": None,  # None: no user data (user-data 404, not listed)
+    # The first interface is the primary ENI (meta-data/mac, local-ipv4, public-ipv4, ipv6).
+    "interfaces": [
+        {
+            "mac": "0e:11:22:33:44:55",
+            "device_number": 0,
+            "interface_id": "eni-0aaaaaaaaaaaaaaa1",
+            "local_ipv4s": ["172.31.16.10"],
+            "public_ipv4s": ["203.0.113.10"],
+            "ipv6s": [],
+            "subnet_id": "subnet-0aaaaaaaaaaaaaaa1",
+            "subnet_ipv4_cidr_block": "172.31.16.0/20",
+            "subnet_ipv6_cidr_blocks": [],
+            "vpc_id": "vpc-0abc1234def567890",
+            "vpc_ipv4_cidr_blocks": ["172.31.0.0/16"],
+            "vpc_ipv6_cidr_blocks": ["2001:db8:1::/56"],
+            "security_group_ids": ["sg-0aaaaaaaaaaaaaaa1"],
+        },
+        {
+            "mac": "0e:11:22:33:44:66",
+            "device_number": 1,
+            "interface_id": "eni-0bbbbbbbbbbbbbbb2",
+            "local_ipv4s": ["172.31.32.20"],
+            "public_ipv4s": ["203.0.113.20"],
+            "ipv6s": ["2001:db8:1::10"],
+            "subnet_id": "subnet-0bbbbbbbbbbbbbbb2",
+            "subnet_ipv4_cidr_block": "172.31.32.0/20",
+            "subnet_ipv6_cidr_blocks": ["2001:db8:1::/64"],
+            "vpc_id": "vpc-0abc1234def567890",
+            "vpc_ipv4_cidr_blocks": ["172.31.0.0/16"],
+            "vpc_ipv6_cidr_blocks": ["2001:db8:1::/56"],
+            "security_group_ids": ["sg-0aaaaaaaaaaaaaaa1"],
+        },
+    ],
+}
+
+# Interface keys; all but "mac" are optional. Optional extras: "owner_id" (default: the account),
+# "local_hostname", "public_hostname", "ipv4_associations" ({public_ip: private_ip}; default:
+# the i-th public IPv4 maps to the i-th private IPv4, or to the first).
+INTERFACE_KEYS = set(DEFAULT_INSTANCE["interfaces"][0]) | {
+    "owner_id", "local_hostname", "public_hostname", "ipv4_associations",
+}
+
+INTERFACE_LIST_KEYS = {
+    "local_ipv4s", "public_ipv4s", "ipv6s", "subnet_ipv6_cidr_blocks", "vpc_ipv4_cidr_blocks",
+    "vpc_ipv6_cidr_blocks", "security_group_ids",
+}
+
+# Runtime keys (control API only, not --instance).
+DEFAULT_RUNTIME = {
+    "tokens": "optional",  # HttpTokens (ref §1.8): optional | required
+    "delay_ms": 0,  # sleep before every IMDS answer (simulates a hanging upstream)
+    "down": False,  # True: close IMDS connections without answering
+    "extended": True,  # False: security-credentials-extended is 404 (an IMDS without it)
+}
+
+# Keys POST /state may change. Top-level values replace; "credentials" merges (see ControlHandler).
+MUTABLE_KEYS = {
+    "tokens", "role", "instance_profile", "interfaces", "delay_ms", "down", "credentials",
+    "extended", "user_data",
+}
+
+CREDENTIAL_SETS = ("v1", "v2", "identity")  # IMDSv1 role creds, IMDSv2 role creds, identity role
+
+# Key order of the credentials document (ref §1.7, [EC2-roles]).
+CREDENTIAL_KEYS = ("Code", "LastUpdated", "Type", "AccessKeyId", "SecretAccessKey", "Token",
+                   "Expiration")
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+def utc_timestamp(moment: datetime.datetime) -> str:
+    """YYYY-MM-DDTHH:MM:SSZ, no fraction: botocore's strptime needs exactly this (ref §1.7)."""
+    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def aws_json(document: dict) -> str:
+    """Render JSON the way IMDS does: two-space indent, `" : "` separators, keys in the given
+    order, no trailing newline (ref §1.7; identity document as in ref §6.1 / [EC2-iid])."""
+    return json.dumps(document, indent=2, separators=(",", " : "))
+
+
+def random_chars(alphabet: str, count: int) -> str:
+    return "".join(secrets.choice(alphabet) for _ in range(count))
+
+
+def new_credentials(label: str) -> dict:
+    """A fresh credential set whose values show where they came from but cannot be guessed.
+
+    label is V1, V2 or ID. AccessKeyId is 20 characters of [A-Z0-9] starting with ASIA (the
+    prefix of temporary credentials), e.g. ASIAV1XXXXXXXXXXXXXX, so boto3 accepts it and tests
+    can grep for "ASIAV1"/"ASIAV2" to prove a set did not leak through the proxy."""
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    upper_digits = string.ascii_uppercase + string.digits
+    secret_alphabet = string.ascii_letters + string.digits + "+/"
+    return {
+        "Code": "Success",
+        "LastUpdated": utc_timestamp(now),
+        "Type": "AWS-HMAC",
+        "AccessKeyId": "ASIA" + label + random_chars(upper_digits, 20 - 4 - len(label)),
+        # 40 characters like a real secret key; the prefix names the set.
+        "SecretAccessKey": "imds" + label + "Secret" + random_chars(secret_alphabet, 40 - 10 - len(label)),
+        # Real session tokens are long base64 blobs; this one is ~300 characters.
+        "Token": "IMDS" + label + "Token" + base64.b64encode(secrets.token_bytes(216)).decode(),
+        "Expiration": utc_timestamp(now + CREDENTIAL_LIFETIME),
+    }
+
+
+def fresh_credential_sets() -> dict:
+    """IMDSv1 role set (ASIAV1...), IMDSv2 role set (ASIAV2...), instance identity (ASIAID...)."""
+    return {name: new_credentials(label) for name, label in zip(CREDENTIAL_SETS, ("V1", "V2", "ID"))}
+
+
+def new_token() -> str:
+    """An opaque, unguessable IMDSv2 token (real ones look like AQAEA...==, 56 base64 chars)."""
+    return base64.b64encode(b"\x01\x00\x04\x00" + secrets.token_bytes(38)).decode()
+
+
+def version_has(version: str, since: str) -> bool:
+    """Whether a category introduced in `since` exists under metadata version `version`."""
+    if version == "latest":
+        return True
+    if version == "1.0":
+        return False
+    return version >= since  # dated versions compare correctly as strings
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """HOST:PORT or [IPV6]:PORT -> (host, port)."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r}: expected [IPV6]:PORT")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(f"{text!r}: expected HOST:PORT or [IPV6]:PORT")
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{text!r}: bad port")
+    return host, int(port)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# --------------------------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------------------------
+
+class ValidationError(ValueError):
+    pass
+
+
+def validate_interfaces(interfaces) -> None:
+    if not isinstance(interfaces, list):
+        raise ValidationError("interfaces must be a list")
+    macs = set()
+    for iface in interfaces:
+        if not isinstance(iface, dict) or not isinstance(iface.get("mac"), str):
+            raise ValidationError("each interface must be an object with a string 'mac'")
+        unknown = set(iface) - INTERFACE_KEYS
+        if unknown:
+            raise ValidationError(f"unknown interface keys: {sorted(unknown)}")
+        if iface["mac"] in macs:
+            raise ValidationError(f"duplicate mac {iface['mac']}")
+        macs.add(iface["mac"])
+        for key, value in iface.items():
+            if key == "device_number":
+                ok_type = isinstance(value, int) and not isinstance(value, bool)
+            elif key == "ipv4_associations":
+                ok_type = isinstance(value, dict) and all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+            elif key in INTERFACE_LIST_KEYS:
+                ok_type = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            else:
+                ok_type = value is None or isinstance(value, str)
+            if not ok_type:
+                raise ValidationError(f"interface {iface['mac']}: bad value for {key}")
+
+
+def validate_state(state: dict) -> None:
+    if state["tokens"] not in ("optional", "required"):
+        raise ValidationError("tokens must be 'optional' or 'required'")
+    if state["role"] is not None and (not isinstance(state["role"], str) or not state["role"]
+                                      or "/" in state["role"]):
+        raise ValidationError("role must be a non-empty name without '/', or null")
+    if not isinstance(state["delay_ms"], (int, float)) or isinstance(state["delay_ms"], bool) \
+            or state["delay_ms"] < 0:
+        raise ValidationError("delay_ms must be a number >= 0")
+    for key in ("down", "extended"):
+        if not isinstance(state[key], bool):
+            raise ValidationError(f"{key} must be true or false")
+    if state["user_data"] is not None and not isinstance(state["user_data"], str):
+        raise ValidationError("user_data must be a string or null")
+    for key in ("instance_profile", "instance_profile_id"):
+        if state[key] is not None and not isinstance(state[key], str):
+            raise ValidationError(f"{key} must be a string or null")
+    validate_interfaces(state["interfaces"])
+    creds = state["credentials"]
+    if not isinstance(creds, dict) or set(creds) != set(CREDENTIAL_SETS):
+        raise ValidationError(f"credentials must have exactly the sets {list(CREDENTIAL_SETS)}")
+    for name, fields in creds.items():
+        if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
+            raise ValidationError(f"credentials.{name} must map field names to strings")
+
+
+class Emulator:
+    """All mutable state, behind one lock (requests are tiny, so contention does not matter).
+
+    Tokens map to their monotonic expiry, so wall-clock jumps cannot extend or cut them."""
+
+    def __init__(self, instance: dict, tokens: str):
+        self.lock = threading.Lock()
+        self.initial = copy.deepcopy(instance)
+        self.initial.update(DEFAULT_RUNTIME, tokens=tokens)
+        self.state: dict = {}
+        self.issued_tokens: dict[str, float] = {}
+        self.requests: collections.deque = collections.deque(maxlen=REQUEST_LOG_SIZE)
+        self.reset()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.state = copy.deepcopy(self.initial)
+            self.state["credentials"] = fresh_credential_sets()
+            self.issued_tokens.clear()
+            self.requests.clear()
+
+    def rotate(self) -> None:
+        """New credential sets, as IMDS publishes before the old ones expire (ref §1.8).
+        Nothing rotates on its own: tests set Expiration (POST /state) or call this."""
+        with self.lock:
+            self.state["credentials"] = fresh_credential_sets()
+
+    # ---- tokens (ref §1.2) ----
+
+    def issue_token(self, ttl: int) -> str:
+        now = time.monotonic()
+        token = new_token()
+        with self.lock:
+            # Drop expired tokens so the table stays small however long the emulator runs.
+            for stale in [t for t, expiry in self.issued_tokens.items() if expiry <= now]:
+                del self.issued_tokens[stale]
+            self.issued_tokens[token] = now + ttl
+        return token
+
+    def token_valid(self, token: str) -> bool:
+        with self.lock:
+            expiry = self.issued_tokens.get(token)
+        return expiry is not None and time.monotonic() < expiry
+
+    def clear_tokens(self) -> None:
+        with self.lock:
+            self.issued_tokens.clear()
+
+    # ---- control API ----
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            result = copy.deepcopy(self.state)
+            now = time.monotonic()
+            result["active_tokens"] = sum(1 for e in self.issued_tokens.values() if e > now)
+        return result
+
+    def merge(self, patch: dict) -> dict:
+        """POST /state. Top-level keys replace their value (so "role": null detaches the role
+        and "interfaces" replaces the whole list). "credentials" is merged per set and per field,
+        RFC 7386 style: {"credentials": {"v2": {"Expiration": "...", "Token": null}}} changes one
+        field and deletes another (to serve malformed documents), leaving the rest alone."""
+        if not isinstance(patch, dict):
+            raise ValidationError("body must be a JSON object")
+        unknown = set(patch) - MUTABLE_KEYS
+        if unknown:
+            raise ValidationError(f"unknown or read-only keys: {sorted(unknown)}; "
+                                  f"allowed: {sorted(MUTABLE_KEYS)}")
+        with self.lock:
+            candidate = copy.deepcopy(self.state)
+            for key, value in patch.items():
+                if key != "credentials":
+                    candidate[key] = copy.deepcopy(value)
+                    continue
+                if not isinstance(value, dict) or set(value) - set(CREDENTIAL_SETS):
+                    raise ValidationError(f"credentials keys must be among {list(CREDENTIAL_SETS)}")
+                for name, fields in value.items():
+                    if not isinstance(fields, dict):
+                        raise ValidationError(f"credentials.{name} must be an object")
+                    for field, field_value in fields.items():
+                        if field_value is None:
+                            candidate["credentials"][name].pop(field, None)
+                        else:
+                            candidate["credentials"][name][field] = field_value
+            validate_state(candidate)
+            self.state = candidate
+        return self.snapshot()
+
+    def log_request(self, entry: dict) -> None:
+        with self.lock:
+            self.requests.append(entry)
+
+    def set_status(self, entry: dict, status) -> None:
+        with self.lock:
+            entry["status"] = status
+
+    def request_log(self) -> list:
+        with self.lock:
+            return copy.deepcopy(list(self.requests))
+
+    def clear_requests(self) -> None:
+        with self.lock:
+            self.requests.clear()
+
+    def runtime(self) -> tuple[float, bool, str]:
+        with self.lock:
+            return self.state["delay_ms"], self.state["down"], self.state["tokens"]
+
+    # ---- the metadata tree ----
+
+    def tree(self, version: str, delivery: str) -> dict:
+        """The tree under /<version>/ for a request delivered as "v1" (no token) or "v2".
+
+        A dict is a directory, a str is a leaf, bytes is user-data. Absent keys answer 404,
+        which is how missing fields (an ENI without IPv6, no role, ...) are expressed."""
+        with self.lock:
+            return build_tree(self.state, version, delivery)
+
+
+def derived_domain(state: dict) -> str:
+    if state.get("domain"):
+        return state["domain"]
+    return "amazonaws.com.cn" if state["partition"] == "aws-cn" else "amazonaws.com"
+
+
+def private_hostname(state: dict, ipv4: str) -> str:
+    suffix = "ec2.internal" if state["region"] == "us-east-1" else f"{state['region']}.compute.internal"
+    return f"ip-{ipv4.replace('.', '-')}.{suffix}"
+
+
+def public_hostname(state: dict, ipv4: str) -> str:
+    if state["region"] == "us-east-1":
+        return f"ec2-{ipv4.replace('.', '-')}.compute-1.{derived_domain(state)}"
+    return f"ec2-{ipv4.replace('.', '-')}.{state['region']}.compute.{derived_domain(state)}"
+
+
+def profile_id(name: str) -> str:
+    """A stable instance-profile id: AIPA + 17 of [A-Z0-9] (21 characters like real ones)."""
+    alphabet = string.ascii_uppercase + string.digits
+    digest = hashlib.sha256(name.encode()).digest()
+    return "AIPA" + "".join(alphabet[b % len(alphabet)] for b in digest[:17])
+
+
+def credential_document(fields: dict, account_id: str | None) -> str:
+    """The credentials JSON of ref §1.7.
+
+    Code Success: the documented keys in the documented order, then any extra fields a test
+    added. Other Code (e.g. AssumeRoleUnauthorizedAccess): IMDS answers 200 with only Code,
+    Message and LastUpdated (ref §1.7 "Error form"). account_id is set on the extended path:
+    AccountId goes LAST, after Expiration (❓ ref §1.7 gives no order; appending keeps the legacy
+    document as an exact prefix, matching "the same JSON plus AccountId")."""
+    if fields.get("Code", "Success") != "Success":
+        keys = [k for k in ("Code", "Message", "LastUpdated") if k in fields]
+    else:
+        keys = [k for k in CREDENTIAL_KEYS if k in fields]
+        keys += [k for k in fields if k not in CREDENTIAL_KEYS]
+    document = {k: fields[k] for k in keys}
+    if account_id is not None and fields.get("Code", "Success") == "Success":
+        document["AccountId"] = account_id
+    return aws_json(document)
+
+
+def interface_tree(state: dict, iface: dict) -> dict:
+    """network/interfaces/macs/<mac>/ (ref §6.1). Empty lists are absent fields -> 404."""
+    node: dict = {
+        "mac": iface["mac"],
+        "device-number": str(iface.get("device_number", 0)),
+        "owner-id": iface.get("owner_id") or state["account_id"],
+    }
+    optional_scalars = {
+        "interface-id": "interface_id", "subnet-id": "subnet_id", "vpc-id": "vpc_id",
+        "subnet-ipv4-cidr-block": "subnet_ipv4_cidr_block",
+    }
+    for name, key in optional_scalars.items():
+        if iface.get(key):
+            node[name] = iface[key]
+    optional_lists = {
+        "local-ipv4s": "local_ipv4s", "public-ipv4s": "public_ipv4s", "ipv6s": "ipv6s",
+        "subnet-ipv6-cidr-blocks": "subnet_ipv6_cidr_blocks",
+        "vpc-ipv4-cidr-blocks": "vpc_ipv4_cidr_blocks",
+        "vpc-ipv6-cidr-blocks": "vpc_ipv6_cidr_blocks",
+        "security-group-ids": "security_group_ids",
+    }
+    for name, key in optional_lists.items():
+        if iface.get(key):
+            node[name] = "\n".join(iface[key])
+    if iface.get("vpc_ipv4_cidr_blocks"):
+        node["vpc-ipv4-cidr-block"] = iface["vpc_ipv4_cidr_blocks"][0]  # the primary CIDR
+    local = iface.get("local_ipv4s") or []
+    public = iface.get("public_ipv4s") or []
+    if local:
+        node["local-hostname"] = iface.get("local_hostname") or private_hostname(state, local[0])
+    if public:
+        node["public-hostname"] = iface.get("public_hostname") or public_hostname(state, public[0])
+        associations = iface.get("ipv4_associations") or {
+            ip: (local[i] if i < len(local) else (local[0] if local else ""))
+            for i, ip in enumerate(public)
+        }
+        node["ipv4-associations"] = dict(associations)  # <public-ip> -> its private IPv4
+    return node
+
+
+def build_tree(state: dict, version: str, delivery: str) -> dict:
+    interfaces = state["interfaces"]
+    primary = interfaces[0] if interfaces else {}
+    local = primary.get("local_ipv4s") or []
+    public = primary.get("public_ipv4s") or []
+    ipv6 = primary.get("ipv6s") or []
+
+    meta: dict = {
+        "ami-id": state["ami_id"],
+        "ami-launch-index": str(state["ami_launch_index"]),
+        "ami-manifest-path": "(unknown)",
+        "block-device-mapping": {"ami": "/dev/xvda", "root": "/dev/xvda"},
+        "instance-action": "none",
+        "instance-id": state["instance_id"],
+        "instance-life-cycle": "on-demand",
+        "instance-type": state["instance_type"],
+        "network": {"interfaces": {"macs": {
+            iface["mac"]: interface_tree(state, iface) for iface in interfaces}}},
+        "placement": {
+            "availability-zone": state["availability_zone"],
+            "availability-zone-id": state["availability_zone_id"],
+        },
+        "profile": "default-hvm",
+        "reservation-id": state["reservation_id"],
+        "security-groups": "\n".join(state["security_groups"]),
+        "services": {"domain": derived_domain(state), "partition": state["partition"]},
+    }
+    if primary:
+        meta["mac"] = primary["mac"]
+    if local:
+        meta["local-ipv4"] = local[0]
+        meta["hostname"] = meta["local-hostname"] = (primary.get("local_hostname")
+                                                     or private_hostname(state, local[0]))
+    if public:
+        meta["public-ipv4"] = public[0]  # the primary ENI's first public IPv4 (ref §6.1)
+        meta["public-hostname"] = primary.get("public_hostname") or public_hostname(state, public[0])
+    if ipv6 and version_has(version, SINCE_IPV6):
+        meta["ipv6"] = ipv6[0]  # eth0's first IPv6, 404 if none (ref §6.1)
+    if version_has(version, SINCE_PLACEMENT_REGION):
+        meta["placement"]["region"] = state["region"]
+
+    role = state["role"]
+    creds = state["credentials"]
+    if role is not None and version_has(version, SINCE_IAM):
+        profile = state["instance_profile"] or role
+        role_set = creds[delivery]  # IMDSv1 and IMDSv2 get different sets (ref §1.8)
+        last_updated = max(creds["v1"].get("LastUpdated", ""), creds["v2"].get("LastUpdated", ""))
+        iam: dict = {
+            # iam/info: exact format of ref §1.7; present only with a role attached.
+            "info": aws_json({
+                "Code": "Success",
+                "LastUpdated": last_updated,
+                "InstanceProfileArn":
+                    f"arn:{state['partition']}:iam::{state['account_id']}:instance-profile/{profile}",
+                "InstanceProfileId": state["instance_profile_id"] or profile_id(profile),
+            }),
+            "security-credentials": {role: credential_document(role_set, None)},
+        }
+        if state["extended"]:
+            # Listed under iam/ (❓ ref §1.5 "whether iam/ listings include it").
+            iam["security-credentials-extended"] = {
+                role: credential_document(role_set, state["account_id"])}
+        meta["iam"] = iam
+
+    if version_has(version, SINCE_IDENTITY_CREDENTIALS):
+        identity = creds["identity"]
+        # ec2/info shape is ❓ (not in the reference): Code, LastUpdated, AccountId.
+        meta["identity-credentials"] = {"ec2": {
+            "info": aws_json({"Code": "Success", "LastUpdated": identity.get("LastUpdated", ""),
+                              "AccountId": state["account_id"]}),
+            "security-credentials": {"ec2-instance": credential_document(identity, None)},
+        }}
+
+    document = {  # key order and nulls as on real instances ([EC2-iid])
+        "accountId": state["account_id"],
+        "architecture": state["architecture"],
+        "availabilityZone": state["availability_zone"],
+        "billingProducts": None,
+        "devpayProductCodes": None,
+        "marketplaceProductCodes": None,
+        "imageId": state["ami_id"],
+        "instanceId": state["instance_id"],
+        "instanceType": state["instance_type"],
+        "kernelId": None,
+        "pendingTime": state["pending_time"],
+        "privateIp": local[0] if local else None,
+        "ramdiskId": None,
+        "region": state["region"],
+        "version": "2017-09-30",
+    }
+    # Only the document: pkcs7/signature/rsa2048 would need AWS's signing keys.
+    tree: dict = {
+        "dynamic": {"instance-identity": {"document": aws_json(document)}},
+        "meta-data": meta,
+    }
+    if state["user_data"] is not None:
+        # Listed only when configured; 404 otherwise (ref §1.3: resource not available).
+        tree["user-data"] = state["user_data"].encode()
+    return tree
+
+
+def listing(directory: dict, mark_directories: bool = True) -> str:
+    """Children, one per line (LF), sub-directories with a trailing '/', no final newline
+    (ref §1.3 "Other response facts"). Sorted by name, as real listings are alphabetical."""
+    return "\n".join(name + "/" if mark_directories and isinstance(child, dict) else name
+                     for name, child in sorted(directory.items()))
+
+
+def canonical_segments(target: str) -> tuple[list[str], bool]:
+    """Request target -> (path segments, had trailing slash).
+
+    Lenient on purpose (see the module docstring): an absolute-form target is reduced to its
+    path, the query string is ignored and empty segments (from '//') are dropped."""
+    if "://" in target.split("?", 1)[0]:
+        target = urllib.parse.urlsplit(target).path or "/"
+    path = target.split("?", 1)[0].split("#", 1)[0]
+    return [s for s in path.split("/") if s], path.endswith("/")
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP
+# --------------------------------------------------------------------------------------------
+
+REASONS = {
+    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 500: "Internal Server Error",
+}
+# HTML titles of the error pages; 400 is "Missing or Invalid Parameters" (ref §1.3).
+ERROR_TITLES = {400: "Missing or Invalid Parameters"}
+
+
+def reason(code: int) -> str:
+    if code in REASONS:
+        return REASONS[code]
+    try:
+        return http.HTTPStatus(code).phrase
+    except ValueError:
+        return "Error"
+
+
+def error_page(code: int) -> bytes:
+    """The XHTML error page IMDS serves, e.g. "404 - Not Found" (ref §1.3, [NDB-47])."""
+    title = f"{code} - {ERROR_TITLES.get(code, reason(code))}"
+    return (
+        '<?xml version="1.0" encoding="iso-8859-1"?>\n'
+        '<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN"\n'
+        '         "http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">\n'
+        '<html xmlns="http://www.w3.org/1999/xhtml" xml:lang="en" lang="en">\n'
+        ' <head>\n'
+        f'  <title>{title}</title>\n'
+        ' </head>\n'
+        ' <body>\n'
+        f'  <h1>{title}</h1>\n'
+        ' </body>\n'
+        '</html>\n'
+    ).encode("iso-8859-1")
+
+
+class Response:
+    def __init__(self, status: int, body: bytes = b"", content_type: str = "text/plain",
+                 headers: list[tuple[str, str]] | None = None):
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers or []
+
+
+def ok(body: str | bytes, content_type: str = "text/plain") -> Response:
+    return Response(200, body.encode() if isinstance(body, str) else body, content_type)
+
+
+def fail(status: int, headers: list[tuple[str, str]] | None = None) -> Response:
+    return Response(status, error_page(status), "text/html", headers)
+
+
+class BaseHandler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive and Content-Length on every response, so a pooling proxy can
+    reuse connections (real IMDS is HTTP/1.0 + close, ref §1.3; both must work through credlock).
+    HTTP/1.0 requests get "Connection: close" and the connection is closed."""
+
+    protocol_version = "HTTP/1.1"
+    # The stdlib treats a request line without a version as HTTP/0.9 and answers with a bare
+    # body; IMDS clients never speak 0.9, so always send a status line and headers.
+    default_request_version = "HTTP/1.0"
+    timeout = IDLE_CONNECTION_TIMEOUT
+    # Buffer the response and send it in one write, with Nagle off: headers and body written
+    # separately meet the peer's delayed ACK and cost ~40 ms per keep-alive request.
+    wbufsize = -1
+    disable_nagle_algorithm = True
+    emulator: Emulator  # set on the per-listener subclass
+
+    def version_string(self) -> str:
+        return SERVER_HEADER
+
+    def log_message(self, format, *args) -> None:  # quiet: tests read GET /requests instead
+        pass
+
+    def __getattr__(self, name: str):
+        # BaseHTTPRequestHandler looks up do_<METHOD> and answers 501 if it is missing; route
+        # every method (POST, DELETE, PATCH, OPTIONS, made-up ones) to one dispatcher instead.
+        if name.startswith("do_"):
+            return self.dispatch
+        raise AttributeError(name)
+
+    def dispatch(self) -> None:
+        raise NotImplementedError
+
+    def discard_body(self) -> None:
+        """Read and drop a request body so the next request on the connection parses cleanly.
+        Chunked or oversized bodies are not worth parsing: answer, then close."""
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            return
+        length = self.headers.get("Content-Length", "0").strip()
+        if not length.isdigit() or int(length) > MAX_DISCARDED_BODY:
+            self.close_connection = True
+            return
+        if int(length):
+            self.rfile.read(int(length))
+
+    def read_body(self) -> bytes:
+        length = self.headers.get("Content-Length", "0").strip()
+        if not length.isdigit() or int(length) > MAX_DISCARDED_BODY:
+            self.close_connection = True
+            return b""
+        return self.rfile.read(int(length)) if int(length) else b""
+
+    def send(self, response: Response) -> None:
+        if self.request_version == "HTTP/1.0":
+            self.close_connection = True
+        self.send_response(response.status, reason(response.status))
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        for name, value in response.headers:
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":  # HEAD: the headers of GET, no body
+            self.wfile.write(response.body)
+        self.wfile.flush()
+
+    def send_error(self, code, message=None, explain=None) -> None:
+        # Malformed requests (bad request line, oversized headers, ...): same HTML pages.
+        self.close_connection = True
+        self.send_response(code, reason(code))
+        body = error_page(code)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+            self.wfile.write(body)
+        self.wfile.flush()
+
+
+class ImdsHandler(BaseHandler):
+    """One IMDS request -> one Response; all protocol decisions are in respond()."""
+
+    def dispatch(self) -> None:
+        self.discard_body()
+        entry = {
+            "method": self.command,
+            "path": self.path,  # the raw request target, exactly as received
+            "version": self.request_version,
+            "headers": [[name, value] for name, value in self.headers.items()],
+            "client": list(self.client_address[:2]),
+            "listener": format_address(*self.server.server_address[:2]),
+            "status": None,
+            "time": time.time(),
+        }
+        self.emulator.log_request(entry)
+        delay_ms, _, _ = self.emulator.runtime()
+        if delay_ms:
+            time.sleep(delay_ms / 1000.0)
+        _, down, _ = self.emulator.runtime()  # as it is when the answer would go out
+        if down:
+            # Simulated outage: no status line at all, just a closed connection.
+            self.close_connection = True
+            self.emulator.set_status(entry, "dropped")
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        try:
+            response = self.respond()
+        except Exception:  # an emulator bug: say so loudly rather than drop the connection
+            import traceback
+            traceback.print_exc()
+            response = fail(500)
+        self.emulator.set_status(entry, response.status)
+        self.send(response)
+
+    def respond(self) -> Response:
+        if self.command == "PUT":
+            return self.respond_to_put()
+        if self.command in ("GET", "HEAD"):
+            return self.respond_to_get()
+        # ❓ ref §1.3: IMDS answering 405 to other methods is not in the AWS docs; SDKs expect it.
+        return fail(405, [("Allow", "GET, HEAD, PUT")])
+
+    def respond_to_put(self) -> Response:
+        segments, _ = canonical_segments(self.path)
+        if segments != TOKEN_PATH.strip("/").split("/"):
+            # /2021-03-23/api/token -> 403 by design (ref §1.2, [EC2-retrieve]). A PUT anywhere
+            # else is also 403 ❓: "the request is not allowed" (ref §1.3), and SDKs treat 403 on
+            # the token PUT as "IMDSv2 unavailable".
+            return fail(403)
+        if self.headers.get(FORWARDED_FOR_HEADER) is not None:
+            # Rejected (ref §1.2); the code is ❓, 403 as the reference presumes.
+            return fail(403)
+        ttl_values = self.headers.get_all(TTL_HEADER) or []
+        if len(ttl_values) != 1:  # missing, or ambiguous duplicates
+            return fail(400)
+        ttl_text = ttl_values[0].strip()
+        if not ttl_text.isdigit() or not TTL_MIN_SECONDS <= int(ttl_text) <= TTL_MAX_SECONDS:
+            return fail(400)  # "Missing or Invalid Parameters" (ref §1.3)
+        ttl = int(ttl_text)
+        token = self.emulator.issue_token(ttl)
+        response = ok(token)
+        response.headers.append((TTL_HEADER, str(ttl)))  # Rust's SDK requires it (ref §1.2)
+        return response
+
+    def respond_to_get(self) -> Response:
+        token = self.headers.get(TOKEN_HEADER)
+        _, _, tokens_mode = self.emulator.runtime()
+        if token is not None:
+            if not self.emulator.token_valid(token.strip()):
+                return fail(401)  # invalid or expired token (ref §1.3)
+            delivery = "v2"
+        elif tokens_mode == "required":
+            return fail(401)  # HttpTokens=required and no token (ref §1.3)
+        else:
+            delivery = "v1"
+
+        segments, _ = canonical_segments(self.path)
+        if not segments:
+            return ok("\n".join(VERSIONS))  # GET / lists the versions (ref §1.5)
+        version, rest = segments[0], segments[1:]
+        if version not in VERSIONS:
+            return fail(404)
+        if rest[:2] == ["api", "token"]:
+            # ❓ GET/HEAD of the token path: only PUT is allowed there.
+            return fail(405, [("Allow", "PUT")])
+        node = self.emulator.tree(version, delivery)
+        for segment in rest:
+            if not isinstance(node, dict) or segment not in node:
+                return fail(404)
+            node = node[segment]
+        # A trailing slash does not matter: a directory lists itself with or without it (200,
+        # never a redirect: ref §0.2, §1.3 "By 2022 both forms returned 200"), and a leaf is
+        # served with it too (ref §1.6: …/<role>/ returns the credentials).
+        if isinstance(node, dict):
+            # Real IMDS lists /<version>/ as "dynamic", "meta-data", "user-data" with no '/'
+            # (the one listing that does not mark directories, like GET / listing versions).
+            return ok(listing(node, mark_directories=bool(rest)))
+        if isinstance(node, bytes):  # user-data is arbitrary bytes (🟡 real IMDS: octet-stream)
+            return ok(node, "application/octet-stream")
+        return ok(node)
+
+
+class ControlHandler(BaseHandler):
+    """The JSON control API (module docstring). Separate socket, so the IMDS listeners never
+    expose it and tests can steer the emulator while a proxy sits in front of it."""
+
+    def dispatch(self) -> None:
+        body = self.read_body()
+        route = (self.command, urllib.parse.urlsplit(self.path).path.rstrip("/") or "/")
+        try:
+            if route == ("GET", "/state"):
+                result = self.emulator.snapshot()
+            elif route == ("POST", "/state"):
+                try:
+                    patch = json.loads(body or b"{}")
+                except json.JSONDecodeError as err:
+                    raise ValidationError(f"invalid JSON: {err}") from None
+                result = self.emulator.merge(patch)
+            elif route == ("POST", "/rotate"):
+                self.emulator.rotate()
+                result = self.emulator.snapshot()
+            elif route == ("GET", "/requests"):
+                result = self.emulator.request_log()
+            elif route == ("POST", "/requests/clear"):
+                self.emulator.clear_requests()
+                result = {"cleared": True}
+            elif route == ("POST", "/tokens/clear"):
+                self.emulator.clear_tokens()
+                result = {"cleared": True}
+            elif route == ("POST", "/reset"):
+                self.emulator.reset()
+                result = self.emulator.snapshot()
+            else:
+                self.send_json(404, {"error": f"no route {route[0]} {route[1]}"})
+                return
+        except ValidationError as err:
+            self.send_json(400, {"error": str(err)})
+            return
+        self.send_json(200, result)
+
+    def send_json(self, status: int, document) -> None:
+        self.send(Response(status, json.dumps(document, indent=2).encode(), "application/json"))
+
+
+# --------------------------------------------------------------------------------------------
+# Servers and main
+# --------------------------------------------------------------------------------------------
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True  # a sleeping (delay_ms) handler must not block shutdown
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            # [::]:80 must not also grab 0.0.0.0:80.
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        socketserver.TCPServer.server_bind(self)  # skip HTTPServer's getfqdn() (can be slow)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = host, port
+
+
+def make_server(address: str, handler: type, emulator: Emulator) -> Server:
+    host, port = parse_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_class = type("Server", (Server,), {"address_family": family})
+    handler_class = type(handler.__name__, (handler,), {"emulator": emulator})
+    return server_class((host, port), handler_class)
+
+
+def load_instance(path: str | None) -> dict:
+    instance = copy.deepcopy(DEFAULT_INSTANCE)
+    if path is None:
+        return instance
+    with open(path, encoding="utf-8") as file:
+        overrides = json.load(file)
+    if not isinstance(overrides, dict):
+        raise ValidationError("the instance file must hold a JSON object")
+    # Keys starting with "_" are comments (JSON has none); any other unknown key is a typo.
+    overrides = {k: v for k, v in overrides.items() if not k.startswith("_")}
+    unknown = set(overrides) - set(DEFAULT_INSTANCE)
+    if unknown:
+        raise ValidationError(f"unknown keys {sorted(unknown)}; known: {sorted(DEFAULT_INSTANCE)}")
+    instance.update(overrides)
+    return instance
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Faithful local EC2 IMDS emulator (see the module docstring).")
+    parser.add_argument("--listen", action="append", metavar="ADDR",
+                        help="IMDS listener, HOST:PORT or [IPV6]:PORT; repeatable "
+                             "(default 127.0.0.1:0)")
+    parser.add_argument("--tokens", choices=("optional", "required"), default="optional",
+                        help="HttpTokens: whether IMDSv1 (tokenless) requests are allowed")
+    parser.add_argument("--instance", metavar="FILE.json",
+                        help="JSON object overriding the default instance (see DEFAULT_INSTANCE)")
+    parser.add_argument("--control", metavar="ADDR", help="control API listener, HOST:PORT")
+    args = parser.parse_args(argv)
+
+    try:
+        instance = load_instance(args.instance)
+        validate_state({**instance, **DEFAULT_RUNTIME, "tokens": args.tokens,
+                        "credentials": {name: {} for name in CREDENTIAL_SETS}})
+    except (OSError, ValueError) as err:
+        parser.error(f"--instance: {err}")
+    emulator = Emulator(instance, args.tokens)
+
+    servers = []
+    try:
+        for address in args.listen or ["127.0.0.1:0"]:
+            servers.append(("listening", make_server(address, ImdsHandler, emulator)))
+        if args.control:
+            servers.append(("control", make_server(args.control, ControlHandler, emulator)))
+    except ValueError as err:
+        parser.error(str(err))
+    except OSError as err:
+        print(f"imds_emulator: cannot bind: {err}", file=sys.stderr, flush=True)
+        return 1
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    threads = []
+    for label, server in servers:
+        print(f"{label} {format_address(*server.server_address[:2])}", flush=True)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                                  daemon=True)
+        thread.start()
+        threads.append(thread)
+    while not stop.wait(1.0):
+        pass
+    for _, server in servers:
+        server.shutdown()
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
