@@ -1,1 +1,266 @@
-fn main() {}
+//! `credlock`: run the proxy, check a config, print the session policy or the discovered
+//! environment. Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 invalid configuration.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use credlock::config::{self, Config, EXIT_CONFIG, LogFormat, Overrides};
+use credlock::{app, discovery, imds::Imds, policy, sts::ImdsSourceProvider, upstream::UpstreamClient};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser)]
+#[command(version, about = "EC2 metadata proxy that locks instance-role credentials to the instance's network")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve IMDS on the listeners, locking role credentials.
+    Run(RunArgs),
+    /// Validate the configuration and exit (0 valid, 78 invalid).
+    CheckConfig(CommonArgs),
+    /// Print the session policy credlock would inject on this instance (no AssumeRole).
+    Policy(CommonArgs),
+    /// Print the environment each discovery source finds, and the merged result.
+    Discover(CommonArgs),
+}
+
+#[derive(Args)]
+struct CommonArgs {
+    /// TOML configuration file [default: /etc/credlock/credlock.toml when present]
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Upstream IMDS URL [default: http://169.254.169.254]
+    #[arg(long, value_name = "URL")]
+    upstream: Option<String>,
+    /// plain or json
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<String>,
+    /// error, warn, info, debug, trace, or a tracing filter
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// IMDS listener address, repeatable [default: 127.0.0.1:8169 and [::1]:8169]
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<String>,
+    /// Admin listener address, loopback only [default: 127.0.0.1:9169]
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (common, listen, admin_listen) = match &cli.command {
+        Command::Run(r) => (&r.common, r.listen.clone(), r.admin_listen.clone()),
+        Command::CheckConfig(c) | Command::Policy(c) | Command::Discover(c) => (c, Vec::new(), None),
+    };
+    let overrides = Overrides {
+        listen,
+        admin_listen,
+        upstream: common.upstream.clone(),
+        log_format: common.log_format.clone(),
+        log_level: common.log_level.clone(),
+    };
+    let config = match config::load(common.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("credlock: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("credlock: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run(_) => run(config).await,
+            Command::CheckConfig(_) => {
+                println!(
+                    "configuration OK: listen {:?}, admin {}, upstream http://{}, sources {:?}",
+                    config.listen,
+                    config.admin_listen,
+                    config.upstream.authority,
+                    discovery::enabled_sources(&config.discovery)
+                );
+                ExitCode::SUCCESS
+            }
+            Command::Policy(_) => print_policy(config).await,
+            Command::Discover(_) => print_discovery(config).await,
+        }
+    })
+}
+
+fn init_logging(config: &Config) {
+    let filter = std::env::var("CREDLOCK_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .ok()
+        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&config.log_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Plain => builder.init(),
+    }
+}
+
+async fn run(config: Config) -> ExitCode {
+    let running = match app::start(config).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("credlock: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        eprintln!("credlock: cannot install signal handlers");
+        return ExitCode::FAILURE;
+    };
+    let mut ready = running.ready.clone();
+    tokio::spawn(async move {
+        if ready.wait_for(|r| *r).await.is_ok() {
+            tracing::info!("holding locked credentials: ready");
+            notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("holding locked credentials")]);
+        }
+    });
+    let mut usec = 0;
+    if sd_notify::watchdog_enabled(false, &mut usec) {
+        let period = Duration::from_micros(usec / 2).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            loop {
+                notify(&[sd_notify::NotifyState::Watchdog]);
+                tokio::time::sleep(period).await;
+            }
+        });
+    }
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+    notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = running.shutdown.send(true);
+    let _ = running.task.await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Identity plus one run of every enabled source.
+async fn discover_once(
+    config: &Config,
+) -> Result<(credlock::identity::InstanceIdentity, Vec<(discovery::SourceKind, Result<credlock::environment::Environment, String>)>), String> {
+    let imds = Arc::new(Imds::new(UpstreamClient::new(&config.upstream, config.upstream_timeout)));
+    let configured = config.lock.role_arn.as_deref().and_then(credlock::identity::RoleArn::parse);
+    let identity = imds
+        .identity(configured.as_ref())
+        .await
+        .map_err(|e| format!("cannot learn the instance identity from IMDS: {e}"))?;
+    let source = ImdsSourceProvider::new(imds.clone());
+    let ctx = app::discovery_context(config, imds, identity.clone(), source).await;
+    let mut results = Vec::new();
+    for kind in discovery::enabled_sources(&config.discovery) {
+        results.push((kind, discovery::run_source(kind, &ctx).await));
+    }
+    Ok((identity, results))
+}
+
+async fn print_policy(config: Config) -> ExitCode {
+    let template = match app::load_template(&config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("credlock: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    let (identity, results) = match discover_once(&config).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("credlock: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut env = credlock::environment::Environment::default();
+    for (kind, result) in &results {
+        match result {
+            Ok(e) => env.merge(e),
+            Err(e) => eprintln!("credlock: source {} failed: {e}", kind.label()),
+        }
+    }
+    match policy::render(&template, &env, &identity.role) {
+        Ok(p) => {
+            println!("{}", p.text);
+            eprintln!(
+                "credlock: {} characters of {} for role {}",
+                p.characters,
+                policy::MAX_POLICY_CHARS,
+                identity.role
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("credlock: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn print_discovery(config: Config) -> ExitCode {
+    let (identity, results) = match discover_once(&config).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("credlock: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut merged = credlock::environment::Environment::default();
+    let mut sources = serde_json::Map::new();
+    for (kind, result) in &results {
+        let value = match result {
+            Ok(e) => {
+                merged.merge(e);
+                serde_json::json!({ "environment": e })
+            }
+            Err(e) => serde_json::json!({ "error": e }),
+        };
+        sources.insert(kind.label().to_string(), value);
+    }
+    let out = serde_json::json!({
+        "instance_id": identity.instance_id,
+        "region": identity.region,
+        "role_arn": identity.role.to_string(),
+        "sources": sources,
+        "merged": merged,
+    });
+    println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    if results.iter().all(|(_, r)| r.is_err()) {
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,207 @@
+//! The admin listener (loopback only): `/healthz`, `/readyz`, `/metrics`, `/status`. Nothing it
+//! answers contains a secret: `/status` shows expiry times, the environment and errors, never a
+//! credential, a token or even an access key id.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde::Serialize;
+
+use crate::config::Upstream;
+use crate::credentials::imds_timestamp;
+use crate::discovery::SourceStatus;
+use crate::proxy::{ProxyState, TokenMode};
+use crate::refresh::LockStatus;
+use crate::upstream::UpstreamClient;
+
+pub struct AdminState {
+    pub proxy: Arc<ProxyState>,
+    pub lock_status: Arc<ArcSwap<LockStatus>>,
+    pub discovery_status: Arc<ArcSwap<Vec<SourceStatus>>>,
+    /// A client to credlock's own IMDS listener: `/readyz` goes through the real data path.
+    pub self_client: UpstreamClient,
+    pub imds_listener: SocketAddr,
+}
+
+impl AdminState {
+    pub fn new(
+        proxy: Arc<ProxyState>,
+        lock_status: Arc<ArcSwap<LockStatus>>,
+        discovery_status: Arc<ArcSwap<Vec<SourceStatus>>>,
+        imds_listener: SocketAddr,
+    ) -> Self {
+        let authority = imds_listener
+            .to_string()
+            .parse()
+            .expect("a socket address is an authority");
+        AdminState {
+            proxy,
+            lock_status,
+            discovery_status,
+            self_client: UpstreamClient::new(&Upstream { authority }, Duration::from_secs(2)),
+            imds_listener,
+        }
+    }
+}
+
+pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+    }
+    match req.uri().path() {
+        "/healthz" => healthz(&state).await,
+        "/readyz" => match readyz(&state).await {
+            Ok(msg) => text(StatusCode::OK, msg),
+            Err(msg) => text(StatusCode::SERVICE_UNAVAILABLE, msg),
+        },
+        "/metrics" => metrics(&state),
+        "/status" => status(&state),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz /readyz /metrics /status\n".into()),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+/// The process answers and its IMDS listener accepts connections.
+async fn healthz(state: &AdminState) -> Response<Full<Bytes>> {
+    let connect = tokio::net::TcpStream::connect(state.imds_listener);
+    match tokio::time::timeout(Duration::from_secs(1), connect).await {
+        Ok(Ok(_)) => text(StatusCode::OK, "ok\n".into()),
+        _ => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the IMDS listener {} does not accept connections\n", state.imds_listener),
+        ),
+    }
+}
+
+/// Ready: a servable locked set is held, and a credential request through credlock's own
+/// listener (token PUT, then GET of the role's credentials) returns that set.
+async fn readyz(state: &AdminState) -> Result<String, String> {
+    let proxy = &state.proxy;
+    let now = proxy.clock.now();
+    let Some(locked) = proxy.store.servable(now, proxy.serve_margin) else {
+        return Err(match proxy.store.peek() {
+            Some(c) => format!(
+                "not ready: the locked set expires at {}, within the serving margin\n",
+                imds_timestamp(c.expiration)
+            ),
+            None => "not ready: no locked credentials yet\n".into(),
+        });
+    };
+    let role = state
+        .lock_status
+        .load()
+        .role_arn
+        .as_deref()
+        .and_then(|arn| arn.rsplit('/').next().map(str::to_string))
+        .ok_or("not ready: no role locked yet\n")?;
+    let mut headers = HeaderMap::new();
+    headers.insert("x-aws-ec2-metadata-token-ttl-seconds", HeaderValue::from_static("60"));
+    let token = state
+        .self_client
+        .send(Method::PUT, crate::route::TOKEN_PATH, headers, Bytes::new())
+        .await
+        .map_err(|e| format!("not ready: token through credlock: {e}\n"))?;
+    if token.status != StatusCode::OK {
+        return Err(format!("not ready: token through credlock: HTTP {}\n", token.status));
+    }
+    let mut headers = HeaderMap::new();
+    let mut value = HeaderValue::from_maybe_shared(token.body)
+        .map_err(|_| "not ready: the upstream token is not a header value\n".to_string())?;
+    value.set_sensitive(true);
+    headers.insert("x-aws-ec2-metadata-token", value);
+    let path = format!("/latest/meta-data/iam/security-credentials/{role}");
+    let answer = state
+        .self_client
+        .send(Method::GET, &path, headers, Bytes::new())
+        .await
+        .map_err(|e| format!("not ready: credentials through credlock: {e}\n"))?;
+    if answer.status != StatusCode::OK {
+        return Err(format!("not ready: credentials through credlock: HTTP {}\n", answer.status));
+    }
+    let served: serde_json::Value = serde_json::from_slice(&answer.body)
+        .map_err(|_| "not ready: the credential answer is not JSON\n".to_string())?;
+    if served["AccessKeyId"].as_str() != Some(locked.access_key_id.as_str()) {
+        return Err("not ready: the credential answer does not carry the locked set\n".into());
+    }
+    Ok(format!(
+        "ready: locked credentials served, {} s left\n",
+        locked.remaining(now).as_secs()
+    ))
+}
+
+fn refresh_gauges(proxy: &ProxyState) {
+    let now = proxy.clock.now();
+    let remaining = proxy.store.peek().map_or(0.0, |c| c.remaining(now).as_secs_f64());
+    proxy.metrics.remaining_seconds.set(remaining);
+    let ready = proxy.store.servable(now, proxy.serve_margin).is_some();
+    proxy.metrics.ready.set(i64::from(ready));
+}
+
+fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
+    refresh_gauges(&state.proxy);
+    let mut r = Response::new(Full::new(Bytes::from(state.proxy.metrics.render())));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
+
+#[derive(Serialize)]
+struct Status<'a> {
+    version: &'static str,
+    ready: bool,
+    upstream_token_mode: &'static str,
+    credentials: CredentialStatus,
+    lock: &'a LockStatus,
+    discovery: &'a [SourceStatus],
+}
+
+#[derive(Serialize)]
+struct CredentialStatus {
+    held: bool,
+    expiration: Option<String>,
+    remaining_seconds: Option<u64>,
+}
+
+fn status(state: &AdminState) -> Response<Full<Bytes>> {
+    let proxy = &state.proxy;
+    let now = SystemTime::max(proxy.clock.now(), SystemTime::UNIX_EPOCH);
+    let held = proxy.store.peek();
+    let lock = state.lock_status.load();
+    let discovery = state.discovery_status.load();
+    let body = Status {
+        version: env!("CARGO_PKG_VERSION"),
+        ready: proxy.store.servable(now, proxy.serve_margin).is_some(),
+        upstream_token_mode: match proxy.token_mode() {
+            TokenMode::Unknown => "unknown",
+            TokenMode::Optional => "optional",
+            TokenMode::Required => "required",
+        },
+        credentials: CredentialStatus {
+            held: held.is_some(),
+            expiration: held.as_ref().map(|c| imds_timestamp(c.expiration)),
+            remaining_seconds: held.as_ref().map(|c| c.remaining(now).as_secs()),
+        },
+        lock: &lock,
+        discovery: &discovery,
+    };
+    let json = serde_json::to_vec_pretty(&body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(json)));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}

@@ -1,0 +1,252 @@
+//! Wiring: binds the listeners, starts the proxy, admin, discovery and lock tasks, and drains
+//! them on shutdown. [`start`] is the single entry point for `main` and for tests (which bind
+//! port 0 and read the bound addresses back).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, AdminState};
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::credentials::CredentialStore;
+use crate::discovery::{self, Discoverer};
+use crate::identity::{InstanceIdentity, RoleArn};
+use crate::imds::Imds;
+use crate::metrics::Metrics;
+use crate::policy;
+use crate::proxy::{self, ProxyState};
+use crate::refresh::{ImdsInstance, LockStatus, Locker, backoff};
+use crate::server;
+use crate::sts::{AwsIssuer, ImdsSourceProvider};
+use crate::upstream::UpstreamClient;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("{0}")]
+    Policy(#[from] policy::PolicyError),
+    #[error("cannot read the policy template {0}: {1}")]
+    Template(String, std::io::Error),
+}
+
+/// A running credlock.
+pub struct Running {
+    pub imds_addrs: Vec<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    /// Turns true once a locked set is held (then systemd is told READY=1).
+    pub ready: watch::Receiver<bool>,
+    pub shutdown: watch::Sender<bool>,
+    pub task: JoinHandle<()>,
+}
+
+/// Loads the session policy template: the configured file, else the installed one, else the
+/// copy compiled in.
+pub fn load_template(config: &Config) -> Result<serde_json::Value, StartError> {
+    let text = match &config.policy_template {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| StartError::Template(path.display().to_string(), e))?,
+        None => std::fs::read_to_string(crate::config::DEFAULT_TEMPLATE_PATH)
+            .unwrap_or_else(|_| policy::BUILTIN_TEMPLATE.to_string()),
+    };
+    Ok(policy::parse_template(&text)?)
+}
+
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let template = load_template(&config)?;
+    let imds_listeners = server::bind(&config.listen)
+        .await
+        .map_err(|(a, e)| StartError::Bind(a, e))?;
+    let admin_listeners = server::bind(&[config.admin_listen])
+        .await
+        .map_err(|(a, e)| StartError::Bind(a, e))?;
+    let imds_addrs: Vec<SocketAddr> = imds_listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    let admin_addr = admin_listeners[0]
+        .local_addr()
+        .map_err(|e| StartError::Bind(config.admin_listen, e))?;
+
+    let metrics = Arc::new(Metrics::new());
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store = Arc::new(CredentialStore::default());
+    let upstream = UpstreamClient::new(&config.upstream, config.upstream_timeout);
+    let proxy_state = Arc::new(ProxyState::new(
+        upstream.clone(),
+        store.clone(),
+        metrics.clone(),
+        clock.clone(),
+        config.lock.serve_margin,
+    ));
+    let lock_status = Arc::new(ArcSwap::from_pointee(LockStatus::default()));
+    let discovery_status = Arc::new(ArcSwap::from_pointee(Vec::new()));
+    let admin_state = Arc::new(AdminState::new(
+        proxy_state.clone(),
+        lock_status.clone(),
+        discovery_status.clone(),
+        imds_addrs[0],
+    ));
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (ready_tx, ready_rx) = watch::channel(false);
+
+    let proxy_server = tokio::spawn(server::serve(
+        "imds",
+        imds_listeners,
+        move |req| proxy::handle(proxy_state.clone(), req),
+        config.max_connections,
+        config.drain_timeout,
+        shutdown_rx.clone(),
+    ));
+    let admin_server = tokio::spawn(server::serve(
+        "admin",
+        admin_listeners,
+        move |req| admin::handle(admin_state.clone(), req),
+        64,
+        Duration::from_millis(500),
+        shutdown_rx.clone(),
+    ));
+    tracing::info!(imds = ?imds_addrs, admin = %admin_addr, upstream = %config.upstream.authority, "serving");
+
+    let imds = Arc::new(Imds::new(upstream));
+    let background = tokio::spawn(run_background(
+        config,
+        imds,
+        template,
+        store,
+        metrics,
+        clock,
+        lock_status,
+        discovery_status,
+        ready_tx,
+        shutdown_rx,
+    ));
+
+    let task = tokio::spawn(async move {
+        let _ = proxy_server.await;
+        let _ = admin_server.await;
+        background.abort();
+    });
+    Ok(Running {
+        imds_addrs,
+        admin_addr,
+        ready: ready_rx,
+        shutdown: shutdown_tx,
+        task,
+    })
+}
+
+/// Learns the identity (retrying until IMDS answers), then runs discovery and the lock loop.
+#[allow(clippy::too_many_arguments)]
+async fn run_background(
+    config: Config,
+    imds: Arc<Imds>,
+    template: serde_json::Value,
+    store: Arc<CredentialStore>,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    lock_status: Arc<ArcSwap<LockStatus>>,
+    discovery_status: Arc<ArcSwap<Vec<SourceStatus>>>,
+    ready: watch::Sender<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let configured = config.lock.role_arn.as_deref().and_then(RoleArn::parse);
+    let identity = tokio::select! {
+        id = wait_for_identity(&imds, configured.as_ref()) => id,
+        _ = shutdown.changed() => return,
+    };
+    let source = ImdsSourceProvider::new(imds.clone());
+    let context = discovery_context(&config, imds.clone(), identity.clone(), source.clone()).await;
+    let (env_tx, env_rx) = watch::channel(None);
+    let discoverer = Discoverer {
+        context,
+        metrics: metrics.clone(),
+        clock: clock.clone(),
+        publish: env_tx,
+        status: discovery_status,
+    };
+    let locker = Locker {
+        issuer: AwsIssuer::new(&identity.region, source).await,
+        instance: ImdsInstance {
+            imds,
+            configured,
+        },
+        store,
+        metrics,
+        clock,
+        config: config.lock.clone(),
+        template,
+        environment: env_rx,
+        recheck: config.discovery.interval,
+        status: lock_status,
+        ready,
+    };
+    tokio::join!(discoverer.run(shutdown.clone()), locker.run(shutdown));
+}
+
+use crate::discovery::SourceStatus;
+
+async fn wait_for_identity(imds: &Imds, configured: Option<&RoleArn>) -> InstanceIdentity {
+    let mut failures = 0;
+    loop {
+        match imds.identity(configured).await {
+            Ok(identity) => {
+                tracing::info!(
+                    instance_id = %identity.instance_id,
+                    region = %identity.region,
+                    role = %identity.role,
+                    "instance identity learned from IMDS"
+                );
+                return identity;
+            }
+            Err(e) => {
+                failures += 1;
+                let wait = backoff(failures, rand::random::<f64>()).max(Duration::from_millis(500));
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot learn the instance identity yet");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// The discovery sources' shared clients. The EC2 client uses the instance role's own
+/// credentials.
+pub async fn discovery_context(
+    config: &Config,
+    imds: Arc<Imds>,
+    identity: InstanceIdentity,
+    source: ImdsSourceProvider,
+) -> discovery::Context {
+    let http = reqwest::Client::builder()
+        .timeout(config.discovery.echo_timeout)
+        .user_agent(concat!("credlock/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot build the HTTPS client; echo and boot-provider sources will fail");
+            reqwest::Client::new()
+        });
+    let ec2 = match config.discovery.ec2 {
+        Some(_) => {
+            let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .region(aws_config::Region::new(identity.region.clone()))
+                .credentials_provider(source)
+                .load()
+                .await;
+            Some(aws_sdk_ec2::Client::new(&sdk))
+        }
+        None => None,
+    };
+    discovery::Context {
+        imds,
+        http,
+        config: config.discovery.clone(),
+        identity,
+        ec2,
+    }
+}

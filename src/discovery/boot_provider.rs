@@ -1,0 +1,67 @@
+//! Boot-provider source: a central service tells each instance its environment, so a fleet does
+//! not call the EC2 API from every instance (the design Netflix published). credlock POSTs who
+//! it is and receives an environment document:
+//!
+//! request  `{"account_id": "...", "region": "...", "instance_id": "...", "role_arn": "...",
+//!            "identity_document": "<the raw instance identity document>"}`
+//! response `{"ipv4": ["203.0.113.0/24"], "ipv6": [], "vpcs": ["vpc-..."], "vpc_endpoints": []}`
+//! (the same schema as `[discovery.static]`; unknown fields are rejected).
+
+use serde::Serialize;
+
+use crate::config::StaticEnvironment;
+use crate::environment::Environment;
+use crate::identity::InstanceIdentity;
+use crate::imds::Imds;
+
+const MAX_DOCUMENT: usize = 64 * 1024;
+
+#[derive(Serialize)]
+struct WhoAmI<'a> {
+    account_id: &'a str,
+    region: &'a str,
+    instance_id: &'a str,
+    role_arn: String,
+    identity_document: String,
+}
+
+pub async fn discover(
+    http: &reqwest::Client,
+    url: &str,
+    identity: &InstanceIdentity,
+    imds: &Imds,
+) -> Result<Environment, String> {
+    let document = imds
+        .text("/latest/dynamic/instance-identity/document")
+        .await
+        .map_err(|e| e.to_string())?;
+    let who = WhoAmI {
+        account_id: &identity.role.account,
+        region: &identity.region,
+        instance_id: &identity.instance_id,
+        role_arn: identity.role.to_string(),
+        identity_document: document,
+    };
+    let response = http.post(url).json(&who).send().await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!("HTTP {status}"));
+    }
+    let body = response.bytes().await.map_err(|e| e.to_string())?;
+    if body.len() > MAX_DOCUMENT {
+        return Err(format!("environment document of {} bytes is too large", body.len()));
+    }
+    let doc: StaticEnvironment =
+        serde_json::from_slice(&body).map_err(|e| format!("environment document: {e}"))?;
+    for v in &doc.vpcs {
+        if !crate::config::is_aws_id(v, "vpc-") {
+            return Err(format!("environment document: {v:?} is not a VPC ID"));
+        }
+    }
+    for v in &doc.vpc_endpoints {
+        if !crate::config::is_aws_id(v, "vpce-") {
+            return Err(format!("environment document: {v:?} is not a VPC endpoint ID"));
+        }
+    }
+    super::static_environment(&doc).map_err(|e| format!("environment document: {e}"))
+}

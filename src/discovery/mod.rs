@@ -1,0 +1,261 @@
+//! Environment discovery: each enabled source on its own schedule, each keeping its last known
+//! value when it fails, merged into one [`Environment`] published to the lock loop whenever it
+//! changes. Until some source has answered, nothing is published: credlock never locks to an
+//! empty or made-up environment.
+
+pub mod boot_provider;
+pub mod ec2;
+pub mod echo;
+pub mod imds;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::clock::Clock;
+use crate::config::{DiscoveryConfig, StaticEnvironment};
+use crate::credentials::imds_timestamp;
+use crate::environment::Environment;
+use crate::identity::InstanceIdentity;
+use crate::imds::Imds;
+use crate::metrics::Metrics;
+use crate::refresh::backoff;
+
+/// The sources, in the order `credlock discover` prints them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    Imds,
+    Echo,
+    Ec2,
+    BootProvider,
+    Static,
+}
+
+impl SourceKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            SourceKind::Imds => "imds",
+            SourceKind::Echo => "echo",
+            SourceKind::Ec2 => "ec2",
+            SourceKind::BootProvider => "boot_provider",
+            SourceKind::Static => "static",
+        }
+    }
+}
+
+/// What one source last found, for `/status` and `credlock discover`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceStatus {
+    pub source: SourceKind,
+    pub environment: Option<Environment>,
+    pub last_success: Option<String>,
+    pub last_error: Option<String>,
+    pub consecutive_failures: u32,
+}
+
+/// Everything a source may need. The EC2 client is built once the identity (region) is known.
+pub struct Context {
+    pub imds: Arc<Imds>,
+    pub http: reqwest::Client,
+    pub config: DiscoveryConfig,
+    pub identity: InstanceIdentity,
+    pub ec2: Option<aws_sdk_ec2::Client>,
+}
+
+/// Runs one source once.
+pub async fn run_source(kind: SourceKind, ctx: &Context) -> Result<Environment, String> {
+    match kind {
+        SourceKind::Imds => imds::discover(&ctx.imds).await,
+        SourceKind::Echo => echo::discover(&ctx.http, &ctx.config.echo_urls).await,
+        SourceKind::Ec2 => match (&ctx.ec2, &ctx.config.ec2) {
+            (Some(client), Some(scope)) => ec2::discover(client, scope, &ctx.imds).await,
+            _ => Err("the EC2 source is not configured".into()),
+        },
+        SourceKind::BootProvider => match &ctx.config.boot_provider {
+            Some(url) => boot_provider::discover(&ctx.http, url, &ctx.identity, &ctx.imds).await,
+            None => Err("the boot provider source is not configured".into()),
+        },
+        SourceKind::Static => static_environment(&ctx.config.static_env),
+    }
+}
+
+/// The configured static additions (validated with the config).
+pub fn static_environment(s: &StaticEnvironment) -> Result<Environment, String> {
+    let mut env = Environment::default();
+    for ip in s.ipv4.iter().chain(&s.ipv6) {
+        if !env.add_ip(ip) {
+            return Err(format!("{ip} is not an address or CIDR"));
+        }
+    }
+    env.vpcs.extend(s.vpcs.iter().cloned());
+    env.vpc_endpoints.extend(s.vpc_endpoints.iter().cloned());
+    Ok(env)
+}
+
+/// The enabled sources for a configuration.
+pub fn enabled_sources(config: &DiscoveryConfig) -> Vec<SourceKind> {
+    let mut kinds = Vec::new();
+    if config.imds {
+        kinds.push(SourceKind::Imds);
+    }
+    if !config.echo_urls.is_empty() {
+        kinds.push(SourceKind::Echo);
+    }
+    if config.ec2.is_some() {
+        kinds.push(SourceKind::Ec2);
+    }
+    if config.boot_provider.is_some() {
+        kinds.push(SourceKind::BootProvider);
+    }
+    let s = &config.static_env;
+    if !(s.ipv4.is_empty() && s.ipv6.is_empty() && s.vpcs.is_empty() && s.vpc_endpoints.is_empty()) {
+        kinds.push(SourceKind::Static);
+    }
+    kinds
+}
+
+struct SourceState {
+    kind: SourceKind,
+    interval: Duration,
+    next_run: SystemTime,
+    status: SourceStatus,
+}
+
+/// The discovery task.
+pub struct Discoverer {
+    pub context: Context,
+    pub metrics: Arc<Metrics>,
+    pub clock: Arc<dyn Clock>,
+    pub publish: watch::Sender<Option<Arc<Environment>>>,
+    pub status: Arc<ArcSwap<Vec<SourceStatus>>>,
+}
+
+impl Discoverer {
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let now = self.clock.now();
+        let mut sources: Vec<SourceState> = enabled_sources(&self.context.config)
+            .into_iter()
+            .map(|kind| SourceState {
+                kind,
+                interval: match kind {
+                    SourceKind::Ec2 => self.context.config.ec2_interval,
+                    _ => self.context.config.interval,
+                },
+                next_run: now,
+                status: SourceStatus {
+                    source: kind,
+                    environment: None,
+                    last_success: None,
+                    last_error: None,
+                    consecutive_failures: 0,
+                },
+            })
+            .collect();
+        if sources.is_empty() {
+            tracing::error!("no discovery source is enabled: credlock cannot lock credentials");
+        }
+        loop {
+            let now = self.clock.now();
+            for source in sources.iter_mut().filter(|s| s.next_run <= now) {
+                self.run_one(source).await;
+            }
+            self.publish_merged(&sources);
+            let next = sources.iter().map(|s| s.next_run).min();
+            let wait = next
+                .and_then(|n| n.duration_since(self.clock.now()).ok())
+                .unwrap_or(Duration::from_secs(60));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn run_one(&self, source: &mut SourceState) {
+        let label = source.kind.label();
+        let result = run_source(source.kind, &self.context).await;
+        let now = self.clock.now();
+        match result {
+            Ok(env) => {
+                if source.status.environment.as_ref() != Some(&env) {
+                    tracing::info!(source = label, environment = ?env, "discovered");
+                }
+                source.status.environment = Some(env);
+                source.status.last_success = Some(imds_timestamp(now));
+                source.status.consecutive_failures = 0;
+                // ±10 % so a fleet does not poll in step.
+                let jitter = 0.9 + 0.2 * rand::random::<f64>();
+                source.next_run = now + source.interval.mul_f64(jitter);
+                self.metrics
+                    .discovery_runs
+                    .with_label_values(&[label, "success"])
+                    .inc();
+                let unix = now
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64();
+                self.metrics
+                    .discovery_last_success
+                    .with_label_values(&[label])
+                    .set(unix);
+            }
+            Err(e) => {
+                source.status.consecutive_failures += 1;
+                let retry = backoff(source.status.consecutive_failures, rand::random::<f64>())
+                    .max(Duration::from_secs(2))
+                    .min(source.interval);
+                source.next_run = now + retry;
+                tracing::warn!(
+                    source = label,
+                    error = %e,
+                    retry_in = ?retry,
+                    keeping_last_known = source.status.environment.is_some(),
+                    "discovery source failed"
+                );
+                source.status.last_error = Some(format!("{} {e}", imds_timestamp(now)));
+                self.metrics
+                    .discovery_runs
+                    .with_label_values(&[label, "failure"])
+                    .inc();
+            }
+        }
+    }
+
+    fn publish_merged(&self, sources: &[SourceState]) {
+        self.status
+            .store(Arc::new(sources.iter().map(|s| s.status.clone()).collect()));
+        let mut merged = Environment::default();
+        let mut any = false;
+        for env in sources.iter().filter_map(|s| s.status.environment.as_ref()) {
+            any = true;
+            merged.merge(env);
+        }
+        if !any {
+            return;
+        }
+        for (kind, n) in [
+            ("ipv4", merged.ipv4.len()),
+            ("ipv6", merged.ipv6.len()),
+            ("vpc", merged.vpcs.len()),
+            ("vpce", merged.vpc_endpoints.len()),
+        ] {
+            self.metrics
+                .environment_entries
+                .with_label_values(&[kind])
+                .set(n as i64);
+        }
+        self.publish.send_if_modified(|current| {
+            if current.as_deref() == Some(&merged) {
+                false
+            } else {
+                tracing::info!(environment = ?merged, "environment changed");
+                *current = Some(Arc::new(merged));
+                true
+            }
+        });
+    }
+}

@@ -1,0 +1,259 @@
+//! The lock loop: render the session policy for the current environment, assume the role, store
+//! the locked set, refresh at about half its lifetime (with jitter), back off on failure while
+//! the last good set is served, and re-lock at once when the environment or the instance role
+//! changes. One task owns the loop, so refreshes are single-flight; STS is never called on a
+//! client's request path.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::clock::Clock;
+use crate::config::LockConfig;
+use crate::credentials::{CredentialStore, imds_timestamp};
+use crate::environment::Environment;
+use crate::identity::{InstanceIdentity, RoleArn};
+use crate::imds::{Imds, ImdsError};
+use crate::metrics::Metrics;
+use crate::policy;
+use crate::sts::{AssumeRequest, Issuer};
+
+/// First retry after a failure; doubles up to [`MAX_BACKOFF`].
+pub const BASE_BACKOFF: Duration = Duration::from_secs(1);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+const RECENT_ERRORS: usize = 10;
+
+/// When to refresh a set that expires at `expires`, seen at `now`: half the time left, moved by
+/// up to ±10 % (`jitter` in -1..=1) so a fleet does not refresh in step.
+pub fn refresh_at(now: SystemTime, expires: SystemTime, jitter: f64) -> SystemTime {
+    let left = expires.duration_since(now).unwrap_or(Duration::ZERO);
+    now + (left / 2).mul_f64(1.0 + 0.1 * jitter.clamp(-1.0, 1.0))
+}
+
+/// The wait before retry number `failures` (1-based): exponential, capped, with "equal jitter"
+/// (`unit` in 0..=1 picks a point in the upper half).
+pub fn backoff(failures: u32, unit: f64) -> Duration {
+    let exp = BASE_BACKOFF.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let capped = exp.min(MAX_BACKOFF);
+    capped / 2 + (capped / 2).mul_f64(unit.clamp(0.0, 1.0))
+}
+
+/// Where the instance's identity comes from (IMDS in production).
+pub trait InstanceSource: Send + Sync + 'static {
+    fn identity(&self) -> impl Future<Output = Result<InstanceIdentity, ImdsError>> + Send;
+}
+
+pub struct ImdsInstance {
+    pub imds: Arc<Imds>,
+    pub configured: Option<RoleArn>,
+}
+
+impl InstanceSource for ImdsInstance {
+    async fn identity(&self) -> Result<InstanceIdentity, ImdsError> {
+        self.imds.identity(self.configured.as_ref()).await
+    }
+}
+
+/// What `/status` shows about the lock. No secret: the access key id is not shown either.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LockStatus {
+    pub role_arn: Option<String>,
+    pub instance_id: Option<String>,
+    pub region: Option<String>,
+    pub locked_environment: Option<Environment>,
+    pub policy_characters: Option<usize>,
+    pub packed_policy_percent: Option<i32>,
+    pub last_refresh: Option<String>,
+    pub next_refresh: Option<String>,
+    pub expiration: Option<String>,
+    pub consecutive_failures: u32,
+    pub recent_errors: VecDeque<String>,
+}
+
+/// The set being served: what it was locked to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Locked {
+    identity: InstanceIdentity,
+    environment: Arc<Environment>,
+}
+
+pub struct Locker<I, S> {
+    pub issuer: I,
+    pub instance: S,
+    pub store: Arc<CredentialStore>,
+    pub metrics: Arc<Metrics>,
+    pub clock: Arc<dyn Clock>,
+    pub config: LockConfig,
+    pub template: Value,
+    pub environment: watch::Receiver<Option<Arc<Environment>>>,
+    /// How often the identity is re-read to notice a role change.
+    pub recheck: Duration,
+    pub status: Arc<ArcSwap<LockStatus>>,
+    pub ready: watch::Sender<bool>,
+}
+
+impl<I: Issuer, S: InstanceSource> Locker<I, S> {
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut locked: Option<Locked> = None;
+        let mut next_refresh = SystemTime::UNIX_EPOCH;
+        let mut failures = 0u32;
+        loop {
+            let wait = self.step(&mut locked, &mut next_refresh, &mut failures).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                changed = self.environment.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// One pass: lock if due, and say how long to wait before the next pass.
+    async fn step(
+        &mut self,
+        locked: &mut Option<Locked>,
+        next_refresh: &mut SystemTime,
+        failures: &mut u32,
+    ) -> Duration {
+        let Some(environment) = self.environment.borrow_and_update().clone() else {
+            return self.recheck;
+        };
+        let identity = match self.instance.identity().await {
+            Ok(identity) => identity,
+            Err(e) => return self.failed(failures, format!("reading the instance identity: {e}")),
+        };
+        if locked.as_ref().is_some_and(|l| l.identity.role != identity.role) {
+            tracing::warn!(
+                old = %locked.as_ref().map(|l| l.identity.role.to_string()).unwrap_or_default(),
+                new = %identity.role,
+                "the instance role changed: dropping the old locked set and re-locking"
+            );
+            self.store.clear();
+        }
+        let now = self.clock.now();
+        let wanted = Locked {
+            identity,
+            environment,
+        };
+        let due = locked.as_ref() != Some(&wanted)
+            || now >= *next_refresh
+            || self.store.servable(now, self.config.serve_margin).is_none();
+        if !due {
+            return next_refresh
+                .duration_since(now)
+                .unwrap_or(Duration::ZERO)
+                .min(self.recheck);
+        }
+
+        let policy = match policy::render(&self.template, &wanted.environment, &wanted.identity.role) {
+            Ok(p) => p,
+            Err(e) => return self.failed(failures, e.to_string()),
+        };
+        self.metrics.policy_characters.set(policy.characters as i64);
+        let request = AssumeRequest {
+            role_arn: wanted.identity.role.to_string(),
+            session_name: wanted.identity.instance_id.clone(),
+            policy: policy.text,
+            duration: self.config.session_duration,
+            source_identity: self
+                .config
+                .source_identity
+                .then(|| wanted.identity.instance_id.clone()),
+            tags: self.config.session_tags.clone().into_iter().collect(),
+        };
+        let started = Instant::now();
+        let result = self.issuer.assume(&request).await;
+        self.metrics
+            .assume_role_duration
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(issued) => {
+                let now = self.clock.now();
+                let expiration = issued.credentials.expiration;
+                *next_refresh = refresh_at(now, expiration, rand::random::<f64>() * 2.0 - 1.0);
+                *failures = 0;
+                self.store.store(issued.credentials);
+                self.metrics.refreshes.with_label_values(&["success"]).inc();
+                if let Some(p) = issued.packed_policy_percent {
+                    self.metrics.policy_packed_percent.set(i64::from(p));
+                }
+                tracing::info!(
+                    role = %wanted.identity.role,
+                    expiration = %imds_timestamp(expiration),
+                    next_refresh = %imds_timestamp(*next_refresh),
+                    policy_characters = policy.characters,
+                    packed_policy_percent = issued.packed_policy_percent,
+                    addresses = wanted.environment.ipv4.len() + wanted.environment.ipv6.len(),
+                    vpcs = wanted.environment.vpcs.len(),
+                    vpc_endpoints = wanted.environment.vpc_endpoints.len(),
+                    "locked credentials issued"
+                );
+                let mut status = (**self.status.load()).clone();
+                status.role_arn = Some(wanted.identity.role.to_string());
+                status.instance_id = Some(wanted.identity.instance_id.clone());
+                status.region = Some(wanted.identity.region.clone());
+                status.locked_environment = Some((*wanted.environment).clone());
+                status.policy_characters = Some(policy.characters);
+                status.packed_policy_percent = issued.packed_policy_percent;
+                status.last_refresh = Some(imds_timestamp(now));
+                status.next_refresh = Some(imds_timestamp(*next_refresh));
+                status.expiration = Some(imds_timestamp(expiration));
+                status.consecutive_failures = 0;
+                self.status.store(Arc::new(status));
+                *locked = Some(wanted);
+                self.ready.send_replace(true);
+                next_refresh
+                    .duration_since(now)
+                    .unwrap_or(Duration::ZERO)
+                    .min(self.recheck)
+            }
+            Err(e) => {
+                self.metrics
+                    .sts_errors
+                    .with_label_values(&[e.code.label()])
+                    .inc();
+                self.failed(failures, e.to_string())
+            }
+        }
+    }
+
+    fn failed(&self, failures: &mut u32, message: String) -> Duration {
+        *failures += 1;
+        self.metrics.refreshes.with_label_values(&["failure"]).inc();
+        let wait = backoff(*failures, rand::random::<f64>());
+        let serving = self
+            .store
+            .servable(self.clock.now(), self.config.serve_margin)
+            .is_some();
+        tracing::warn!(
+            error = %message,
+            failures = *failures,
+            retry_in = ?wait,
+            still_serving_last_good_set = serving,
+            "locking credentials failed"
+        );
+        let mut status = (**self.status.load()).clone();
+        status.consecutive_failures = *failures;
+        if status.recent_errors.len() == RECENT_ERRORS {
+            status.recent_errors.pop_front();
+        }
+        status
+            .recent_errors
+            .push_back(format!("{} {message}", imds_timestamp(self.clock.now())));
+        self.status.store(Arc::new(status));
+        wait
+    }
+}
+
+#[cfg(test)]
+#[path = "refresh_tests.rs"]
+mod tests;

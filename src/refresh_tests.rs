@@ -1,0 +1,251 @@
+//! Time-driven tests: tokio's paused clock drives both the sleeps and the injected wall clock,
+//! so hours pass in milliseconds and every assertion is about when things happened.
+
+use std::sync::Mutex;
+
+use super::*;
+use crate::credentials::{LockedCredentials, Secret};
+use crate::sts::{Issued, StsError, StsErrorCode};
+
+/// Wall time that follows tokio's (paused) clock.
+struct TokioClock {
+    base: SystemTime,
+    start: tokio::time::Instant,
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> SystemTime {
+        self.base + self.start.elapsed()
+    }
+}
+
+const T0: u64 = 1_800_000_000;
+
+fn t(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(T0 + secs)
+}
+
+/// Issues one-hour sets, or fails while `failing` is set; records every call.
+struct FakeSts {
+    clock: Arc<TokioClock>,
+    failing: Arc<Mutex<bool>>,
+    calls: Arc<Mutex<Vec<(u64, AssumeRequest)>>>,
+}
+
+impl Issuer for FakeSts {
+    async fn assume(&self, request: &AssumeRequest) -> Result<Issued, StsError> {
+        let now = self.clock.now();
+        let at = now.duration_since(t(0)).unwrap().as_secs();
+        self.calls.lock().unwrap().push((at, request.clone()));
+        if *self.failing.lock().unwrap() {
+            return Err(StsError {
+                code: StsErrorCode::Throttling,
+                message: "Rate exceeded".into(),
+            });
+        }
+        let n = self.calls.lock().unwrap().len();
+        Ok(Issued {
+            credentials: LockedCredentials::new(
+                format!("ASIALOCKED{n:010}"),
+                Secret::new("s"),
+                Secret::new("t"),
+                now + Duration::from_secs(3600),
+                now,
+            ),
+            packed_policy_percent: Some(7),
+        })
+    }
+}
+
+struct FakeInstance(Arc<Mutex<String>>);
+
+impl InstanceSource for FakeInstance {
+    async fn identity(&self) -> Result<InstanceIdentity, ImdsError> {
+        Ok(InstanceIdentity {
+            instance_id: "i-0123456789abcdef0".into(),
+            region: "us-east-1".into(),
+            role: RoleArn::derived("aws", "123456789012", &self.0.lock().unwrap()),
+        })
+    }
+}
+
+struct Harness {
+    clock: Arc<TokioClock>,
+    store: Arc<CredentialStore>,
+    failing: Arc<Mutex<bool>>,
+    calls: Arc<Mutex<Vec<(u64, AssumeRequest)>>>,
+    role: Arc<Mutex<String>>,
+    env: watch::Sender<Option<Arc<Environment>>>,
+    ready: watch::Receiver<bool>,
+    _shutdown: watch::Sender<bool>,
+}
+
+impl Harness {
+    fn start() -> Harness {
+        let clock = Arc::new(TokioClock {
+            base: t(0),
+            start: tokio::time::Instant::now(),
+        });
+        let store = Arc::new(CredentialStore::default());
+        let failing = Arc::new(Mutex::new(false));
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let role = Arc::new(Mutex::new("app-role".to_string()));
+        let mut env = Environment::default();
+        env.add_ip("203.0.113.10");
+        let (env_tx, env_rx) = watch::channel(Some(Arc::new(env)));
+        let (ready_tx, ready_rx) = watch::channel(false);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let locker = Locker {
+            issuer: FakeSts {
+                clock: clock.clone(),
+                failing: failing.clone(),
+                calls: calls.clone(),
+            },
+            instance: FakeInstance(role.clone()),
+            store: store.clone(),
+            metrics: Arc::new(Metrics::new()),
+            clock: clock.clone(),
+            config: crate::config::from_toml("", &Default::default()).unwrap().lock,
+            template: policy::parse_template(policy::BUILTIN_TEMPLATE).unwrap(),
+            environment: env_rx,
+            recheck: Duration::from_secs(300),
+            status: Arc::new(ArcSwap::from_pointee(LockStatus::default())),
+            ready: ready_tx,
+        };
+        tokio::spawn(locker.run(shutdown_rx));
+        Harness {
+            clock,
+            store,
+            failing,
+            calls,
+            role,
+            env: env_tx,
+            ready: ready_rx,
+            _shutdown: shutdown_tx,
+        }
+    }
+
+    fn call_times(&self) -> Vec<u64> {
+        self.calls.lock().unwrap().iter().map(|c| c.0).collect()
+    }
+
+    fn servable_at_now(&self) -> bool {
+        self.store
+            .servable(self.clock.now(), Duration::from_secs(300))
+            .is_some()
+    }
+}
+
+async fn sleep_secs(s: u64) {
+    tokio::time::sleep(Duration::from_secs(s)).await;
+}
+
+#[test]
+fn refresh_is_at_half_life_with_ten_percent_jitter() {
+    for _ in 0..50 {
+        let at = refresh_at(t(0), t(3600), rand::random::<f64>() * 2.0 - 1.0);
+        let secs = at.duration_since(t(0)).unwrap().as_secs_f64();
+        assert!((1620.0..=1980.0).contains(&secs), "{secs}");
+    }
+}
+
+#[test]
+fn backoff_doubles_and_is_capped() {
+    assert_eq!(backoff(1, 1.0), Duration::from_secs(1));
+    assert_eq!(backoff(2, 1.0), Duration::from_secs(2));
+    assert_eq!(backoff(4, 0.0), Duration::from_secs(4));
+    assert_eq!(backoff(30, 1.0), MAX_BACKOFF);
+    assert_eq!(backoff(30, 0.0), MAX_BACKOFF / 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn locks_at_start_then_refreshes_at_half_life() {
+    let mut h = Harness::start();
+    h.ready.wait_for(|r| *r).await.unwrap();
+    assert_eq!(h.call_times(), [0]);
+    let first = &h.calls.lock().unwrap()[0].1.clone();
+    assert_eq!(first.role_arn, "arn:aws:iam::123456789012:role/app-role");
+    assert_eq!(first.session_name, "i-0123456789abcdef0");
+    assert_eq!(first.duration, Duration::from_secs(3600));
+    assert!(first.policy.contains("203.0.113.10/32"));
+
+    sleep_secs(2 * 3600).await;
+    let times = h.call_times();
+    assert!(times.len() >= 4, "{times:?}");
+    for pair in times.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!((1620..=1981).contains(&gap), "refresh gap {gap} s in {times:?}");
+    }
+    assert!(h.servable_at_now());
+}
+
+#[tokio::test(start_paused = true)]
+async fn backs_off_under_sts_failure_serves_the_last_good_set_then_fails_closed() {
+    let mut h = Harness::start();
+    h.ready.wait_for(|r| *r).await.unwrap();
+    *h.failing.lock().unwrap() = true;
+
+    // Past the first refresh point the calls fail and back off: 1, 2, 4 ... 60 s apart.
+    sleep_secs(1980 + 600).await;
+    let times = h.call_times();
+    let retries: Vec<u64> = times.windows(2).skip(1).map(|w| w[1] - w[0]).collect();
+    assert!(retries.len() >= 6, "{times:?}");
+    for (i, gap) in retries.iter().enumerate() {
+        let cap = backoff(i as u32 + 1, 1.0).as_secs();
+        let floor = backoff(i as u32 + 1, 0.0).as_secs();
+        assert!((floor..=cap + 1).contains(gap), "retry {i}: {gap} s not in {floor}..={cap} ({times:?})");
+    }
+    // The last good set is still served while it has more than the margin left...
+    assert!(h.servable_at_now());
+    // ...and not once it is within the margin of expiry: fail closed.
+    let until_margin = t(3600 - 300).duration_since(h.clock.now()).unwrap();
+    tokio::time::sleep(until_margin).await;
+    assert!(!h.servable_at_now());
+
+    // STS recovers: a new set within one backoff period.
+    *h.failing.lock().unwrap() = false;
+    sleep_secs(MAX_BACKOFF.as_secs() + 1).await;
+    assert!(h.servable_at_now());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_role_change_relocks_within_the_recheck_interval() {
+    let mut h = Harness::start();
+    h.ready.wait_for(|r| *r).await.unwrap();
+    sleep_secs(10).await;
+    *h.role.lock().unwrap() = "new-role".into();
+    sleep_secs(301).await;
+    let calls = h.calls.lock().unwrap().clone();
+    let last = calls.last().unwrap();
+    assert_eq!(last.1.role_arn, "arn:aws:iam::123456789012:role/new-role");
+    assert!(last.0 <= 10 + 300, "re-locked at {} s", last.0);
+    assert!(last.1.policy.contains("role/new-role"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_environment_change_relocks_at_once() {
+    let mut h = Harness::start();
+    h.ready.wait_for(|r| *r).await.unwrap();
+    sleep_secs(100).await;
+    let mut env = Environment::default();
+    env.add_ip("203.0.113.10");
+    env.add_ip("198.51.100.77");
+    h.env.send_replace(Some(Arc::new(env)));
+    sleep_secs(1).await;
+    let calls = h.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[1].0, 100);
+    assert!(calls[1].1.policy.contains("198.51.100.77/32"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_environment_means_no_lock() {
+    let h = Harness::start();
+    h.env.send_replace(Some(Arc::new(Environment::default())));
+    // Whatever was issued at start, an empty environment is never locked.
+    let before = h.call_times().len();
+    h.store.clear();
+    sleep_secs(3600).await;
+    assert_eq!(h.call_times().len(), before);
+    assert!(!h.servable_at_now());
+}

@@ -1,0 +1,283 @@
+//! `sts:AssumeRole` on the instance's own role with the session policy
+//! (`reference/aws-imds-sts-iam.md` §3). The source credentials are the instance role's own,
+//! read from IMDS by [`ImdsSourceProvider`], never the locked ones.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use aws_credential_types::Credentials;
+use aws_credential_types::provider::{ProvideCredentials, error::CredentialsError, future};
+use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
+
+use crate::credentials::{LockedCredentials, Secret};
+use crate::imds::Imds;
+
+/// One AssumeRole call's parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssumeRequest {
+    pub role_arn: String,
+    pub session_name: String,
+    pub policy: String,
+    pub duration: Duration,
+    pub source_identity: Option<String>,
+    pub tags: Vec<(String, String)>,
+}
+
+/// A locked set and what STS said about its policy.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub credentials: LockedCredentials,
+    pub packed_policy_percent: Option<i32>,
+}
+
+/// The closed set of STS error codes credlock counts and explains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StsErrorCode {
+    AccessDenied,
+    MalformedPolicy,
+    PackedPolicyTooLarge,
+    RegionDisabled,
+    Throttling,
+    ExpiredToken,
+    Validation,
+    Timeout,
+    Other,
+}
+
+impl StsErrorCode {
+    pub fn from_aws(code: &str) -> Self {
+        match code {
+            "AccessDenied" | "AccessDeniedException" => Self::AccessDenied,
+            "MalformedPolicyDocument" | "MalformedPolicyDocumentException" => Self::MalformedPolicy,
+            "PackedPolicyTooLarge" | "PackedPolicyTooLargeException" => Self::PackedPolicyTooLarge,
+            "RegionDisabledException" | "RegionDisabled" => Self::RegionDisabled,
+            "Throttling" | "ThrottlingException" | "RequestLimitExceeded" | "TooManyRequestsException" => {
+                Self::Throttling
+            }
+            "ExpiredToken" | "ExpiredTokenException" => Self::ExpiredToken,
+            "ValidationError" | "ValidationException" => Self::Validation,
+            _ => Self::Other,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::AccessDenied => "access_denied",
+            Self::MalformedPolicy => "malformed_policy",
+            Self::PackedPolicyTooLarge => "packed_policy_too_large",
+            Self::RegionDisabled => "region_disabled",
+            Self::Throttling => "throttling",
+            Self::ExpiredToken => "expired_token",
+            Self::Validation => "validation",
+            Self::Timeout => "timeout",
+            Self::Other => "other",
+        }
+    }
+
+    /// What an operator should do about it.
+    pub fn advice(self) -> &'static str {
+        match self {
+            Self::AccessDenied => {
+                "the role's trust policy must name the role itself (policy-templates/trust-policy.json), with sts:SetSourceIdentity/sts:TagSession when those are configured; check SCPs and permission boundaries"
+            }
+            Self::MalformedPolicy => {
+                "the rendered session policy was rejected: check the template (credlock policy prints it)"
+            }
+            Self::PackedPolicyTooLarge => {
+                "the packed policy plus session tags is too large: merge addresses into CIDRs, narrow discovery, or drop session tags"
+            }
+            Self::RegionDisabled => {
+                "regional STS is deactivated for this account in this region: activate it in IAM account settings"
+            }
+            Self::Throttling => "STS is throttling this account: credlock backs off; reduce other STS callers",
+            Self::ExpiredToken => "the instance role credentials from IMDS had expired: credlock re-reads them",
+            Self::Validation => {
+                "STS rejected a parameter (session duration must be at most 3600 s for a chained role; session name and tags must match STS patterns)"
+            }
+            Self::Timeout => "STS did not answer in time: check the route or VPC endpoint to the regional STS endpoint",
+            Self::Other => "unexpected STS failure: see the message",
+        }
+    }
+}
+
+/// A failed AssumeRole. The message is AWS's (it carries no secret) or the transport's.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("sts:AssumeRole failed ({}): {message}; {}", code.label(), code.advice())]
+pub struct StsError {
+    pub code: StsErrorCode,
+    pub message: String,
+}
+
+/// Something that can assume the role. The real one is [`AwsIssuer`]; tests script failures.
+pub trait Issuer: Send + Sync + 'static {
+    fn assume(&self, request: &AssumeRequest) -> impl Future<Output = Result<Issued, StsError>> + Send;
+}
+
+/// Reads the instance role's credentials from IMDS for the AWS SDK (it caches them until
+/// close to their expiry, so IMDS's rotation is followed).
+#[derive(Clone)]
+pub struct ImdsSourceProvider {
+    imds: Arc<Imds>,
+}
+
+impl ImdsSourceProvider {
+    pub fn new(imds: Arc<Imds>) -> Self {
+        ImdsSourceProvider { imds }
+    }
+
+    async fn fetch(&self) -> Result<Credentials, CredentialsError> {
+        let role = self
+            .imds
+            .role_name()
+            .await
+            .map_err(CredentialsError::provider_error)?;
+        let source = self
+            .imds
+            .source_credentials(&role)
+            .await
+            .map_err(CredentialsError::provider_error)?;
+        Ok(Credentials::new(
+            source.access_key_id,
+            source.secret_access_key.expose(),
+            Some(source.token.expose().to_string()),
+            Some(source.expiration),
+            "credlock-imds",
+        ))
+    }
+}
+
+impl std::fmt::Debug for ImdsSourceProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ImdsSourceProvider")
+    }
+}
+
+impl ProvideCredentials for ImdsSourceProvider {
+    fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        future::ProvideCredentials::new(self.fetch())
+    }
+}
+
+/// AssumeRole through aws-sdk-sts: regional endpoint, `AWS_ENDPOINT_URL_STS` honoured.
+pub struct AwsIssuer {
+    client: aws_sdk_sts::Client,
+}
+
+impl AwsIssuer {
+    pub async fn new(region: &str, source: ImdsSourceProvider) -> Self {
+        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(region.to_string()))
+            .credentials_provider(source)
+            .load()
+            .await;
+        AwsIssuer {
+            client: aws_sdk_sts::Client::new(&config),
+        }
+    }
+}
+
+impl Issuer for AwsIssuer {
+    async fn assume(&self, request: &AssumeRequest) -> Result<Issued, StsError> {
+        let mut call = self
+            .client
+            .assume_role()
+            .role_arn(&request.role_arn)
+            .role_session_name(&request.session_name)
+            .policy(&request.policy)
+            .duration_seconds(request.duration.as_secs() as i32);
+        if let Some(id) = &request.source_identity {
+            call = call.source_identity(id);
+        }
+        for (k, v) in &request.tags {
+            let tag = aws_sdk_sts::types::Tag::builder()
+                .key(k)
+                .value(v)
+                .build()
+                .map_err(|e| StsError {
+                    code: StsErrorCode::Validation,
+                    message: e.to_string(),
+                })?;
+            call = call.tags(tag);
+        }
+        let output = call.send().await.map_err(classify)?;
+        let creds = output.credentials.ok_or_else(|| StsError {
+            code: StsErrorCode::Other,
+            message: "the answer has no Credentials".into(),
+        })?;
+        let expiration = SystemTime::try_from(creds.expiration).map_err(|_| StsError {
+            code: StsErrorCode::Other,
+            message: "the answer's Expiration is out of range".into(),
+        })?;
+        Ok(Issued {
+            credentials: LockedCredentials::new(
+                creds.access_key_id,
+                Secret::new(creds.secret_access_key),
+                Secret::new(creds.session_token),
+                expiration,
+                SystemTime::now(),
+            ),
+            packed_policy_percent: output.packed_policy_size,
+        })
+    }
+}
+
+fn classify<E, R>(err: SdkError<E, R>) -> StsError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    match &err {
+        SdkError::TimeoutError(_) => StsError {
+            code: StsErrorCode::Timeout,
+            message: "no answer in time".into(),
+        },
+        SdkError::DispatchFailure(d) if d.is_timeout() => StsError {
+            code: StsErrorCode::Timeout,
+            message: "connection timed out".into(),
+        },
+        SdkError::DispatchFailure(d) => StsError {
+            code: StsErrorCode::Other,
+            message: format!("cannot reach STS: {:?}", d.as_connector_error().map(|e| e.to_string())),
+        },
+        SdkError::ServiceError(service) => {
+            let e = service.err();
+            StsError {
+                code: e.code().map_or(StsErrorCode::Other, StsErrorCode::from_aws),
+                message: format!(
+                    "{}: {}",
+                    e.code().unwrap_or("Unknown"),
+                    e.message().unwrap_or("no message")
+                ),
+            }
+        }
+        other => StsError {
+            code: StsErrorCode::Other,
+            message: format!("{}", aws_smithy_types::error::display::DisplayErrorContext(other)),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aws_codes_map_to_the_closed_label_set() {
+        for (code, label) in [
+            ("AccessDenied", "access_denied"),
+            ("MalformedPolicyDocument", "malformed_policy"),
+            ("PackedPolicyTooLarge", "packed_policy_too_large"),
+            ("RegionDisabledException", "region_disabled"),
+            ("Throttling", "throttling"),
+            ("ExpiredTokenException", "expired_token"),
+            ("ValidationError", "validation"),
+            ("SomethingNew", "other"),
+        ] {
+            assert_eq!(StsErrorCode::from_aws(code).label(), label, "{code}");
+        }
+    }
+}
