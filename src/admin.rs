@@ -62,15 +62,20 @@ pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<
         },
         "/metrics" => metrics(&state),
         "/status" => status(&state),
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz /readyz /metrics /status\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz /readyz /metrics /status\n".into(),
+        ),
     }
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -81,7 +86,10 @@ async fn healthz(state: &AdminState) -> Response<Full<Bytes>> {
         Ok(Ok(_)) => text(StatusCode::OK, "ok\n".into()),
         _ => text(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("the IMDS listener {} does not accept connections\n", state.imds_listener),
+            format!(
+                "the IMDS listener {} does not accept connections\n",
+                state.imds_listener
+            ),
         ),
     }
 }
@@ -108,14 +116,20 @@ async fn readyz(state: &AdminState) -> Result<String, String> {
         .and_then(|arn| arn.rsplit('/').next().map(str::to_string))
         .ok_or("not ready: no role locked yet\n")?;
     let mut headers = HeaderMap::new();
-    headers.insert("x-aws-ec2-metadata-token-ttl-seconds", HeaderValue::from_static("60"));
+    headers.insert(
+        "x-aws-ec2-metadata-token-ttl-seconds",
+        HeaderValue::from_static("60"),
+    );
     let token = state
         .self_client
         .send(Method::PUT, crate::route::TOKEN_PATH, headers, Bytes::new())
         .await
         .map_err(|e| format!("not ready: token through credlock: {e}\n"))?;
     if token.status != StatusCode::OK {
-        return Err(format!("not ready: token through credlock: HTTP {}\n", token.status));
+        return Err(format!(
+            "not ready: token through credlock: HTTP {}\n",
+            token.status
+        ));
     }
     let mut headers = HeaderMap::new();
     let mut value = HeaderValue::from_maybe_shared(token.body)
@@ -129,7 +143,10 @@ async fn readyz(state: &AdminState) -> Result<String, String> {
         .await
         .map_err(|e| format!("not ready: credentials through credlock: {e}\n"))?;
     if answer.status != StatusCode::OK {
-        return Err(format!("not ready: credentials through credlock: HTTP {}\n", answer.status));
+        return Err(format!(
+            "not ready: credentials through credlock: HTTP {}\n",
+            answer.status
+        ));
     }
     let served: serde_json::Value = serde_json::from_slice(&answer.body)
         .map_err(|_| "not ready: the credential answer is not JSON\n".to_string())?;
@@ -144,7 +161,10 @@ async fn readyz(state: &AdminState) -> Result<String, String> {
 
 fn refresh_gauges(proxy: &ProxyState) {
     let now = proxy.clock.now();
-    let remaining = proxy.store.peek().map_or(0.0, |c| c.remaining(now).as_secs_f64());
+    let remaining = proxy
+        .store
+        .peek()
+        .map_or(0.0, |c| c.remaining(now).as_secs_f64());
     proxy.metrics.remaining_seconds.set(remaining);
     let ready = proxy.store.servable(now, proxy.serve_margin).is_some();
     proxy.metrics.ready.set(i64::from(ready));
@@ -201,7 +221,9 @@ fn status(state: &AdminState) -> Response<Full<Bytes>> {
     };
     let json = serde_json::to_vec_pretty(&body).unwrap_or_else(|_| b"{}".to_vec());
     let mut r = Response::new(Full::new(Bytes::from(json)));
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }

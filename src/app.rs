@@ -172,11 +172,13 @@ async fn run_background(
         status: discovery_status,
     };
     let locker = Locker {
-        issuer: AwsIssuer::new(&identity.region, source).await,
-        instance: ImdsInstance {
-            imds,
-            configured,
-        },
+        issuer: AwsIssuer::new(
+            &identity.region,
+            source,
+            config.lock.sts_endpoint.as_deref(),
+        )
+        .await,
+        instance: ImdsInstance { imds, configured },
         store,
         metrics,
         clock,
@@ -233,11 +235,13 @@ pub async fn discovery_context(
         });
     let ec2 = match config.discovery.ec2 {
         Some(_) => {
-            let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
                 .region(aws_config::Region::new(identity.region.clone()))
-                .credentials_provider(source)
-                .load()
-                .await;
+                .credentials_provider(source);
+            if let Some(url) = &config.discovery.ec2_endpoint {
+                loader = loader.endpoint_url(url);
+            }
+            let sdk = loader.load().await;
             Some(aws_sdk_ec2::Client::new(&sdk))
         }
         None => None,

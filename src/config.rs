@@ -67,6 +67,9 @@ pub struct LockConfig {
     pub session_tags: BTreeMap<String, String>,
     /// Never serve a locked set with less than this left; fail closed instead.
     pub serve_margin: Duration,
+    /// An STS endpoint URL (e.g. an interface VPC endpoint); `None`: the SDK's regional one,
+    /// or `AWS_ENDPOINT_URL_STS`.
+    pub sts_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +80,8 @@ pub struct DiscoveryConfig {
     pub echo_timeout: Duration,
     pub ec2: Option<Ec2Scope>,
     pub ec2_interval: Duration,
+    /// An EC2 endpoint URL; `None`: the SDK's regional one, or `AWS_ENDPOINT_URL_EC2`.
+    pub ec2_endpoint: Option<String>,
     pub boot_provider: Option<String>,
     pub static_env: StaticEnvironment,
 }
@@ -139,6 +144,7 @@ struct LockSection {
     source_identity: Option<bool>,
     session_tags: BTreeMap<String, String>,
     serve_margin_seconds: Option<u64>,
+    sts_endpoint: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -175,6 +181,7 @@ struct Ec2Section {
     tag_key: Option<String>,
     tag_value: Option<String>,
     interval_seconds: Option<u64>,
+    endpoint: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -232,7 +239,11 @@ fn validate(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
         ov.listen.clone()
     };
     if listen_raw.is_empty() {
-        return Err(invalid("server.listen", "[]", "at least one address is needed"));
+        return Err(invalid(
+            "server.listen",
+            "[]",
+            "at least one address is needed",
+        ));
     }
     let listen = listen_raw
         .iter()
@@ -252,7 +263,7 @@ fn validate(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
             "the admin listener must be on a loopback address",
         ));
     }
-    if listen.contains(&admin_listen) {
+    if admin_listen.port() != 0 && listen.contains(&admin_listen) {
         return Err(invalid(
             "server.admin_listen",
             admin_raw,
@@ -294,7 +305,13 @@ fn validate(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
     let log_format = match format_raw.as_str() {
         "plain" => LogFormat::Plain,
         "json" => LogFormat::Json,
-        _ => return Err(invalid("log.format", format_raw, "must be \"plain\" or \"json\"")),
+        _ => {
+            return Err(invalid(
+                "log.format",
+                format_raw,
+                "must be \"plain\" or \"json\"",
+            ));
+        }
     };
     let log_level = ov
         .log_level
@@ -347,7 +364,10 @@ fn validate_lock(lock: LockSection) -> Result<LockConfig, ConfigError> {
         return Err(invalid(
             "lock.serve_margin_seconds",
             margin,
-            format!("must be less than half the session duration ({} s)", duration / 2),
+            format!(
+                "must be less than half the session duration ({} s)",
+                duration / 2
+            ),
         ));
     }
     if lock.session_tags.len() > 50 {
@@ -360,9 +380,8 @@ fn validate_lock(lock: LockSection) -> Result<LockConfig, ConfigError> {
     for (k, v) in &lock.session_tags {
         let ok = |s: &str, max: usize| {
             s.chars().count() <= max
-                && s.chars().all(|c| {
-                    c.is_alphanumeric() || c.is_whitespace() || "_.:/=+-@".contains(c)
-                })
+                && s.chars()
+                    .all(|c| c.is_alphanumeric() || c.is_whitespace() || "_.:/=+-@".contains(c))
         };
         if k.is_empty() || !ok(k, 128) || k.to_ascii_lowercase().starts_with("aws:") {
             return Err(invalid(
@@ -379,7 +398,11 @@ fn validate_lock(lock: LockSection) -> Result<LockConfig, ConfigError> {
             ));
         }
     }
+    if let Some(url) = &lock.sts_endpoint {
+        check_url("lock.sts_endpoint", url)?;
+    }
     Ok(LockConfig {
+        sts_endpoint: lock.sts_endpoint,
         role_arn: lock.role_arn,
         session_duration: Duration::from_secs(duration),
         source_identity: lock.source_identity.unwrap_or(false),
@@ -419,7 +442,11 @@ fn validate_discovery(d: DiscoverySection) -> Result<DiscoveryConfig, ConfigErro
             "region" => Ec2Scope::Region,
             "tagged" => Ec2Scope::Tagged {
                 key: d.ec2.tag_key.ok_or_else(|| {
-                    invalid("discovery.ec2.tag_key", "", "is required with scope = \"tagged\"")
+                    invalid(
+                        "discovery.ec2.tag_key",
+                        "",
+                        "is required with scope = \"tagged\"",
+                    )
                 })?,
                 value: d.ec2.tag_value,
             },
@@ -442,9 +469,16 @@ fn validate_discovery(d: DiscoverySection) -> Result<DiscoveryConfig, ConfigErro
             "must be between 60 and 86400",
         ));
     }
+    if let Some(url) = &d.ec2.endpoint {
+        check_url("discovery.ec2.endpoint", url)?;
+    }
     let boot_provider = if d.boot_provider.enabled.unwrap_or(false) {
         let url = d.boot_provider.url.ok_or_else(|| {
-            invalid("discovery.boot_provider.url", "", "is required when the source is enabled")
+            invalid(
+                "discovery.boot_provider.url",
+                "",
+                "is required when the source is enabled",
+            )
         })?;
         check_url("discovery.boot_provider.url", &url)?;
         Some(url)
@@ -454,17 +488,29 @@ fn validate_discovery(d: DiscoverySection) -> Result<DiscoveryConfig, ConfigErro
     let s = &d.static_env;
     for v in &s.ipv4 {
         if v.parse::<ipnet::Ipv4Net>().is_err() && v.parse::<std::net::Ipv4Addr>().is_err() {
-            return Err(invalid("discovery.static.ipv4", v, "not an IPv4 address or CIDR"));
+            return Err(invalid(
+                "discovery.static.ipv4",
+                v,
+                "not an IPv4 address or CIDR",
+            ));
         }
     }
     for v in &s.ipv6 {
         if v.parse::<ipnet::Ipv6Net>().is_err() && v.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err(invalid("discovery.static.ipv6", v, "not an IPv6 address or CIDR"));
+            return Err(invalid(
+                "discovery.static.ipv6",
+                v,
+                "not an IPv6 address or CIDR",
+            ));
         }
     }
     for v in &s.vpcs {
         if !is_aws_id(v, "vpc-") {
-            return Err(invalid("discovery.static.vpcs", v, "not a VPC ID (vpc-xxxxxxxx)"));
+            return Err(invalid(
+                "discovery.static.vpcs",
+                v,
+                "not a VPC ID (vpc-xxxxxxxx)",
+            ));
         }
     }
     for v in &s.vpc_endpoints {
@@ -483,6 +529,7 @@ fn validate_discovery(d: DiscoverySection) -> Result<DiscoveryConfig, ConfigErro
         echo_timeout,
         ec2,
         ec2_interval: Duration::from_secs(ec2_interval),
+        ec2_endpoint: d.ec2.endpoint,
         boot_provider,
         static_env: d.static_env,
     })
@@ -491,7 +538,10 @@ fn validate_discovery(d: DiscoverySection) -> Result<DiscoveryConfig, ConfigErro
 /// `vpc-` / `vpce-` followed by 8 or 17 lowercase hex digits.
 pub fn is_aws_id(s: &str, prefix: &str) -> bool {
     s.strip_prefix(prefix).is_some_and(|hex| {
-        matches!(hex.len(), 8 | 17) && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        matches!(hex.len(), 8 | 17)
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -521,7 +571,11 @@ fn parse_upstream(raw: &str) -> Result<Upstream, ConfigError> {
         ));
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err(invalid("server.upstream", raw, "must not have a path or query"));
+        return Err(invalid(
+            "server.upstream",
+            raw,
+            "must not have a path or query",
+        ));
     }
     let Some(authority) = uri.authority().cloned() else {
         return Err(invalid("server.upstream", raw, "has no host"));
@@ -529,7 +583,11 @@ fn parse_upstream(raw: &str) -> Result<Upstream, ConfigError> {
     Ok(Upstream { authority })
 }
 
-fn millis(key: &str, v: u64, range: std::ops::RangeInclusive<u64>) -> Result<Duration, ConfigError> {
+fn millis(
+    key: &str,
+    v: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<Duration, ConfigError> {
     if range.contains(&v) {
         Ok(Duration::from_millis(v))
     } else {

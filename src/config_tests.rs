@@ -23,7 +23,11 @@ fn flags_override_the_file() {
         upstream: Some("http://127.0.0.1:1234".into()),
         ..Overrides::default()
     };
-    let c = from_toml("[server]\nlisten = [\"127.0.0.1:1\"]\nupstream = \"http://10.0.0.1\"\n", &ov).unwrap();
+    let c = from_toml(
+        "[server]\nlisten = [\"127.0.0.1:1\"]\nupstream = \"http://10.0.0.1\"\n",
+        &ov,
+    )
+    .unwrap();
     assert_eq!(c.listen, ["127.0.0.1:18169".parse().unwrap()]);
     assert_eq!(c.upstream.authority.as_str(), "127.0.0.1:1234");
 }
@@ -39,14 +43,20 @@ fn errors_name_the_key_the_value_and_why() {
     assert_eq!(e.key, "server.upstream");
 
     let e = err("[lock]\nsession_duration_seconds = 7200\n");
-    assert_eq!((e.key.as_str(), e.value.as_str()), ("lock.session_duration_seconds", "7200"));
+    assert_eq!(
+        (e.key.as_str(), e.value.as_str()),
+        ("lock.session_duration_seconds", "7200")
+    );
     assert!(e.why.contains("role chaining"));
 
     let e = err("[lock]\nrole_arn = \"arn:aws:iam::123:role/x\"\n");
     assert_eq!(e.key, "lock.role_arn");
 
     let e = err("[discovery.static]\nipv4 = [\"300.1.1.1\"]\n");
-    assert_eq!((e.key.as_str(), e.value.as_str()), ("discovery.static.ipv4", "300.1.1.1"));
+    assert_eq!(
+        (e.key.as_str(), e.value.as_str()),
+        ("discovery.static.ipv4", "300.1.1.1")
+    );
 
     let e = err("[discovery.static]\nvpcs = [\"vpc-XYZ\"]\n");
     assert_eq!(e.key, "discovery.static.vpcs");

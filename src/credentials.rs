@@ -88,7 +88,9 @@ impl LockedCredentials {
 
     /// Time left at `now` (zero once expired).
     pub fn remaining(&self, now: SystemTime) -> Duration {
-        self.expiration.duration_since(now).unwrap_or(Duration::ZERO)
+        self.expiration
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO)
     }
 }
 
@@ -159,7 +161,8 @@ pub fn rewrite(body: &[u8], locked: &LockedCredentials) -> Result<Option<Vec<u8>
 
     let success = fields.iter().any(|(k, v)| {
         k == "Code"
-            && serde_json::from_str::<Cow<str>>(v.get()).is_ok_and(|c| c.eq_ignore_ascii_case("success"))
+            && serde_json::from_str::<Cow<str>>(v.get())
+                .is_ok_and(|c| c.eq_ignore_ascii_case("success"))
     });
     if !success {
         return Ok(None);

@@ -54,8 +54,19 @@ fn success_bodies_that_cannot_be_rewritten_are_errors() {
         rewrite(missing.as_bytes(), &locked()),
         Err(RewriteError::MissingField("Token"))
     );
-    for bad in ["", "[]", "not json", "{\"Code\":\"Success\"", "{\"Code\":\"Success\"} trailing", "\u{feff}{}"] {
-        assert_eq!(rewrite(bad.as_bytes(), &locked()), Err(RewriteError::NotJson), "{bad:?}");
+    for bad in [
+        "",
+        "[]",
+        "not json",
+        "{\"Code\":\"Success\"",
+        "{\"Code\":\"Success\"} trailing",
+        "\u{feff}{}",
+    ] {
+        assert_eq!(
+            rewrite(bad.as_bytes(), &locked()),
+            Err(RewriteError::NotJson),
+            "{bad:?}"
+        );
     }
 }
 

@@ -17,7 +17,10 @@ pub struct Environment {
 
 impl Environment {
     pub fn is_empty(&self) -> bool {
-        self.ipv4.is_empty() && self.ipv6.is_empty() && self.vpcs.is_empty() && self.vpc_endpoints.is_empty()
+        self.ipv4.is_empty()
+            && self.ipv6.is_empty()
+            && self.vpcs.is_empty()
+            && self.vpc_endpoints.is_empty()
     }
 
     /// Adds an address (host route) or a CIDR written as text. Returns false if it is neither.
@@ -39,7 +42,8 @@ impl Environment {
         self.ipv4.extend(other.ipv4.iter().copied());
         self.ipv6.extend(other.ipv6.iter().copied());
         self.vpcs.extend(other.vpcs.iter().cloned());
-        self.vpc_endpoints.extend(other.vpc_endpoints.iter().cloned());
+        self.vpc_endpoints
+            .extend(other.vpc_endpoints.iter().cloned());
     }
 
     /// The addresses as the fewest CIDRs covering exactly the same set (adjacent and
@@ -62,7 +66,14 @@ mod tests {
     #[test]
     fn adjacent_addresses_merge_into_exact_cidrs() {
         let mut env = Environment::default();
-        for ip in ["203.0.113.0", "203.0.113.1", "203.0.113.2", "203.0.113.3", "203.0.113.5", "198.51.100.7/32"] {
+        for ip in [
+            "203.0.113.0",
+            "203.0.113.1",
+            "203.0.113.2",
+            "203.0.113.3",
+            "203.0.113.5",
+            "198.51.100.7/32",
+        ] {
             assert!(env.add_ip(ip));
         }
         assert!(env.add_ip("2001:db8::1"));
@@ -70,7 +81,12 @@ mod tests {
         assert!(!env.add_ip("not-an-ip"));
         assert_eq!(
             env.aggregated_ips(),
-            ["198.51.100.7/32", "203.0.113.0/30", "203.0.113.5/32", "2001:db8::/127"]
+            [
+                "198.51.100.7/32",
+                "203.0.113.0/30",
+                "203.0.113.5/32",
+                "2001:db8::/127"
+            ]
         );
     }
 

@@ -25,7 +25,12 @@ impl RoleArn {
             parts.next()?,
         );
         let valid_account = account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit());
-        if arn_lit != "arn" || !partition.starts_with("aws") || service != "iam" || !region.is_empty() || !valid_account {
+        if arn_lit != "arn"
+            || !partition.starts_with("aws")
+            || service != "iam"
+            || !region.is_empty()
+            || !valid_account
+        {
             return None;
         }
         let rest = resource.strip_prefix("role/")?;
@@ -68,8 +73,7 @@ impl std::fmt::Display for RoleArn {
 /// IAM role names: 1-64 of `[\w+=,.@-]`.
 pub fn is_role_name(s: &str) -> bool {
     (1..=64).contains(&s.len())
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_+=,.@-".contains(&b))
 }
 
@@ -101,7 +105,10 @@ mod tests {
         assert_eq!(a.to_string(), "arn:aws:iam::123456789012:role/app");
         let b = RoleArn::parse("arn:aws-cn:iam::123456789012:role/team/x/app").unwrap();
         assert_eq!((b.path.as_str(), b.name.as_str()), ("/team/x/", "app"));
-        assert_eq!(b.to_string(), "arn:aws-cn:iam::123456789012:role/team/x/app");
+        assert_eq!(
+            b.to_string(),
+            "arn:aws-cn:iam::123456789012:role/team/x/app"
+        );
         for bad in [
             "arn:aws:iam::12345678901:role/app",
             "arn:aws:sts::123456789012:role/app",

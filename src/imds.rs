@@ -144,11 +144,19 @@ impl Imds {
 
     /// The instance role's name: the first line of the listing.
     pub async fn role_name(&self) -> Result<String, ImdsError> {
-        let listing = match self.text("/latest/meta-data/iam/security-credentials/").await {
+        let listing = match self
+            .text("/latest/meta-data/iam/security-credentials/")
+            .await
+        {
             Err(ImdsError::NotFound(_)) => return Err(ImdsError::NoRole),
             other => other?,
         };
-        let name = listing.lines().next().unwrap_or("").trim().trim_end_matches('/');
+        let name = listing
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .trim_end_matches('/');
         if name.is_empty() {
             return Err(ImdsError::NoRole);
         }
@@ -162,7 +170,10 @@ impl Imds {
     }
 
     /// Account, region, instance id (identity document), partition and role.
-    pub async fn identity(&self, configured: Option<&RoleArn>) -> Result<InstanceIdentity, ImdsError> {
+    pub async fn identity(
+        &self,
+        configured: Option<&RoleArn>,
+    ) -> Result<InstanceIdentity, ImdsError> {
         const DOC: &str = "/latest/dynamic/instance-identity/document";
         let doc: IdentityDocument = serde_json::from_slice(&self.get(DOC).await?)
             .map_err(|e| ImdsError::Malformed(DOC.into(), e.to_string()))?;
@@ -193,7 +204,12 @@ impl Imds {
         let path = format!("/latest/meta-data/iam/security-credentials/{role}");
         let doc: CredentialDocument = serde_json::from_slice(&self.get(&path).await?)
             .map_err(|_| ImdsError::Malformed(path.clone(), "not a credential document".into()))?;
-        if !doc.code.as_deref().unwrap_or("Success").eq_ignore_ascii_case("success") {
+        if !doc
+            .code
+            .as_deref()
+            .unwrap_or("Success")
+            .eq_ignore_ascii_case("success")
+        {
             // The code (e.g. AssumeRoleUnauthorizedAccess) is not secret; the message may
             // be long, so only the code is kept.
             return Err(ImdsError::Malformed(
@@ -207,7 +223,10 @@ impl Imds {
             doc.token,
             doc.expiration,
         ) else {
-            return Err(ImdsError::Malformed(path, "a credential field is missing".into()));
+            return Err(ImdsError::Malformed(
+                path,
+                "a credential field is missing".into(),
+            ));
         };
         let expiration = humantime::parse_rfc3339_weak(&exp)
             .map_err(|_| ImdsError::Malformed(path, "Expiration is not a timestamp".into()))?;

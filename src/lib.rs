@@ -13,20 +13,20 @@
 //! - [`metrics`], [`admin`]: Prometheus metrics and the admin listener.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod app;
 pub mod clock;
 pub mod config;
 pub mod credentials;
+pub mod discovery;
 pub mod environment;
 pub mod identity;
+pub mod imds;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod refresh;
 pub mod route;
 pub mod server;
-pub mod upstream;
-pub mod imds;
-pub mod refresh;
 pub mod sts;
-pub mod discovery;
-pub mod admin;
-pub mod app;
+pub mod upstream;

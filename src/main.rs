@@ -9,11 +9,16 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use credlock::config::{self, Config, EXIT_CONFIG, LogFormat, Overrides};
-use credlock::{app, discovery, imds::Imds, policy, sts::ImdsSourceProvider, upstream::UpstreamClient};
+use credlock::{
+    app, discovery, imds::Imds, policy, sts::ImdsSourceProvider, upstream::UpstreamClient,
+};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
-#[command(version, about = "EC2 metadata proxy that locks instance-role credentials to the instance's network")]
+#[command(
+    version,
+    about = "EC2 metadata proxy that locks instance-role credentials to the instance's network"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -63,7 +68,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (common, listen, admin_listen) = match &cli.command {
         Command::Run(r) => (&r.common, r.listen.clone(), r.admin_listen.clone()),
-        Command::CheckConfig(c) | Command::Policy(c) | Command::Discover(c) => (c, Vec::new(), None),
+        Command::CheckConfig(c) | Command::Policy(c) | Command::Discover(c) => {
+            (c, Vec::new(), None)
+        }
     };
     let overrides = Overrides {
         listen,
@@ -134,7 +141,10 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         eprintln!("credlock: cannot install signal handlers");
         return ExitCode::FAILURE;
     };
@@ -142,7 +152,10 @@ async fn run(config: Config) -> ExitCode {
     tokio::spawn(async move {
         if ready.wait_for(|r| *r).await.is_ok() {
             tracing::info!("holding locked credentials: ready");
-            notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("holding locked credentials")]);
+            notify(&[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::Status("holding locked credentials"),
+            ]);
         }
     });
     let mut usec = 0;
@@ -175,9 +188,25 @@ fn notify(state: &[sd_notify::NotifyState]) {
 /// Identity plus one run of every enabled source.
 async fn discover_once(
     config: &Config,
-) -> Result<(credlock::identity::InstanceIdentity, Vec<(discovery::SourceKind, Result<credlock::environment::Environment, String>)>), String> {
-    let imds = Arc::new(Imds::new(UpstreamClient::new(&config.upstream, config.upstream_timeout)));
-    let configured = config.lock.role_arn.as_deref().and_then(credlock::identity::RoleArn::parse);
+) -> Result<
+    (
+        credlock::identity::InstanceIdentity,
+        Vec<(
+            discovery::SourceKind,
+            Result<credlock::environment::Environment, String>,
+        )>,
+    ),
+    String,
+> {
+    let imds = Arc::new(Imds::new(UpstreamClient::new(
+        &config.upstream,
+        config.upstream_timeout,
+    )));
+    let configured = config
+        .lock
+        .role_arn
+        .as_deref()
+        .and_then(credlock::identity::RoleArn::parse);
     let identity = imds
         .identity(configured.as_ref())
         .await

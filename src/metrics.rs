@@ -25,14 +25,22 @@ pub struct Metrics {
 }
 
 /// Route labels of `credlock_requests_total`.
-pub const ROUTES: [&str; 5] = ["token", "credentials", "role_listing", "passthrough", "refused"];
+pub const ROUTES: [&str; 5] = [
+    "token",
+    "credentials",
+    "role_listing",
+    "passthrough",
+    "refused",
+];
 
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let requests = counter(
@@ -122,7 +130,9 @@ impl Metrics {
             .expect("unique metric");
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
         let policy_characters = gauge(

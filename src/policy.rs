@@ -23,7 +23,9 @@ pub const BUILTIN_TEMPLATE: &str = include_str!("../policy-templates/session-pol
 pub enum PolicyError {
     #[error("the session policy template is not valid: {0}")]
     Template(String),
-    #[error("refusing to lock with an empty environment: no source has found an address, VPC or VPC endpoint")]
+    #[error(
+        "refusing to lock with an empty environment: no source has found an address, VPC or VPC endpoint"
+    )]
     EmptyEnvironment,
     #[error(
         "the session policy is {characters} characters, over the {MAX_POLICY_CHARS}-character STS limit \
@@ -52,12 +54,18 @@ pub fn parse_template(text: &str) -> Result<Value, PolicyError> {
     let value: Value =
         serde_json::from_str(text).map_err(|e| PolicyError::Template(e.to_string()))?;
     if !value.is_object() {
-        return Err(PolicyError::Template("the top level must be an object".into()));
+        return Err(PolicyError::Template(
+            "the top level must be an object".into(),
+        ));
     }
     Ok(value)
 }
 
-pub fn render(template: &Value, env: &Environment, role: &RoleArn) -> Result<SessionPolicy, PolicyError> {
+pub fn render(
+    template: &Value,
+    env: &Environment,
+    role: &RoleArn,
+) -> Result<SessionPolicy, PolicyError> {
     if env.is_empty() {
         return Err(PolicyError::EmptyEnvironment);
     }
@@ -70,7 +78,8 @@ pub fn render(template: &Value, env: &Environment, role: &RoleArn) -> Result<Ses
     };
     let rendered = substitute(template, &lists)?
         .ok_or_else(|| PolicyError::Template("the template rendered to nothing".into()))?;
-    let text = serde_json::to_string(&rendered).map_err(|e| PolicyError::Template(e.to_string()))?;
+    let text =
+        serde_json::to_string(&rendered).map_err(|e| PolicyError::Template(e.to_string()))?;
     let characters = text.chars().count();
     if characters > MAX_POLICY_CHARS {
         return Err(PolicyError::TooLarge {
@@ -103,7 +112,9 @@ fn substitute(value: &Value, lists: &Lists) -> Result<Option<Value>, PolicyError
             };
             match list {
                 Some([]) => None,
-                Some(items) => Some(Value::Array(items.iter().cloned().map(Value::String).collect())),
+                Some(items) => Some(Value::Array(
+                    items.iter().cloned().map(Value::String).collect(),
+                )),
                 None => Some(Value::String(scalars(s, lists.role)?)),
             }
         }
@@ -144,7 +155,9 @@ fn scalars(s: &str, role: &RoleArn) -> Result<String, PolicyError> {
         .replace("${RolePath}", &role.path);
     if let Some(i) = out.find("${") {
         let name: String = out[i..].chars().take_while(|c| *c != '}').collect();
-        return Err(PolicyError::Template(format!("unknown placeholder {name}}}")));
+        return Err(PolicyError::Template(format!(
+            "unknown placeholder {name}}}"
+        )));
     }
     Ok(out)
 }

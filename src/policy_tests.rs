@@ -1,5 +1,7 @@
 use super::*;
-use iam_rs::{Arn, Context, Decision, IAMPolicy, IAMRequest, Principal, PrincipalId, evaluate_policy};
+use iam_rs::{
+    Arn, Context, Decision, IAMPolicy, IAMRequest, Principal, PrincipalId, evaluate_policy,
+};
 
 const ROLE: &str = "arn:aws:iam::123456789012:role/app-role";
 
@@ -56,20 +58,104 @@ const OBJECT: &str = "arn:aws:s3:::bucket/key";
 fn the_lock_allows_the_instance_network_and_denies_everything_else() {
     let p = rendered(&env());
     let cases = [
-        ("listed IPv4", "s3:GetObject", OBJECT, From::Ip("203.0.113.10"), Decision::Allow),
-        ("merged neighbour", "s3:GetObject", OBJECT, From::Ip("203.0.113.11"), Decision::Allow),
-        ("other IPv4", "s3:GetObject", OBJECT, From::Ip("198.51.100.1"), Decision::Deny),
-        ("listed IPv6", "s3:GetObject", OBJECT, From::Ip("2001:db8:1::10"), Decision::Allow),
-        ("other IPv6", "s3:GetObject", OBJECT, From::Ip("2001:db8:9::1"), Decision::Deny),
-        ("listed VPC, other endpoint", "s3:GetObject", OBJECT, From::Vpc("vpc-0abc1234def567890", "vpce-0fffffffffffffff0"), Decision::Allow),
-        ("other VPC, listed endpoint", "s3:GetObject", OBJECT, From::Vpc("vpc-0fffffffffffffff0", "vpce-0123456789abcdef0"), Decision::Allow),
-        ("foreign VPC and endpoint", "s3:GetObject", OBJECT, From::Vpc("vpc-0fffffffffffffff0", "vpce-0fffffffffffffff0"), Decision::Deny),
-        ("AWS service on the caller's behalf", "kms:Decrypt", "arn:aws:kms:us-east-1:123456789012:key/k", From::Service, Decision::Allow),
-        ("in-VPC data plane exemption", "rds-db:connect", "arn:aws:rds-db:us-east-1:123456789012:dbuser:db-1/u", From::Ip("198.51.100.1"), Decision::Allow),
-        ("assume itself", "sts:AssumeRole", ROLE, From::Ip("203.0.113.10"), Decision::Deny),
-        ("assume itself, with a path", "sts:AssumeRole", "arn:aws:iam::123456789012:role/team/app-role", From::Ip("203.0.113.10"), Decision::Deny),
-        ("assume another role", "sts:AssumeRole", "arn:aws:iam::123456789012:role/other", From::Ip("203.0.113.10"), Decision::Allow),
-        ("assume another role from outside", "sts:AssumeRole", "arn:aws:iam::123456789012:role/other", From::Ip("198.51.100.1"), Decision::Deny),
+        (
+            "listed IPv4",
+            "s3:GetObject",
+            OBJECT,
+            From::Ip("203.0.113.10"),
+            Decision::Allow,
+        ),
+        (
+            "merged neighbour",
+            "s3:GetObject",
+            OBJECT,
+            From::Ip("203.0.113.11"),
+            Decision::Allow,
+        ),
+        (
+            "other IPv4",
+            "s3:GetObject",
+            OBJECT,
+            From::Ip("198.51.100.1"),
+            Decision::Deny,
+        ),
+        (
+            "listed IPv6",
+            "s3:GetObject",
+            OBJECT,
+            From::Ip("2001:db8:1::10"),
+            Decision::Allow,
+        ),
+        (
+            "other IPv6",
+            "s3:GetObject",
+            OBJECT,
+            From::Ip("2001:db8:9::1"),
+            Decision::Deny,
+        ),
+        (
+            "listed VPC, other endpoint",
+            "s3:GetObject",
+            OBJECT,
+            From::Vpc("vpc-0abc1234def567890", "vpce-0fffffffffffffff0"),
+            Decision::Allow,
+        ),
+        (
+            "other VPC, listed endpoint",
+            "s3:GetObject",
+            OBJECT,
+            From::Vpc("vpc-0fffffffffffffff0", "vpce-0123456789abcdef0"),
+            Decision::Allow,
+        ),
+        (
+            "foreign VPC and endpoint",
+            "s3:GetObject",
+            OBJECT,
+            From::Vpc("vpc-0fffffffffffffff0", "vpce-0fffffffffffffff0"),
+            Decision::Deny,
+        ),
+        (
+            "AWS service on the caller's behalf",
+            "kms:Decrypt",
+            "arn:aws:kms:us-east-1:123456789012:key/k",
+            From::Service,
+            Decision::Allow,
+        ),
+        (
+            "in-VPC data plane exemption",
+            "rds-db:connect",
+            "arn:aws:rds-db:us-east-1:123456789012:dbuser:db-1/u",
+            From::Ip("198.51.100.1"),
+            Decision::Allow,
+        ),
+        (
+            "assume itself",
+            "sts:AssumeRole",
+            ROLE,
+            From::Ip("203.0.113.10"),
+            Decision::Deny,
+        ),
+        (
+            "assume itself, with a path",
+            "sts:AssumeRole",
+            "arn:aws:iam::123456789012:role/team/app-role",
+            From::Ip("203.0.113.10"),
+            Decision::Deny,
+        ),
+        (
+            "assume another role",
+            "sts:AssumeRole",
+            "arn:aws:iam::123456789012:role/other",
+            From::Ip("203.0.113.10"),
+            Decision::Allow,
+        ),
+        (
+            "assume another role from outside",
+            "sts:AssumeRole",
+            "arn:aws:iam::123456789012:role/other",
+            From::Ip("198.51.100.1"),
+            Decision::Deny,
+        ),
     ];
     for (name, action, resource, from, expected) in cases {
         assert_eq!(decide(&p, action, resource, from), expected, "{name}");
@@ -82,9 +168,17 @@ fn empty_lists_drop_their_keys_and_only_widen_the_deny() {
     env.add_ip("203.0.113.10");
     let p = rendered(&env);
     assert!(!p.text.contains("SourceVpc"), "{}", p.text);
-    assert_eq!(decide(&p, "s3:GetObject", OBJECT, From::Ip("203.0.113.10")), Decision::Allow);
     assert_eq!(
-        decide(&p, "s3:GetObject", OBJECT, From::Vpc("vpc-0abc1234def567890", "vpce-0123456789abcdef0")),
+        decide(&p, "s3:GetObject", OBJECT, From::Ip("203.0.113.10")),
+        Decision::Allow
+    );
+    assert_eq!(
+        decide(
+            &p,
+            "s3:GetObject",
+            OBJECT,
+            From::Vpc("vpc-0abc1234def567890", "vpce-0123456789abcdef0")
+        ),
         Decision::Deny
     );
 
@@ -92,9 +186,17 @@ fn empty_lists_drop_their_keys_and_only_widen_the_deny() {
     env.vpcs.insert("vpc-0abc1234def567890".into());
     let p = rendered(&env);
     assert!(!p.text.contains("SourceIp"), "{}", p.text);
-    assert_eq!(decide(&p, "s3:GetObject", OBJECT, From::Ip("203.0.113.10")), Decision::Deny);
     assert_eq!(
-        decide(&p, "s3:GetObject", OBJECT, From::Vpc("vpc-0abc1234def567890", "vpce-0fffffffffffffff0")),
+        decide(&p, "s3:GetObject", OBJECT, From::Ip("203.0.113.10")),
+        Decision::Deny
+    );
+    assert_eq!(
+        decide(
+            &p,
+            "s3:GetObject",
+            OBJECT,
+            From::Vpc("vpc-0abc1234def567890", "vpce-0fffffffffffffff0")
+        ),
         Decision::Allow
     );
 }
@@ -104,8 +206,16 @@ fn minified_with_the_placeholders_filled() {
     let p = rendered(&env());
     assert!(!p.text.contains(' ') || !p.text.contains("\n"));
     assert!(!p.text.contains("${"));
-    assert!(p.text.contains(r#""aws:SourceIp":["203.0.113.10/31","2001:db8:1::10/128"]"#), "{}", p.text);
-    assert!(p.text.contains(r#""arn:aws:iam::123456789012:role/*/app-role""#));
+    assert!(
+        p.text
+            .contains(r#""aws:SourceIp":["203.0.113.10/31","2001:db8:1::10/128"]"#),
+        "{}",
+        p.text
+    );
+    assert!(
+        p.text
+            .contains(r#""arn:aws:iam::123456789012:role/*/app-role""#)
+    );
     assert_eq!(p.characters, p.text.chars().count());
     assert!(p.characters < 1100, "{}", p.characters);
 }
@@ -114,7 +224,11 @@ fn minified_with_the_placeholders_filled() {
 fn refuses_an_empty_environment() {
     let template = parse_template(BUILTIN_TEMPLATE).unwrap();
     assert_eq!(
-        render(&template, &Environment::default(), &RoleArn::parse(ROLE).unwrap()),
+        render(
+            &template,
+            &Environment::default(),
+            &RoleArn::parse(ROLE).unwrap()
+        ),
         Err(PolicyError::EmptyEnvironment)
     );
 }
@@ -128,7 +242,13 @@ fn too_large_says_by_how_much_and_what_to_cut() {
     }
     let template = parse_template(BUILTIN_TEMPLATE).unwrap();
     let err = render(&template, &env, &RoleArn::parse(ROLE).unwrap()).unwrap_err();
-    let PolicyError::TooLarge { characters, excess, ips, .. } = err else {
+    let PolicyError::TooLarge {
+        characters,
+        excess,
+        ips,
+        ..
+    } = err
+    else {
         panic!("{err}");
     };
     assert_eq!(ips, 120);
@@ -146,7 +266,10 @@ fn too_large_says_by_how_much_and_what_to_cut() {
 
 #[test]
 fn values_cannot_break_out_of_their_json_string() {
-    let template = parse_template(r#"{"Statement":[{"Resource":"arn:${Partition}:iam::${AccountId}:role/${RoleName}"}]}"#).unwrap();
+    let template = parse_template(
+        r#"{"Statement":[{"Resource":"arn:${Partition}:iam::${AccountId}:role/${RoleName}"}]}"#,
+    )
+    .unwrap();
     let role = RoleArn {
         partition: "aws".into(),
         account: "123456789012".into(),
@@ -162,5 +285,8 @@ fn values_cannot_break_out_of_their_json_string() {
 fn unknown_placeholders_are_template_errors() {
     let template = parse_template(r#"{"Statement":[{"Resource":"${Nope}"}]}"#).unwrap();
     let err = render(&template, &env(), &RoleArn::parse(ROLE).unwrap()).unwrap_err();
-    assert_eq!(err, PolicyError::Template("unknown placeholder ${Nope}".into()));
+    assert_eq!(
+        err,
+        PolicyError::Template("unknown placeholder ${Nope}".into())
+    );
 }

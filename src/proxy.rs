@@ -99,7 +99,9 @@ pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<
                 _ => target_path(target),
             };
             match read_body(body).await {
-                Some(bytes) => forward(&state, label, method.clone(), target, parts.headers, bytes).await,
+                Some(bytes) => {
+                    forward(&state, label, method.clone(), target, parts.headers, bytes).await
+                }
                 None => Outcome::Local(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"),
             }
         }
@@ -117,7 +119,9 @@ pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<
 /// The origin-form path a role-listing request is forwarded with (the query is dropped).
 fn target_path(target: &str) -> &str {
     let origin = match target.find("://") {
-        Some(i) => target[i + 3..].find('/').map_or("/", |j| &target[i + 3 + j..]),
+        Some(i) => target[i + 3..]
+            .find('/')
+            .map_or("/", |j| &target[i + 3 + j..]),
         None => target,
     };
     origin.split('?').next().unwrap_or(origin)
@@ -134,7 +138,11 @@ fn route_label(route: &Route) -> &'static str {
 }
 
 fn refuse(state: &ProxyState, reason: Refusal) -> Outcome {
-    state.metrics.refused.with_label_values(&[reason.label()]).inc();
+    state
+        .metrics
+        .refused
+        .with_label_values(&[reason.label()])
+        .inc();
     let body = match reason {
         Refusal::BadTarget => "credlock: request target refused: not a form IMDS clients send\n",
         Refusal::UnknownCredentialPath => "credlock: not found\n",
@@ -218,10 +226,7 @@ async fn forward(
 /// Forward-then-replace: the upstream judges the caller's token and role name; a success body
 /// gets the locked set. HEAD is forwarded as GET so the rewritten length is known.
 async fn credentials(state: &ProxyState, path: &str, headers: HeaderMap) -> Outcome {
-    let Some(locked) = state
-        .store
-        .servable(state.clock.now(), state.serve_margin)
-    else {
+    let Some(locked) = state.store.servable(state.clock.now(), state.serve_margin) else {
         state
             .metrics
             .refused
@@ -232,11 +237,19 @@ async fn credentials(state: &ProxyState, path: &str, headers: HeaderMap) -> Outc
             "credlock: no locked credentials available yet\n",
         );
     };
-    let mut response =
-        match exchange(state, "credentials", Method::GET, path, headers, Bytes::new()).await {
-            Ok(r) => r,
-            Err(outcome) => return outcome,
-        };
+    let mut response = match exchange(
+        state,
+        "credentials",
+        Method::GET,
+        path,
+        headers,
+        Bytes::new(),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(outcome) => return outcome,
+    };
     if response.status != StatusCode::OK {
         return Outcome::Upstream(response);
     }

@@ -104,7 +104,9 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
         let mut next_refresh = SystemTime::UNIX_EPOCH;
         let mut failures = 0u32;
         loop {
-            let wait = self.step(&mut locked, &mut next_refresh, &mut failures).await;
+            let wait = self
+                .step(&mut locked, &mut next_refresh, &mut failures)
+                .await;
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 changed = self.environment.changed() => {
@@ -131,7 +133,10 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
             Ok(identity) => identity,
             Err(e) => return self.failed(failures, format!("reading the instance identity: {e}")),
         };
-        if locked.as_ref().is_some_and(|l| l.identity.role != identity.role) {
+        if locked
+            .as_ref()
+            .is_some_and(|l| l.identity.role != identity.role)
+        {
             tracing::warn!(
                 old = %locked.as_ref().map(|l| l.identity.role.to_string()).unwrap_or_default(),
                 new = %identity.role,
@@ -154,10 +159,11 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
                 .min(self.recheck);
         }
 
-        let policy = match policy::render(&self.template, &wanted.environment, &wanted.identity.role) {
-            Ok(p) => p,
-            Err(e) => return self.failed(failures, e.to_string()),
-        };
+        let policy =
+            match policy::render(&self.template, &wanted.environment, &wanted.identity.role) {
+                Ok(p) => p,
+                Err(e) => return self.failed(failures, e.to_string()),
+            };
         self.metrics.policy_characters.set(policy.characters as i64);
         let request = AssumeRequest {
             role_arn: wanted.identity.role.to_string(),

@@ -105,7 +105,9 @@ impl Harness {
             store: store.clone(),
             metrics: Arc::new(Metrics::new()),
             clock: clock.clone(),
-            config: crate::config::from_toml("", &Default::default()).unwrap().lock,
+            config: crate::config::from_toml("", &Default::default())
+                .unwrap()
+                .lock,
             template: policy::parse_template(policy::BUILTIN_TEMPLATE).unwrap(),
             environment: env_rx,
             recheck: Duration::from_secs(300),
@@ -174,7 +176,10 @@ async fn locks_at_start_then_refreshes_at_half_life() {
     assert!(times.len() >= 4, "{times:?}");
     for pair in times.windows(2) {
         let gap = pair[1] - pair[0];
-        assert!((1620..=1981).contains(&gap), "refresh gap {gap} s in {times:?}");
+        assert!(
+            (1620..=1981).contains(&gap),
+            "refresh gap {gap} s in {times:?}"
+        );
     }
     assert!(h.servable_at_now());
 }
@@ -193,7 +198,10 @@ async fn backs_off_under_sts_failure_serves_the_last_good_set_then_fails_closed(
     for (i, gap) in retries.iter().enumerate() {
         let cap = backoff(i as u32 + 1, 1.0).as_secs();
         let floor = backoff(i as u32 + 1, 0.0).as_secs();
-        assert!((floor..=cap + 1).contains(gap), "retry {i}: {gap} s not in {floor}..={cap} ({times:?})");
+        assert!(
+            (floor..=cap + 1).contains(gap),
+            "retry {i}: {gap} s not in {floor}..={cap} ({times:?})"
+        );
     }
     // The last good set is still served while it has more than the margin left...
     assert!(h.servable_at_now());

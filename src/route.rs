@@ -146,7 +146,11 @@ fn path_is_clean(path: &str) -> bool {
 }
 
 fn is_path_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'=' | b',' | b'@' | b':')
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.' | b'_' | b'~' | b'+' | b'=' | b',' | b'@' | b':'
+        )
 }
 
 /// Queries are passed through on non-credential paths; they must still be plain.
@@ -157,8 +161,13 @@ fn query_is_clean(query: &str) -> bool {
 }
 
 enum CredentialForm<'a> {
-    Listing { extended: bool },
-    Role { role: &'a str, extended: bool },
+    Listing {
+        extended: bool,
+    },
+    Role {
+        role: &'a str,
+        extended: bool,
+    },
     /// The instance identity role (`identity-credentials/ec2/...`): no policies can lock it, so
     /// it is passed through as the brief requires.
     Identity,
@@ -173,14 +182,21 @@ fn credential_form(path: &str) -> Option<CredentialForm<'_>> {
     let trimmed = path.strip_suffix('/').unwrap_or(path);
     let mut segments = trimmed.split('/').skip(1);
     let version = segments.next().unwrap_or("");
-    if !is_version(version) || !segments.next().is_some_and(|s| s.eq_ignore_ascii_case("meta-data"))
+    if !is_version(version)
+        || !segments
+            .next()
+            .is_some_and(|s| s.eq_ignore_ascii_case("meta-data"))
     {
         return Some(CredentialForm::Unknown);
     }
     let rest: Vec<&str> = segments.collect();
     let lower = |i: usize| rest.get(i).map(|s| s.to_ascii_lowercase());
     let form = match (lower(0).as_deref(), lower(1).as_deref(), rest.len()) {
-        (Some("iam"), Some(kind @ ("security-credentials" | "security-credentials-extended")), n) => {
+        (
+            Some("iam"),
+            Some(kind @ ("security-credentials" | "security-credentials-extended")),
+            n,
+        ) => {
             let extended = kind.ends_with("-extended");
             match n {
                 2 => CredentialForm::Listing { extended },
@@ -203,10 +219,19 @@ fn identity_form(rest: &[&str]) -> CredentialForm<'static> {
         &["identity-credentials", "ec2"],
         &["identity-credentials", "ec2", "info"],
         &["identity-credentials", "ec2", "security-credentials"],
-        &["identity-credentials", "ec2", "security-credentials", "ec2-instance"],
+        &[
+            "identity-credentials",
+            "ec2",
+            "security-credentials",
+            "ec2-instance",
+        ],
     ];
     let matches = known.iter().any(|form| {
-        form.len() == rest.len() && form.iter().zip(rest).all(|(a, b)| a.eq_ignore_ascii_case(b))
+        form.len() == rest.len()
+            && form
+                .iter()
+                .zip(rest)
+                .all(|(a, b)| a.eq_ignore_ascii_case(b))
     });
     if matches {
         CredentialForm::Identity

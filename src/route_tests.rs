@@ -7,7 +7,14 @@ fn get(target: &str) -> Route<'_> {
 
 #[test]
 fn credential_paths_under_every_version_and_slash_form() {
-    for version in ["latest", "2012-01-12", "2016-09-02", "2024-04-11", "1.0", "LATEST"] {
+    for version in [
+        "latest",
+        "2012-01-12",
+        "2016-09-02",
+        "2024-04-11",
+        "1.0",
+        "LATEST",
+    ] {
         for (kind, extended) in [
             ("security-credentials", false),
             ("security-credentials-extended", true),
@@ -56,14 +63,16 @@ fn absolute_form_is_classified_on_its_path() {
         get("https://169.254.169.254/latest/meta-data/"),
         Route::Refused(Refusal::BadTarget)
     );
-    assert_eq!(get("169.254.169.254:80"), Route::Refused(Refusal::BadTarget));
+    assert_eq!(
+        get("169.254.169.254:80"),
+        Route::Refused(Refusal::BadTarget)
+    );
     assert_eq!(get("*"), Route::Refused(Refusal::BadTarget));
 }
 
 #[test]
 fn the_query_is_dropped_on_credential_routes_and_kept_on_passthrough() {
-    let Route::Credentials { path, .. } =
-        get("/latest/meta-data/iam/security-credentials/r?x=1")
+    let Route::Credentials { path, .. } = get("/latest/meta-data/iam/security-credentials/r?x=1")
     else {
         panic!("not a credential route");
     };
@@ -96,13 +105,23 @@ fn token_put_only_on_latest() {
 
 #[test]
 fn methods_other_than_get_and_head_never_reach_credentials() {
-    for method in [Method::PUT, Method::POST, Method::DELETE, Method::OPTIONS, Method::PATCH] {
+    for method in [
+        Method::PUT,
+        Method::POST,
+        Method::DELETE,
+        Method::OPTIONS,
+        Method::PATCH,
+    ] {
         for path in [
             "/latest/meta-data/iam/security-credentials/",
             "/latest/meta-data/iam/security-credentials/role",
             "/latest/meta-data/iam/security-credentials-extended/role/",
         ] {
-            assert_eq!(classify(&method, path), Route::Refused(Refusal::Method), "{method} {path}");
+            assert_eq!(
+                classify(&method, path),
+                Route::Refused(Refusal::Method),
+                "{method} {path}"
+            );
         }
     }
     // Elsewhere the upstream answers for itself (405 from IMDS).
@@ -150,7 +169,11 @@ fn odd_spellings_are_refused_not_forwarded() {
         "",
         "latest/meta-data/",
     ] {
-        assert_eq!(get(target), Route::Refused(Refusal::BadTarget), "{target:?}");
+        assert_eq!(
+            get(target),
+            Route::Refused(Refusal::BadTarget),
+            "{target:?}"
+        );
     }
     let long = format!("/latest/meta-data/{}", "a".repeat(MAX_TARGET_LEN));
     assert_eq!(get(&long), Route::Refused(Refusal::BadTarget));
@@ -213,8 +236,14 @@ fn ordinary_metadata_passes_through_unchanged() {
 
 fn lenient_reading(target: &str) -> String {
     let mut t = target.to_string();
-    if let Some(rest) = t.strip_prefix("http://").or_else(|| t.strip_prefix("HTTP://")) {
-        t = rest.find('/').map(|i| rest[i..].to_string()).unwrap_or_default();
+    if let Some(rest) = t
+        .strip_prefix("http://")
+        .or_else(|| t.strip_prefix("HTTP://"))
+    {
+        t = rest
+            .find('/')
+            .map(|i| rest[i..].to_string())
+            .unwrap_or_default();
     }
     for _ in 0..3 {
         t = percent_decode(&t);
@@ -240,15 +269,15 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 3])
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 3])
                 .ok()
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        {
+            out.push(v);
+            i += 3;
+            continue;
         }
         out.push(b[i]);
         i += 1;
@@ -259,9 +288,8 @@ fn percent_decode(s: &str) -> String {
 fn lenient_is_role_credentials(target: &str) -> bool {
     let r = lenient_reading(target);
     let segs: Vec<&str> = r.split('/').collect();
-    segs.windows(3).any(|w| {
-        w[0] == "iam" && w[1].starts_with("security-credentials") && !w[2].is_empty()
-    })
+    segs.windows(3)
+        .any(|w| w[0] == "iam" && w[1].starts_with("security-credentials") && !w[2].is_empty())
 }
 
 fn segment() -> impl Strategy<Value = String> {
@@ -298,7 +326,12 @@ fn segment() -> impl Strategy<Value = String> {
 
 fn target() -> impl Strategy<Value = String> {
     (
-        prop_oneof![Just(""), Just("http://169.254.169.254"), Just("/"), Just("HTTP://h")],
+        prop_oneof![
+            Just(""),
+            Just("http://169.254.169.254"),
+            Just("/"),
+            Just("HTTP://h")
+        ],
         prop::collection::vec(segment(), 0..7),
         prop_oneof![Just(""), Just("/"), Just("//")],
         prop_oneof![Just(""), Just("?x=1"), Just("?%2F"), Just("#f")],

@@ -52,9 +52,10 @@ impl StsErrorCode {
             "MalformedPolicyDocument" | "MalformedPolicyDocumentException" => Self::MalformedPolicy,
             "PackedPolicyTooLarge" | "PackedPolicyTooLargeException" => Self::PackedPolicyTooLarge,
             "RegionDisabledException" | "RegionDisabled" => Self::RegionDisabled,
-            "Throttling" | "ThrottlingException" | "RequestLimitExceeded" | "TooManyRequestsException" => {
-                Self::Throttling
-            }
+            "Throttling"
+            | "ThrottlingException"
+            | "RequestLimitExceeded"
+            | "TooManyRequestsException" => Self::Throttling,
             "ExpiredToken" | "ExpiredTokenException" => Self::ExpiredToken,
             "ValidationError" | "ValidationException" => Self::Validation,
             _ => Self::Other,
@@ -90,12 +91,18 @@ impl StsErrorCode {
             Self::RegionDisabled => {
                 "regional STS is deactivated for this account in this region: activate it in IAM account settings"
             }
-            Self::Throttling => "STS is throttling this account: credlock backs off; reduce other STS callers",
-            Self::ExpiredToken => "the instance role credentials from IMDS had expired: credlock re-reads them",
+            Self::Throttling => {
+                "STS is throttling this account: credlock backs off; reduce other STS callers"
+            }
+            Self::ExpiredToken => {
+                "the instance role credentials from IMDS had expired: credlock re-reads them"
+            }
             Self::Validation => {
                 "STS rejected a parameter (session duration must be at most 3600 s for a chained role; session name and tags must match STS patterns)"
             }
-            Self::Timeout => "STS did not answer in time: check the route or VPC endpoint to the regional STS endpoint",
+            Self::Timeout => {
+                "STS did not answer in time: check the route or VPC endpoint to the regional STS endpoint"
+            }
             Self::Other => "unexpected STS failure: see the message",
         }
     }
@@ -111,7 +118,10 @@ pub struct StsError {
 
 /// Something that can assume the role. The real one is [`AwsIssuer`]; tests script failures.
 pub trait Issuer: Send + Sync + 'static {
-    fn assume(&self, request: &AssumeRequest) -> impl Future<Output = Result<Issued, StsError>> + Send;
+    fn assume(
+        &self,
+        request: &AssumeRequest,
+    ) -> impl Future<Output = Result<Issued, StsError>> + Send;
 }
 
 /// Reads the instance role's credentials from IMDS for the AWS SDK (it caches them until
@@ -168,12 +178,14 @@ pub struct AwsIssuer {
 }
 
 impl AwsIssuer {
-    pub async fn new(region: &str, source: ImdsSourceProvider) -> Self {
-        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+    pub async fn new(region: &str, source: ImdsSourceProvider, endpoint: Option<&str>) -> Self {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(region.to_string()))
-            .credentials_provider(source)
-            .load()
-            .await;
+            .credentials_provider(source);
+        if let Some(url) = endpoint {
+            loader = loader.endpoint_url(url);
+        }
+        let config = loader.load().await;
         AwsIssuer {
             client: aws_sdk_sts::Client::new(&config),
         }
@@ -241,7 +253,10 @@ where
         },
         SdkError::DispatchFailure(d) => StsError {
             code: StsErrorCode::Other,
-            message: format!("cannot reach STS: {:?}", d.as_connector_error().map(|e| e.to_string())),
+            message: format!(
+                "cannot reach STS: {:?}",
+                d.as_connector_error().map(|e| e.to_string())
+            ),
         },
         SdkError::ServiceError(service) => {
             let e = service.err();
@@ -256,7 +271,10 @@ where
         }
         other => StsError {
             code: StsErrorCode::Other,
-            message: format!("{}", aws_smithy_types::error::display::DisplayErrorContext(other)),
+            message: format!(
+                "{}",
+                aws_smithy_types::error::display::DisplayErrorContext(other)
+            ),
         },
     }
 }

@@ -159,12 +159,21 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_go_end_to_end_headers_stay() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Private"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Private"),
+        );
         h.insert("x-private", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert("x-aws-ec2-metadata-token", HeaderValue::from_static("t"));
-        h.insert("x-aws-ec2-metadata-token-ttl-seconds", HeaderValue::from_static("21600"));
+        h.insert(
+            "x-aws-ec2-metadata-token-ttl-seconds",
+            HeaderValue::from_static("21600"),
+        );
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         strip_hop_by_hop(&mut h);
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();

@@ -42,14 +42,22 @@ pub async fn discover(
         role_arn: identity.role.to_string(),
         identity_document: document,
     };
-    let response = http.post(url).json(&who).send().await.map_err(|e| e.to_string())?;
+    let response = http
+        .post(url)
+        .json(&who)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
     let status = response.status();
     if !status.is_success() {
         return Err(format!("HTTP {status}"));
     }
     let body = response.bytes().await.map_err(|e| e.to_string())?;
     if body.len() > MAX_DOCUMENT {
-        return Err(format!("environment document of {} bytes is too large", body.len()));
+        return Err(format!(
+            "environment document of {} bytes is too large",
+            body.len()
+        ));
     }
     let doc: StaticEnvironment =
         serde_json::from_slice(&body).map_err(|e| format!("environment document: {e}"))?;
@@ -60,7 +68,9 @@ pub async fn discover(
     }
     for v in &doc.vpc_endpoints {
         if !crate::config::is_aws_id(v, "vpce-") {
-            return Err(format!("environment document: {v:?} is not a VPC endpoint ID"));
+            return Err(format!(
+                "environment document: {v:?} is not a VPC endpoint ID"
+            ));
         }
     }
     super::static_environment(&doc).map_err(|e| format!("environment document: {e}"))

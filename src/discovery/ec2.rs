@@ -14,7 +14,10 @@ use crate::imds::Imds;
 const LIVE_ENDPOINT_STATES: [&str; 3] = ["available", "pending", "pendingAcceptance"];
 
 fn filter(name: &str, values: &[String]) -> Filter {
-    Filter::builder().name(name).set_values(Some(values.to_vec())).build()
+    Filter::builder()
+        .name(name)
+        .set_values(Some(values.to_vec()))
+        .build()
 }
 
 fn err(call: &str, e: impl std::error::Error + 'static) -> String {
@@ -24,7 +27,11 @@ fn err(call: &str, e: impl std::error::Error + 'static) -> String {
     )
 }
 
-pub async fn discover(client: &Client, scope: &Ec2Scope, imds: &Imds) -> Result<Environment, String> {
+pub async fn discover(
+    client: &Client,
+    scope: &Ec2Scope,
+    imds: &Imds,
+) -> Result<Environment, String> {
     let mut env = Environment::default();
 
     // 1. Which VPCs are in scope.
@@ -52,8 +59,11 @@ pub async fn discover(client: &Client, scope: &Ec2Scope, imds: &Imds) -> Result<
         .await
         .map_err(|e| err("DescribeVpcs", e))?;
     for page in pages {
-        env.vpcs
-            .extend(page.vpcs().iter().filter_map(|v| v.vpc_id().map(str::to_string)));
+        env.vpcs.extend(
+            page.vpcs()
+                .iter()
+                .filter_map(|v| v.vpc_id().map(str::to_string)),
+        );
     }
     if env.vpcs.is_empty() {
         return Err(format!("no VPC matches the {scope:?} scope"));
@@ -74,9 +84,11 @@ pub async fn discover(client: &Client, scope: &Ec2Scope, imds: &Imds) -> Result<
         .map_err(|e| err("DescribeVpcEndpoints", e))?;
     for page in pages {
         for ep in page.vpc_endpoints() {
-            let live = ep
-                .state()
-                .is_none_or(|s| LIVE_ENDPOINT_STATES.iter().any(|l| l.eq_ignore_ascii_case(s.as_str())));
+            let live = ep.state().is_none_or(|s| {
+                LIVE_ENDPOINT_STATES
+                    .iter()
+                    .any(|l| l.eq_ignore_ascii_case(s.as_str()))
+            });
             if let (true, Some(id)) = (live, ep.vpc_endpoint_id()) {
                 env.vpc_endpoints.insert(id.to_string());
             }

@@ -41,6 +41,10 @@ async fn ask(http: &reqwest::Client, url: &str) -> Result<IpAddr, String> {
     }
     let text = String::from_utf8_lossy(&body);
     let text = text.trim();
-    text.parse::<IpAddr>()
-        .map_err(|_| format!("answer {:?} is not an IP address", text.chars().take(64).collect::<String>()))
+    text.parse::<IpAddr>().map_err(|_| {
+        format!(
+            "answer {:?} is not an IP address",
+            text.chars().take(64).collect::<String>()
+        )
+    })
 }

@@ -9,7 +9,11 @@ const MACS: &str = "/latest/meta-data/network/interfaces/macs/";
 pub async fn discover(imds: &Imds) -> Result<Environment, String> {
     let macs = imds.text(MACS).await.map_err(|e| e.to_string())?;
     let mut env = Environment::default();
-    for mac in macs.lines().map(|l| l.trim().trim_end_matches('/')).filter(|l| !l.is_empty()) {
+    for mac in macs
+        .lines()
+        .map(|l| l.trim().trim_end_matches('/'))
+        .filter(|l| !l.is_empty())
+    {
         if !mac.bytes().all(|b| b.is_ascii_hexdigit() || b == b':') {
             return Err(format!("{MACS} lists {mac:?}, not a MAC address"));
         }

@@ -112,7 +112,8 @@ pub fn enabled_sources(config: &DiscoveryConfig) -> Vec<SourceKind> {
         kinds.push(SourceKind::BootProvider);
     }
     let s = &config.static_env;
-    if !(s.ipv4.is_empty() && s.ipv6.is_empty() && s.vpcs.is_empty() && s.vpc_endpoints.is_empty()) {
+    if !(s.ipv4.is_empty() && s.ipv6.is_empty() && s.vpcs.is_empty() && s.vpc_endpoints.is_empty())
+    {
         kinds.push(SourceKind::Static);
     }
     kinds

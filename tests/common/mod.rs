@@ -1,0 +1,197 @@
+//! Test fixtures: the IMDS emulator (tests/support/imds_emulator.py) and moto as STS, both real
+//! processes on loopback, and credlock started in-process on port 0.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use credlock::app::{self, Running};
+use credlock::config::{self, Config, Overrides};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn venv_bin(name: &str) -> PathBuf {
+    repo().join(".venv/bin").join(name)
+}
+
+/// The Python that runs the emulator: CREDLOCK_PYTHON, the repo's venv, or python3.
+fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("CREDLOCK_PYTHON") {
+        return p.into();
+    }
+    let venv = venv_bin("python");
+    if venv.exists() {
+        venv
+    } else {
+        "python3".into()
+    }
+}
+
+/// A child process killed on drop.
+pub struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub struct Emulator {
+    _proc: Proc,
+    pub addr: SocketAddr,
+    pub control: SocketAddr,
+}
+
+impl Emulator {
+    pub fn start(args: &[&str]) -> Emulator {
+        let mut child = Command::new(python())
+            .arg(repo().join("tests/support/imds_emulator.py"))
+            .args(["--listen", "127.0.0.1:0", "--control", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("cannot start the IMDS emulator (python3 needed)");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut addr = None;
+        let mut control = None;
+        while control.is_none() {
+            let line = lines
+                .next()
+                .expect("the emulator exited before listening")
+                .unwrap();
+            let mut words = line.split_whitespace();
+            match (words.next(), words.next()) {
+                (Some("listening"), Some(a)) => addr = addr.or(Some(a.parse().unwrap())),
+                (Some("control"), Some(a)) => control = Some(a.parse().unwrap()),
+                _ => {}
+            }
+        }
+        Emulator {
+            _proc: Proc(child),
+            addr: addr.unwrap(),
+            control: control.unwrap(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn state(&self) -> serde_json::Value {
+        reqwest::get(format!("http://{}/state", self.control))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn set(&self, state: serde_json::Value) {
+        let r = reqwest::Client::new()
+            .post(format!("http://{}/state", self.control))
+            .json(&state)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "emulator control: {}", r.status());
+    }
+
+    pub async fn requests(&self) -> Vec<serde_json::Value> {
+        reqwest::get(format!("http://{}/requests", self.control))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Every raw credential value the emulator hands out (v1, v2), to assert none leaks.
+    pub async fn raw_secrets(&self) -> Vec<String> {
+        let state = self.state().await;
+        let mut out = Vec::new();
+        for set in ["v1", "v2"] {
+            for field in ["AccessKeyId", "SecretAccessKey", "Token"] {
+                if let Some(v) = state["credentials"][set][field].as_str() {
+                    out.push(v.to_string());
+                }
+            }
+        }
+        assert!(out.len() >= 6, "emulator state has no credentials: {state}");
+        out
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Moto {
+    _proc: Proc,
+    pub url: String,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let bin = venv_bin("moto_server");
+        assert!(
+            bin.exists(),
+            "{} is missing: run tests/setup.sh",
+            bin.display()
+        );
+        let port = free_port();
+        let child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start moto_server");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Moto {
+            _proc: Proc(child),
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+/// A config for loopback tests: port 0 listeners, echo off, STS at `sts`.
+pub fn config(upstream: &str, sts: Option<&str>, extra: &str) -> Config {
+    let sts = sts
+        .map(|u| format!("sts_endpoint = \"{u}\"\n"))
+        .unwrap_or_default();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nadmin_listen = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n\
+         [discovery.echo]\nenabled = false\n[lock]\n{sts}{extra}"
+    );
+    config::from_toml(&text, &Overrides::default()).unwrap()
+}
+
+pub async fn start(config: Config) -> Running {
+    app::start(config).await.expect("credlock starts")
+}
+
+pub async fn wait_ready(running: &Running) {
+    let mut ready = running.ready.clone();
+    tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r))
+        .await
+        .expect("credlock did not become ready within 20 s")
+        .unwrap();
+}
+
+pub fn base(running: &Running) -> String {
+    format!("http://{}", running.imds_addrs[0])
+}
