@@ -189,26 +189,38 @@ fn credential_form(path: &str) -> Option<CredentialForm<'_>> {
     {
         return Some(CredentialForm::Unknown);
     }
-    let rest: Vec<&str> = segments.collect();
-    let lower = |i: usize| rest.get(i).map(|s| s.to_ascii_lowercase());
-    let form = match (lower(0).as_deref(), lower(1).as_deref(), rest.len()) {
-        (
-            Some("iam"),
-            Some(kind @ ("security-credentials" | "security-credentials-extended")),
-            n,
-        ) => {
-            let extended = kind.ends_with("-extended");
-            match n {
-                2 => CredentialForm::Listing { extended },
-                3 => CredentialForm::Role {
-                    role: rest[2],
-                    extended,
-                },
-                _ => CredentialForm::Unknown,
-            }
+    // The longest known form has five segments after `meta-data`.
+    let mut buf = [""; 5];
+    let mut n = 0;
+    for segment in segments {
+        if n == buf.len() {
+            return Some(CredentialForm::Unknown);
         }
-        (Some("identity-credentials"), _, _) => identity_form(&rest),
-        _ => CredentialForm::Unknown,
+        buf[n] = segment;
+        n += 1;
+    }
+    let rest = &buf[..n];
+    let is = |i: usize, s: &str| rest.get(i).is_some_and(|x| x.eq_ignore_ascii_case(s));
+    let form = if is(0, "iam") {
+        let extended = if is(1, "security-credentials") {
+            false
+        } else if is(1, "security-credentials-extended") {
+            true
+        } else {
+            return Some(CredentialForm::Unknown);
+        };
+        match n {
+            2 => CredentialForm::Listing { extended },
+            3 => CredentialForm::Role {
+                role: rest[2],
+                extended,
+            },
+            _ => CredentialForm::Unknown,
+        }
+    } else if is(0, "identity-credentials") {
+        identity_form(rest)
+    } else {
+        CredentialForm::Unknown
     };
     Some(form)
 }
