@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# credlock's main job, locally: the IMDS emulator as the instance metadata service, moto as
+# STS, credlock in front. Shows the raw credentials an attacker would steal, the locked ones
+# credlock serves instead, the policy that locks them, and a real SDK (boto3) using them.
+# Usage: tests/demo.sh [--keep]   (--keep: leave credlock serving until Ctrl-C)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+tests/setup.sh --minimal
+cargo build --quiet --bin credlock
+bin=$root/target/debug/credlock
+py=$root/.venv/bin/python
+
+work=$(mktemp -d)
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+"$py" tests/support/imds_emulator.py --listen 127.0.0.1:0 --control 127.0.0.1:0 >"$work/emu" 2>"$work/emu.err" &
+pids+=($!)
+moto_port=$(free_port)
+.venv/bin/moto_server -H 127.0.0.1 -p "$moto_port" >"$work/moto.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 50); do grep -q '^control' "$work/emu" 2>/dev/null && break; sleep 0.1; done
+imds=$(awk '/^listening/{print $2; exit}' "$work/emu")
+for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$moto_port/" && break; sleep 0.2; done
+
+port=$(free_port)
+admin=$(free_port)
+cat >"$work/credlock.toml" <<TOML
+[server]
+listen = ["127.0.0.1:$port"]
+admin_listen = "127.0.0.1:$admin"
+upstream = "http://$imds"
+[lock]
+sts_endpoint = "http://127.0.0.1:$moto_port"
+[discovery.echo]
+enabled = false
+[discovery.static]
+ipv4 = ["198.51.100.0/24"]
+TOML
+
+step "Starting credlock (IMDS emulator at $imds, moto STS at 127.0.0.1:$moto_port)"
+"$bin" run --config "$work/credlock.toml" 2>"$work/credlock.log" &
+pids+=($!)
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break; sleep 0.1; done
+curl -s "http://127.0.0.1:$admin/readyz"
+
+role=credlock-test-role
+tok() { curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' "$1/latest/api/token"; }
+
+step "Without credlock: the instance role's raw credentials (usable from anywhere)"
+curl -s -H "X-aws-ec2-metadata-token: $(tok "http://$imds")" "http://$imds/latest/meta-data/iam/security-credentials/$role"; echo
+
+step "Through credlock: the same request answers with locked credentials from sts:AssumeRole"
+curl -s -H "X-aws-ec2-metadata-token: $(tok "http://127.0.0.1:$port")" "http://127.0.0.1:$port/latest/meta-data/iam/security-credentials/$role"; echo
+
+step "Everything else passes through unchanged"
+curl -s "http://127.0.0.1:$port/latest/meta-data/instance-id"; echo
+
+step "The session policy that locks them (credlock policy)"
+"$bin" policy --config "$work/credlock.toml" 2>&1 | "$py" -c 'import json,sys; lines=sys.stdin.read().splitlines(); print(json.dumps(json.loads(lines[0]), indent=2)); print(*lines[1:], sep="\n")'
+
+step "A real SDK (boto3) on the IMDS endpoint gets the locked set and calls STS with it"
+AWS_EC2_METADATA_SERVICE_ENDPOINT="http://127.0.0.1:$port" AWS_CONFIG_FILE=/dev/null \
+AWS_SHARED_CREDENTIALS_FILE=/dev/null AWS_ACCESS_KEY_ID='' AWS_SECRET_ACCESS_KEY='' \
+  env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_SESSION_TOKEN -u AWS_PROFILE \
+  "$py" - "http://127.0.0.1:$moto_port" <<'PY'
+import sys, boto3
+session = boto3.Session(region_name="us-east-1")
+creds = session.get_credentials().get_frozen_credentials()
+print("boto3 resolved access key:", creds.access_key, "(method: %s)" % session.get_credentials().method)
+who = session.client("sts", endpoint_url=sys.argv[1]).get_caller_identity()
+print("sts:GetCallerIdentity ->", who["Arn"])
+PY
+
+step "Status (admin listener, no secrets)"
+curl -s "http://127.0.0.1:$admin/status"; echo
+step "A few metrics"
+curl -s "http://127.0.0.1:$admin/metrics" | grep -E '^credlock_(requests_total\{route="credentials"|credential_refreshes_total|locked_credentials_remaining|policy_characters|ready)'
+
+if [[ "${1:-}" == "--keep" ]]; then
+  step "credlock serves on 127.0.0.1:$port (admin 127.0.0.1:$admin); Ctrl-C to stop"
+  wait "${pids[2]}"
+fi

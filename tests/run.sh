@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: installs what it needs (tests/setup.sh), then runs
+# every suite and ends with one line "N passed, M failed" (one count per suite). System suites
+# (network namespaces, firewall rules, systemd-nspawn) need root; without root they fail, they
+# are never skipped. Usage: tests/run.sh [SUITE...]   (default: all; names as printed)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+tests/setup.sh || { echo "setup failed"; echo "0 passed, 1 failed"; exit 1; }
+export PATH="$PWD/.venv/bin:$PATH"
+
+passed=0
+failed=0
+failures=()
+selected=("$@")
+
+suite() {
+  local name=$1
+  shift
+  if ((${#selected[@]})) && [[ ! " ${selected[*]} " == *" $name "* ]]; then
+    return
+  fi
+  printf '\n\033[1m===== %s: %s\033[0m\n' "$name" "$*"
+  local start=$SECONDS
+  if "$@"; then
+    passed=$((passed + 1))
+    printf '\033[32m===== %s passed (%ss)\033[0m\n' "$name" $((SECONDS - start))
+  else
+    failed=$((failed + 1))
+    failures+=("$name")
+    printf '\033[31m===== %s FAILED (%ss)\033[0m\n' "$name" $((SECONDS - start))
+  fi
+}
+
+need_root() {
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "this suite needs root (network namespaces, firewall rules, systemd-nspawn)" >&2
+    return 1
+  fi
+  "$@"
+}
+
+suite fmt cargo fmt --all -- --check
+suite clippy cargo clippy --all-targets -- -D warnings
+suite cargo-test cargo test --all-targets
+suite emulator python -m pytest -q tests/support
+suite sdk-e2e python -m pytest -q tests/e2e
+suite lint tests/lint.sh
+suite prometheus tests/root/prometheus_e2e_test.sh
+suite firewall-nft need_root tests/root/netns_firewall_test.sh --backend nft
+suite firewall-iptables need_root tests/root/netns_firewall_test.sh --backend iptables
+suite systemd-nspawn need_root tests/root/nspawn_systemd_test.sh
+
+echo
+if ((failed)); then
+  echo "failed suites: ${failures[*]}"
+fi
+echo "$passed passed, $failed failed"
+((failed == 0))
