@@ -3,8 +3,8 @@
 //! credential, a token or even an access key id.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -27,7 +27,12 @@ pub struct AdminState {
     /// A client to credlock's own IMDS listener: `/readyz` goes through the real data path.
     pub self_client: UpstreamClient,
     pub imds_listener: SocketAddr,
+    /// The last data-path check: probes within [`READY_CACHE`] reuse it, so a tight probe loop
+    /// does not turn into IMDS traffic.
+    last_ready: Mutex<Option<(Instant, Result<String, String>)>>,
 }
+
+const READY_CACHE: Duration = Duration::from_secs(5);
 
 impl AdminState {
     pub fn new(
@@ -46,6 +51,7 @@ impl AdminState {
             discovery_status,
             self_client: UpstreamClient::new(&Upstream { authority }, Duration::from_secs(2)),
             imds_listener,
+            last_ready: Mutex::new(None),
         }
     }
 }
@@ -56,7 +62,7 @@ pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<
     }
     match req.uri().path() {
         "/healthz" => healthz(&state).await,
-        "/readyz" => match readyz(&state).await {
+        "/readyz" => match cached_readyz(&state).await {
             Ok(msg) => text(StatusCode::OK, msg),
             Err(msg) => text(StatusCode::SERVICE_UNAVAILABLE, msg),
         },
@@ -92,6 +98,31 @@ async fn healthz(state: &AdminState) -> Response<Full<Bytes>> {
             ),
         ),
     }
+}
+
+async fn cached_readyz(state: &AdminState) -> Result<String, String> {
+    // The servable check is cheap and always fresh: expiry turns a probe unready at once.
+    let proxy = &state.proxy;
+    if proxy
+        .store
+        .servable(proxy.clock.now(), proxy.serve_margin)
+        .is_none()
+    {
+        return readyz(state).await;
+    }
+    if let Some((at, result)) = state
+        .last_ready
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        && at.elapsed() < READY_CACHE
+    {
+        return result.clone();
+    }
+    let result = readyz(state).await;
+    *state.last_ready.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some((Instant::now(), result.clone()));
+    result
 }
 
 /// Ready: a servable locked set is held, and a credential request through credlock's own

@@ -58,6 +58,14 @@ pub fn load_template(config: &Config) -> Result<serde_json::Value, StartError> {
 }
 
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    start_with_clock(config, Arc::new(SystemClock)).await
+}
+
+/// [`start`] with an injected wall clock (tests move time instead of sleeping).
+pub async fn start_with_clock(
+    config: Config,
+    clock: Arc<dyn Clock>,
+) -> Result<Running, StartError> {
     let template = load_template(&config)?;
     let imds_listeners = server::bind(&config.listen)
         .await
@@ -74,7 +82,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .map_err(|e| StartError::Bind(config.admin_listen, e))?;
 
     let metrics = Arc::new(Metrics::new());
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let store = Arc::new(CredentialStore::default());
     let upstream = UpstreamClient::new(&config.upstream, config.upstream_timeout);
     let proxy_state = Arc::new(ProxyState::new(

@@ -24,6 +24,10 @@ impl ManualClock {
         ManualClock(Mutex::new(start))
     }
 
+    pub fn set(&self, to: SystemTime) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = to;
+    }
+
     pub fn advance(&self, by: Duration) {
         let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
         *t += by;

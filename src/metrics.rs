@@ -24,6 +24,15 @@ pub struct Metrics {
     pub ready: IntGauge,
 }
 
+/// Reason labels of `credlock_refused_requests_total`.
+pub const REFUSAL_REASONS: [&str; 5] = [
+    "bad_target",
+    "unknown_credential_path",
+    "method",
+    "too_large",
+    "no_locked_credentials",
+];
+
 /// Route labels of `credlock_requests_total`.
 pub const ROUTES: [&str; 5] = [
     "token",
@@ -147,6 +156,12 @@ impl Metrics {
             "credlock_ready",
             "1 while credlock holds a servable locked credential set.",
         );
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
         let build_info = IntGaugeVec::new(
             Opts::new("credlock_build_info", "Build information; always 1."),
             &["version"],
@@ -170,6 +185,12 @@ impl Metrics {
         }
         for result in ["success", "failure"] {
             refreshes.with_label_values(&[result]);
+        }
+        for reason in REFUSAL_REASONS {
+            refused.with_label_values(&[reason]);
+        }
+        for code in crate::sts::StsErrorCode::ALL {
+            sts_errors.with_label_values(&[code.label()]);
         }
         for kind in ["ipv4", "ipv6", "vpc", "vpce"] {
             environment_entries.with_label_values(&[kind]);

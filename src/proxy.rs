@@ -102,7 +102,17 @@ pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<
                 Some(bytes) => {
                     forward(&state, label, method.clone(), target, parts.headers, bytes).await
                 }
-                None => Outcome::Local(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"),
+                None => {
+                    state
+                        .metrics
+                        .refused
+                        .with_label_values(&["too_large"])
+                        .inc();
+                    Outcome::Local(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "credlock: request body too large\n",
+                    )
+                }
             }
         }
         Route::Credentials { path, .. } => credentials(&state, path, parts.headers).await,

@@ -42,10 +42,24 @@ pub enum StsErrorCode {
     ExpiredToken,
     Validation,
     Timeout,
+    Unreachable,
     Other,
 }
 
 impl StsErrorCode {
+    pub const ALL: [StsErrorCode; 10] = [
+        Self::AccessDenied,
+        Self::MalformedPolicy,
+        Self::PackedPolicyTooLarge,
+        Self::RegionDisabled,
+        Self::Throttling,
+        Self::ExpiredToken,
+        Self::Validation,
+        Self::Timeout,
+        Self::Unreachable,
+        Self::Other,
+    ];
+
     pub fn from_aws(code: &str) -> Self {
         match code {
             "AccessDenied" | "AccessDeniedException" => Self::AccessDenied,
@@ -72,6 +86,7 @@ impl StsErrorCode {
             Self::ExpiredToken => "expired_token",
             Self::Validation => "validation",
             Self::Timeout => "timeout",
+            Self::Unreachable => "unreachable",
             Self::Other => "other",
         }
     }
@@ -102,6 +117,9 @@ impl StsErrorCode {
             }
             Self::Timeout => {
                 "STS did not answer in time: check the route or VPC endpoint to the regional STS endpoint"
+            }
+            Self::Unreachable => {
+                "cannot connect to STS: check DNS, routes, proxies and security groups for the regional STS endpoint (or lock.sts_endpoint)"
             }
             Self::Other => "unexpected STS failure: see the message",
         }

@@ -139,17 +139,22 @@ pub fn free_port() -> u16 {
 pub struct Moto {
     _proc: Proc,
     pub url: String,
+    pub port: u16,
 }
 
 impl Moto {
     pub fn start() -> Moto {
+        Moto::start_on(free_port())
+    }
+
+    /// On a given port (to bring "STS" back where credlock expects it).
+    pub fn start_on(port: u16) -> Moto {
         let bin = venv_bin("moto_server");
         assert!(
             bin.exists(),
             "{} is missing: run tests/setup.sh",
             bin.display()
         );
-        let port = free_port();
         let child = Command::new(bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
@@ -164,6 +169,7 @@ impl Moto {
         Moto {
             _proc: Proc(child),
             url: format!("http://127.0.0.1:{port}"),
+            port,
         }
     }
 }
