@@ -4,7 +4,7 @@
 # (network namespaces, firewall rules, systemd-nspawn) need root; without root they fail, they
 # are never skipped. Usage: tests/run.sh [SUITE...]   (default: all; names as printed)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 tests/setup.sh || { echo "setup failed"; echo "0 passed, 1 failed"; exit 1; }
 export PATH="$PWD/.venv/bin:$PATH"

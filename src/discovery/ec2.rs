@@ -10,6 +10,9 @@ use crate::config::Ec2Scope;
 use crate::environment::Environment;
 use crate::imds::Imds;
 
+/// Results per page of the paginated calls (the API maximum is 1000).
+pub const PAGE_SIZE: i32 = 500;
+
 /// Endpoint states that can still carry traffic.
 const LIVE_ENDPOINT_STATES: [&str; 3] = ["available", "pending", "pendingAcceptance"];
 
@@ -32,10 +35,20 @@ pub async fn discover(
     scope: &Ec2Scope,
     imds: &Imds,
 ) -> Result<Environment, String> {
+    discover_paged(client, scope, imds, PAGE_SIZE).await
+}
+
+/// [`discover`] with a page size (tests use a small one to exercise pagination).
+pub async fn discover_paged(
+    client: &Client,
+    scope: &Ec2Scope,
+    imds: &Imds,
+    page_size: i32,
+) -> Result<Environment, String> {
     let mut env = Environment::default();
 
     // 1. Which VPCs are in scope.
-    let mut vpcs = client.describe_vpcs();
+    let mut vpcs = client.describe_vpcs().max_results(page_size.max(5));
     match scope {
         Ec2Scope::Vpc => {
             let own = super::imds::discover(imds).await?.vpcs;
@@ -72,7 +85,7 @@ pub async fn discover(
     let scoped = !matches!(scope, Ec2Scope::Region);
 
     // 2. Their VPC endpoints.
-    let mut endpoints = client.describe_vpc_endpoints();
+    let mut endpoints = client.describe_vpc_endpoints().max_results(page_size);
     if scoped {
         endpoints = endpoints.filters(filter("vpc-id", &vpc_ids));
     }
@@ -98,6 +111,7 @@ pub async fn discover(
     // 3. NAT gateway egress addresses (every address of a multi-address or regional gateway).
     let mut nats = client
         .describe_nat_gateways()
+        .max_results(page_size.max(5))
         .filter(filter("state", &["available".to_string()]));
     if scoped {
         nats = nats.filter(filter("vpc-id", &vpc_ids));

@@ -201,3 +201,108 @@ pub async fn wait_ready(running: &Running) {
 pub fn base(running: &Running) -> String {
     format!("http://{}", running.imds_addrs[0])
 }
+
+/// What a [`FakeHttp`] answers.
+#[derive(Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+    pub delay: Duration,
+    pub down: bool,
+}
+
+/// A tiny HTTP/1.1 server on loopback standing in for an echo service or a boot provider:
+/// answers every request with the current [`Answer`] and records request bodies.
+pub struct FakeHttp {
+    pub url: String,
+    pub answer: std::sync::Arc<std::sync::Mutex<Answer>>,
+    pub bodies: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeHttp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeHttp {
+    pub async fn start(body: &str) -> FakeHttp {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let answer = std::sync::Arc::new(std::sync::Mutex::new(Answer {
+            status: 200,
+            body: body.to_string(),
+            delay: Duration::ZERO,
+            down: false,
+        }));
+        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (a, b) = (answer.clone(), bodies.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (a, b) = (a.clone(), b.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // Read the head, then Content-Length bytes of body.
+                    let (head_end, len) = loop {
+                        let Ok(n) = stream.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                            let len = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            break (i + 4, len);
+                        }
+                    };
+                    while buf.len() < head_end + len {
+                        let Ok(n) = stream.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            break;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    b.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&buf[head_end..]).into_owned());
+                    let answer = a.lock().unwrap().clone();
+                    if answer.down {
+                        return;
+                    }
+                    tokio::time::sleep(answer.delay).await;
+                    let response = format!(
+                        "HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                        answer.status,
+                        answer.body.len(),
+                        answer.body
+                    );
+                    let _ = stream.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        FakeHttp {
+            url,
+            answer,
+            bodies,
+            task,
+        }
+    }
+
+    pub fn set(&self, f: impl FnOnce(&mut Answer)) {
+        f(&mut self.answer.lock().unwrap());
+    }
+}
