@@ -1,0 +1,702 @@
+#!/bin/bash
+# credlock under a real systemd: boot a Debian bookworm container (systemd-nspawn) in its own
+# network namespace, install credlock with ami/provision.sh, and check the units for real:
+# boot ordering, Type=notify readiness, the firewall redirect, locked credentials for an
+# application, the watchdog, fail-closed on stop, and a clean uninstall. Root only.
+#
+#   sudo tests/root/nspawn_systemd_test.sh
+#
+# Topology (nothing touches the host's network):
+#   netns credlock-nsp-inst (the container)          netns credlock-nsp-imds
+#     veth clnsp-i 169.254.0.2/16, fd00:ec2::2/64  <->  veth clnsp-m 169.254.169.254/16,
+#     credlock-firewall rules, credlock, apps            fd00:ec2::254/64, 169.254.0.1/16
+#                                                       IMDS emulator :80 (tokens required),
+#                                                       moto_server 169.254.0.1:5000 (STS/EC2)
+#
+# Needs: target/debug/credlock (or CREDLOCK_BIN), tests/support/imds_emulator.py,
+# systemd/credlock-firewall, the venv's moto_server (CREDLOCK_VENV, default .venv). A missing
+# piece is a FAIL, never a skip. Installs debootstrap and systemd-container if missing; the
+# rootfs is cached by tests/root/nspawn_rootfs.sh. Everything it creates is removed on exit,
+# and leftovers of an interrupted run are removed at the start. Set CREDLOCK_NSPAWN_KEEP=1 to
+# keep the work directory (rootfs, logs) for debugging.
+#
+# Prints PASS/FAIL per check and "N passed, M failed"; exits 1 if anything failed.
+set -uo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+BIN=${CREDLOCK_BIN:-$REPO/target/debug/credlock}
+VENV=${CREDLOCK_VENV:-$REPO/.venv}
+EMULATOR=$REPO/tests/support/imds_emulator.py
+HERE=$REPO/tests/root
+
+readonly MACHINE=credlock-nspawn-test
+readonly NS_INST=credlock-nsp-inst NS_IMDS=credlock-nsp-imds
+readonly VETH_I=clnsp-i VETH_M=clnsp-m
+readonly IMDS4=169.254.169.254 IMDS6=fd00:ec2::254 MOTO_ADDR=169.254.0.1 MOTO_PORT=5000
+readonly STATE=/run/credlock-nspawn-test
+readonly SRC_IN=/root/credlock-src # the repo files inside the container
+readonly APP_USER=credlock-app
+readonly WATCHDOG_SEC=30 RESTART_SEC=1
+
+PASSED=0
+FAILED=0
+WORK=""
+ROOT=""
+NSPAWN_PID=""
+LEADER=""
+EMU_PID=""
+MOTO_PID=""
+CONTROL=""
+T0=$SECONDS
+
+log() { printf '  [%3ds] %s\n' "$((SECONDS - T0))" "$*"; }
+pass() { printf 'PASS %s\n' "$1"; PASSED=$((PASSED + 1)); }
+fail() { printf 'FAIL %s%s\n' "$1" "${2:+ ($2)}"; FAILED=$((FAILED + 1)); }
+# check NAME COMMAND...: PASS if the command succeeds.
+check() {
+    local name=$1
+    shift
+    if "$@"; then pass "$name"; else fail "$name"; fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Processes and cleanup. Every process is ended by its recorded pid, never by name.
+
+alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null; }
+
+# stop_pid PID SECONDS: SIGTERM, wait, then SIGKILL.
+stop_pid() {
+    local pid=$1 wait=$2 i
+    alive "$pid" || return 0
+    kill -TERM "$pid" 2>/dev/null
+    for ((i = 0; i < wait * 5; i++)); do
+        alive "$pid" || return 0
+        sleep 0.2
+    done
+    kill -KILL "$pid" 2>/dev/null
+    for ((i = 0; i < 25; i++)); do
+        alive "$pid" || return 0
+        sleep 0.2
+    done
+}
+
+# A pid recorded by a previous run is ours only if its command line still matches.
+stop_recorded() {
+    local file=$STATE/$1 pattern=$2 pid
+    [[ -f $file ]] || return 0
+    pid=$(<"$file")
+    if [[ $pid =~ ^[0-9]+$ ]] && alive "$pid" &&
+        tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$pattern"; then
+        stop_pid "$pid" 10
+    fi
+    rm -f "$file"
+}
+
+teardown() {
+    # Container: SIGTERM to systemd-nspawn halts it; its init is killed if it does not.
+    stop_recorded nspawn.pid systemd-nspawn
+    stop_recorded leader.pid systemd
+    stop_recorded emulator.pid imds_emulator
+    stop_recorded moto.pid moto_server
+    ip netns del "$NS_INST" 2>/dev/null
+    ip netns del "$NS_IMDS" 2>/dev/null
+    ip link del "$VETH_I" 2>/dev/null
+    rm -rf "/run/systemd/nspawn/propagate/$MACHINE" 2>/dev/null
+    if [[ -f $STATE/workdir ]]; then
+        local w
+        w=$(<"$STATE/workdir")
+        if [[ ${CREDLOCK_NSPAWN_KEEP:-0} == 1 && $w == "$WORK" ]]; then
+            printf 'kept %s\n' "$w"
+        elif [[ $w == /var/tmp/credlock-nspawn.* ]]; then
+            rm -rf --one-file-system "$w"
+        fi
+        rm -f "$STATE/workdir"
+    fi
+    rmdir "$STATE" 2>/dev/null || true
+}
+
+# shellcheck disable=SC2317 # run by the EXIT trap
+on_exit() {
+    local rc=$?
+    teardown
+    return "$rc"
+}
+
+summary() {
+    printf '%d passed, %d failed (%ds)\n' "$PASSED" "$FAILED" "$((SECONDS - T0))"
+    if ((FAILED > 0)); then exit 1; fi
+    exit 0
+}
+
+# fatal NAME REASON: a setup step failed; nothing after it can be checked.
+fatal() {
+    fail "$1" "$2"
+    if [[ -n $LEADER ]]; then dump_journal; fi
+    summary
+}
+
+# ---------------------------------------------------------------------------------------------
+# Helpers for the running container.
+
+# Run a command inside the booted container (all its namespaces), with a clean environment,
+# for at most CEXEC_TIMEOUT (default 60) seconds.
+cexec() {
+    timeout -k 5 "${CEXEC_TIMEOUT:-60}" nsenter -t "$LEADER" -a -- \
+        env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"
+}
+
+# ckill SIGNAL PID: signal a process by its pid inside the container (bash's kill: the minbase
+# root has no procps). Never pid 0 or 1 (a process group or the container's init).
+ckill() {
+    if [[ ! $2 =~ ^[0-9]+$ ]] || (($2 <= 1)); then
+        printf 'ckill: refusing pid "%s"\n' "$2" >&2
+        return 1
+    fi
+    # shellcheck disable=SC2016 # expanded by the inner bash
+    cexec /bin/bash -c 'kill "-$1" "$2"' ckill "$1" "$2"
+}
+
+prop() { cexec systemctl show -p "$2" --value "$1"; }
+
+dump_journal() {
+    printf -- '---- journal (credlock units, last 80 lines) ----\n'
+    cexec journalctl -b --no-pager -o short-monotonic -n 80 \
+        -u credlock-firewall.service -u credlock.service -u credlock-example-app.service 2>&1 |
+        sed 's/^/  | /'
+    printf -- '----\n'
+}
+
+# curl_as USER URL_BASE OUTFILE: IMDSv2 credential fetch as USER; prints curl's exit code.
+curl_as() {
+    local user=$1 base=$2 out=$3
+    # shellcheck disable=SC2016 # expanded by the inner sh
+    cexec runuser -u "$user" -- sh -c '
+        b=$1
+        t=$(curl -sS --max-time 5 -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 60" "$b/latest/api/token") || exit $?
+        r=$(curl -sS --fail --max-time 5 -H "X-aws-ec2-metadata-token: $t" "$b/latest/meta-data/iam/security-credentials/") || exit $?
+        curl -sS --fail --max-time 5 -H "X-aws-ec2-metadata-token: $t" "$b/latest/meta-data/iam/security-credentials/$r"
+    ' sh "$base" >"$out" 2>"$out.err"
+    echo $?
+}
+
+# shellcheck disable=SC2317 # called through check
+fw_status() { cexec /usr/libexec/credlock/credlock-firewall status >>"$WORK/firewall-status.log" 2>&1; }
+
+# The emulator's control API, from inside its namespace.
+emulator_state() {
+    ip netns exec "$NS_IMDS" curl -sS --max-time 5 "http://$CONTROL/state"
+}
+
+# json_field FILE KEY: a top-level string field of a JSON document ("" if absent/invalid).
+json_field() {
+    /usr/bin/python3 - "$1" "$2" <<'EOF' 2>/dev/null
+import json, sys
+try:
+    print(json.load(open(sys.argv[1])).get(sys.argv[2], ""))
+except Exception:
+    print("")
+EOF
+}
+
+# Every AccessKeyId anywhere in the emulator's state, one per line.
+emulator_key_ids() {
+    emulator_state | /usr/bin/python3 -c '
+import json, sys
+def walk(v):
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if k == "AccessKeyId" and isinstance(x, str):
+                print(x)
+            walk(x)
+    elif isinstance(v, list):
+        for x in v:
+            walk(x)
+walk(json.load(sys.stdin))'
+}
+
+# locked_creds NAME FILE: FILE is a Success credential document whose AccessKeyId is not one of
+# the emulator's (credlock replaced it with the locked set).
+locked_creds() {
+    local name=$1 file=$2 code key raw
+    code=$(json_field "$file" Code)
+    key=$(json_field "$file" AccessKeyId)
+    raw=$(emulator_key_ids)
+    if [[ $code != Success || -z $key ]]; then
+        fail "$name" "no credential document: $(head -c 200 "$file" 2>/dev/null) $(head -c 200 "$file.err" 2>/dev/null)"
+    elif [[ -z $raw ]]; then
+        fail "$name" "could not read the emulator's credentials from GET /state"
+    elif grep -qxF -- "$key" <<<"$raw"; then
+        fail "$name" "AccessKeyId $key is the emulator's raw one"
+    else
+        pass "$name (AccessKeyId ${key:0:8}..., emulator's: $(tr '\n' ' ' <<<"$raw" | cut -c1-60))"
+    fi
+}
+
+# raw_creds NAME FILE: FILE holds the emulator's own (unlocked) credentials.
+raw_creds() {
+    local name=$1 file=$2 key
+    key=$(json_field "$file" AccessKeyId)
+    if [[ -n $key ]] && grep -qxF -- "$key" <<<"$(emulator_key_ids)"; then
+        pass "$name"
+    else
+        fail "$name" "got: $(head -c 200 "$file" 2>/dev/null) $(head -c 200 "$file.err" 2>/dev/null)"
+    fi
+}
+
+# wait_until SECONDS COMMAND...: poll every 0.5 s.
+wait_until() {
+    local limit=$1 i
+    shift
+    for ((i = 0; i < limit * 2; i++)); do
+        if "$@" >/dev/null 2>&1; then return 0; fi
+        sleep 0.5
+    done
+    return 1
+}
+
+# shellcheck disable=SC2317 # called through check/wait_until
+is_active() { [[ $(prop "$1" ActiveState) == active ]]; }
+
+# restarted UNIT OLD_NRESTARTS OLD_PID: active again, with a new main pid, after a restart.
+# shellcheck disable=SC2317 # called through wait_until
+restarted() {
+    local n pid
+    n=$(prop "$1" NRestarts)
+    pid=$(prop "$1" MainPID)
+    [[ $n =~ ^[0-9]+$ ]] && ((n > $2)) && [[ $pid != "$3" && $pid != 0 ]] && is_active "$1"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+preflight() {
+    local missing=()
+    [[ $(id -u) == 0 ]] || { fail "preflight" "must run as root"; summary; }
+    if [[ ! -x $BIN ]]; then
+        missing+=("$BIN (cargo build --bin credlock)")
+    elif ! "$BIN" --help >/dev/null 2>&1; then
+        missing+=("a working $BIN ('$BIN --help' fails)")
+    fi
+    [[ -f $EMULATOR ]] || missing+=("$EMULATOR")
+    [[ -x $REPO/systemd/credlock-firewall ]] || missing+=("$REPO/systemd/credlock-firewall")
+    [[ -x $VENV/bin/moto_server ]] || missing+=("$VENV/bin/moto_server (tests/setup.sh)")
+    compgen -G "$REPO/policy-templates/*.json" >/dev/null || missing+=("$REPO/policy-templates/*.json")
+    if ((${#missing[@]} > 0)); then
+        local m
+        for m in "${missing[@]}"; do fail "preflight: missing $m"; done
+        summary
+    fi
+    local pkgs=()
+    command -v debootstrap >/dev/null 2>&1 || pkgs+=(debootstrap)
+    command -v systemd-nspawn >/dev/null 2>&1 || pkgs+=(systemd-container)
+    if ((${#pkgs[@]} > 0)); then
+        log "apt-get install ${pkgs[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${pkgs[@]}" >/dev/null ||
+            fatal "preflight" "apt-get install ${pkgs[*]} failed"
+    fi
+    pass "preflight (binary $BIN)"
+}
+
+make_rootfs() {
+    local tarball
+    tarball=$("$HERE/nspawn_rootfs.sh") || fatal "rootfs" "tests/root/nspawn_rootfs.sh failed"
+    WORK=$(mktemp -d /var/tmp/credlock-nspawn.XXXXXX)
+    printf '%s\n' "$WORK" >"$STATE/workdir"
+    ROOT=$WORK/root
+    mkdir "$ROOT"
+    tar --numeric-owner --xattrs -C "$ROOT" -xf "$tarball" || fatal "rootfs" "cannot extract $tarball"
+    log "rootfs from $tarball"
+
+    # The repo's files, as ami/provision.sh expects them (the Packer upload layout).
+    local src=$ROOT$SRC_IN
+    mkdir -p "$src"
+    cp -R "$REPO/systemd" "$REPO/ami" "$REPO/policy-templates" "$src/"
+    [[ -f $REPO/README.md ]] && cp "$REPO/README.md" "$src/"
+    install -m 0755 "$BIN" "$src/credlock"
+    install -m 0755 "$HERE/nspawn_example_app.sh" "$ROOT/usr/local/bin/credlock-example-app"
+}
+
+# ami/provision.sh install inside the (not yet booted) root, the way an image build runs it:
+# units enabled, nothing started.
+provision_offline() {
+    local out=$WORK/provision-install.log
+    if systemd-nspawn -q -D "$ROOT" -M "$MACHINE" --register=no --keep-unit --private-network \
+        /bin/bash "$SRC_IN/ami/provision.sh" install --binary "$SRC_IN/credlock" --source-dir "$SRC_IN" \
+        >"$out" 2>&1; then
+        pass "provision.sh install in the image (offline)"
+    else
+        sed 's/^/  | /' "$out"
+        fatal "provision.sh install in the image (offline)" "exit $?"
+    fi
+    if [[ -f $REPO/systemd/credlock-firewall.defaults ]]; then
+        check "provision.sh installed the shipped /etc/default/credlock-firewall" \
+            cmp -s "$REPO/systemd/credlock-firewall.defaults" "$ROOT/etc/default/credlock-firewall"
+    fi
+    grep -q 'units start at the next boot' "$out" ||
+        fail "provision.sh install offline did not notice systemd is not running" "$(tr '\n' ' ' <"$out")"
+}
+
+configure_test_instance() {
+    # AWS APIs go to moto; environment discovery must not need the internet.
+    cat >"$ROOT/etc/default/credlock" <<EOF
+AWS_ENDPOINT_URL_STS=http://$MOTO_ADDR:$MOTO_PORT
+AWS_ENDPOINT_URL_EC2=http://$MOTO_ADDR:$MOTO_PORT
+AWS_REGION=us-east-1
+CREDLOCK_LOG=info
+EOF
+    write_test_config "$ROOT/etc/credlock/credlock.toml"
+
+    # The application: an unprivileged user and a oneshot unit with the documented drop-in.
+    chroot "$ROOT" useradd --system --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin "$APP_USER" || fatal "setup" "useradd $APP_USER"
+    cat >"$ROOT/etc/systemd/system/credlock-example-app.service" <<EOF
+[Unit]
+Description=credlock example application (fetches role credentials at start)
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+User=$APP_USER
+StateDirectory=credlock-example-app
+ExecStart=/usr/local/bin/credlock-example-app
+
+[Install]
+WantedBy=multi-user.target
+EOF
+    install -D -m 0644 "$REPO/systemd/app-after-credlock.conf" \
+        "$ROOT/etc/systemd/system/credlock-example-app.service.d/after-credlock.conf"
+    mkdir -p "$ROOT/etc/systemd/system/multi-user.target.wants"
+    ln -sf /etc/systemd/system/credlock-example-app.service \
+        "$ROOT/etc/systemd/system/multi-user.target.wants/credlock-example-app.service"
+    # No login prompt on the (read-only) console.
+    ln -sf /dev/null "$ROOT/etc/systemd/system/console-getty.service"
+}
+
+write_test_config() {
+    cat >"$1" <<'EOF'
+# credlock nspawn test: no internet in the test network.
+[discovery.echo]
+enabled = false
+EOF
+}
+
+setup_network() {
+    if ! {
+        ip netns add "$NS_INST" && ip netns add "$NS_IMDS" &&
+        ip link add "$VETH_I" type veth peer name "$VETH_M" &&
+        ip link set "$VETH_I" netns "$NS_INST" && ip link set "$VETH_M" netns "$NS_IMDS" &&
+        ip -n "$NS_INST" link set lo up && ip -n "$NS_IMDS" link set lo up &&
+        ip -n "$NS_INST" addr add 169.254.0.2/16 dev "$VETH_I" &&
+        ip -n "$NS_INST" -6 addr add fd00:ec2::2/64 dev "$VETH_I" nodad &&
+        ip -n "$NS_IMDS" addr add "$IMDS4/16" dev "$VETH_M" &&
+        ip -n "$NS_IMDS" addr add "$MOTO_ADDR/16" dev "$VETH_M" &&
+        ip -n "$NS_IMDS" -6 addr add "$IMDS6/64" dev "$VETH_M" nodad &&
+        ip -n "$NS_INST" link set "$VETH_I" up && ip -n "$NS_IMDS" link set "$VETH_M" up
+    }; then
+        fatal "network namespaces" "ip netns/link/addr failed"
+    fi
+}
+
+start_servers() {
+    local i line
+    ip netns exec "$NS_IMDS" /usr/bin/python3 "$EMULATOR" --tokens required \
+        --listen "$IMDS4:80" --listen "[$IMDS6]:80" --control 127.0.0.1:0 \
+        >"$WORK/emulator.out" 2>"$WORK/emulator.err" &
+    EMU_PID=$!
+    printf '%s\n' "$EMU_PID" >"$STATE/emulator.pid"
+    ip netns exec "$NS_IMDS" "$VENV/bin/moto_server" -H "$MOTO_ADDR" -p "$MOTO_PORT" \
+        >"$WORK/moto.log" 2>&1 &
+    MOTO_PID=$!
+    printf '%s\n' "$MOTO_PID" >"$STATE/moto.pid"
+
+    for ((i = 0; i < 50; i++)); do
+        line=$(grep -m1 '^control ' "$WORK/emulator.out" 2>/dev/null) && break
+        alive "$EMU_PID" || break
+        sleep 0.2
+    done
+    CONTROL=${line#control }
+    [[ -n $CONTROL && $line == control* ]] ||
+        fatal "IMDS emulator" "did not start: $(head -c 500 "$WORK/emulator.err")"
+    wait_until 30 ip netns exec "$NS_IMDS" curl -s -o /dev/null --max-time 1 \
+        "http://$MOTO_ADDR:$MOTO_PORT/moto-api/" ||
+        fatal "moto_server" "not answering on $MOTO_ADDR:$MOTO_PORT: $(tail -c 500 "$WORK/moto.log")"
+    log "IMDS emulator (control $CONTROL) and moto_server ($MOTO_ADDR:$MOTO_PORT) up in $NS_IMDS"
+}
+
+boot_container() {
+    local i state
+    # CAP_NET_ADMIN: nspawn keeps it only with --private-network, not for a network namespace
+    # passed by path; the firewall needs it (the namespace is the test's own).
+    systemd-nspawn -D "$ROOT" -M "$MACHINE" -b --register=no --keep-unit \
+        --network-namespace-path="/run/netns/$NS_INST" --capability=CAP_NET_ADMIN \
+        --console=read-only \
+        >"$WORK/console.log" 2>&1 &
+    NSPAWN_PID=$!
+    printf '%s\n' "$NSPAWN_PID" >"$STATE/nspawn.pid"
+    for ((i = 0; i < 50; i++)); do
+        LEADER=$(pgrep -P "$NSPAWN_PID" -x systemd | head -n1)
+        [[ -n $LEADER ]] && break
+        alive "$NSPAWN_PID" || break
+        sleep 0.2
+    done
+    [[ -n $LEADER ]] || fatal "boot" "no container init: $(tail -c 1000 "$WORK/console.log")"
+    printf '%s\n' "$LEADER" >"$STATE/leader.pid"
+    # Wait for the boot to finish (credlock's start job included: up to TimeoutStartSec).
+    wait_until 20 cexec systemctl show -p Version --value ||
+        fatal "boot" "the container's systemd does not answer: $(tail -c 1000 "$WORK/console.log")"
+    state=$(CEXEC_TIMEOUT=120 cexec systemctl is-system-running --wait 2>/dev/null)
+    log "container booted: $state"
+    if [[ $state == running ]]; then
+        pass "container boots to 'running'"
+    else
+        fail "container boots to 'running'" "state '$state'; failed: $(cexec systemctl --failed --plain --no-legend | tr '\n' ' ')"
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+
+check_boot_order() {
+    local fw_active cl_start cl_active app_start n
+    fw_active=$(prop credlock-firewall.service ActiveEnterTimestampMonotonic)
+    cl_start=$(prop credlock.service ExecMainStartTimestampMonotonic)
+    cl_active=$(prop credlock.service ActiveEnterTimestampMonotonic)
+    app_start=$(prop credlock-example-app.service ExecMainStartTimestampMonotonic)
+    n=$(prop credlock.service NRestarts)
+    log "monotonic us: firewall active $fw_active, credlock exec $cl_start, credlock READY $cl_active, app exec $app_start, NRestarts $n"
+
+    check "credlock-firewall.service is active (exited)" is_active credlock-firewall.service
+    check "credlock.service is active" is_active credlock.service
+    local pid
+    pid=$(prop credlock.service MainPID)
+    if [[ $pid =~ ^[0-9]+$ ]] && ((pid > 1)); then
+        log "credlock (pid $pid): $(cexec grep -E '^(VmRSS|Threads):' "/proc/$pid/status" | tr -s '\t\n ' ' ')"
+    fi
+    if [[ $n == 0 ]]; then pass "credlock.service did not restart during boot"; else fail "credlock.service did not restart during boot" "NRestarts=$n"; fi
+    if ((fw_active > 0 && cl_start > 0 && fw_active <= cl_start)); then
+        pass "firewall finished before credlock started (+$(((cl_start - fw_active) / 1000)) ms)"
+    else
+        fail "firewall finished before credlock started" "firewall $fw_active, credlock $cl_start"
+    fi
+    # Type=notify: active is entered on READY=1, which credlock sends once it holds locked
+    # credentials.
+    if [[ $(prop credlock.service Type) == notify ]] && ((cl_active > cl_start)); then
+        pass "credlock.service became active via READY=1 ($(((cl_active - cl_start) / 1000)) ms after exec)"
+    else
+        fail "credlock.service became active via READY=1" "type $(prop credlock.service Type), exec $cl_start, active $cl_active"
+    fi
+    if ((app_start > 0 && cl_active > 0 && app_start >= cl_active)); then
+        pass "example app started after credlock was READY (+$(((app_start - cl_active) / 1000)) ms)"
+    else
+        fail "example app started after credlock was READY" "app $app_start, credlock active $cl_active"
+    fi
+    check "example app finished successfully" \
+        test "$(prop credlock-example-app.service Result)" = success
+    local journal
+    journal=$(cexec journalctl -b --no-pager -q -o cat)
+    if grep -qiE 'ordering cycle|job .* deleted to break' <<<"$journal"; then
+        fail "no ordering cycles at boot" "$(grep -iE 'ordering cycle|deleted to break' <<<"$journal" | head -3 | tr '\n' ' ')"
+    else
+        pass "no ordering cycles at boot"
+    fi
+    local ready
+    ready=$(cexec curl -s -o /dev/null -w '%{http_code}' --max-time 5 http://127.0.0.1:9169/readyz)
+    if [[ $ready == 200 ]]; then pass "admin /readyz is 200"; else fail "admin /readyz is 200" "got $ready"; fi
+}
+
+check_firewall() {
+    local rules
+    check "credlock-firewall status: rules in place" fw_status
+    rules=$( (cexec nft list ruleset; cexec iptables-save; cexec ip6tables-save) 2>/dev/null)
+    if grep -q "$IMDS4" <<<"$rules" && grep -q "$IMDS6" <<<"$rules"; then
+        pass "IPv4 and IPv6 IMDS redirect rules are loaded"
+    else
+        fail "IPv4 and IPv6 IMDS redirect rules are loaded" "$(head -c 400 <<<"$rules")"
+    fi
+}
+
+check_credentials() {
+    locked_creds "example app (started at boot) got locked credentials" \
+        "$ROOT/var/lib/credlock-example-app/credentials.json"
+    curl_as "$APP_USER" "http://$IMDS4" "$WORK/app4.json" >/dev/null
+    locked_creds "app user via 169.254.169.254 gets locked credentials" "$WORK/app4.json"
+    curl_as "$APP_USER" "http://[$IMDS6]" "$WORK/app6.json" >/dev/null
+    locked_creds "app user via [fd00:ec2::254] gets locked credentials" "$WORK/app6.json"
+    curl_as root "http://$IMDS4" "$WORK/root4.json" >/dev/null
+    locked_creds "root via 169.254.169.254 gets locked credentials" "$WORK/root4.json"
+    # Only credlock's own uid is exempt from the redirect.
+    curl_as credlock "http://$IMDS4" "$WORK/credlock4.json" >/dev/null
+    raw_creds "the credlock user reaches the real IMDS directly" "$WORK/credlock4.json"
+}
+
+check_watchdog() {
+    local pid n t
+    if ! is_active credlock.service; then
+        fail "watchdog: a hung credlock is killed and restarted" "credlock.service is not active"
+        fail "kill -9: credlock is restarted" "credlock.service is not active"
+        return
+    fi
+    pid=$(prop credlock.service MainPID)
+    n=$(prop credlock.service NRestarts)
+    t=$SECONDS
+    ckill STOP "$pid"
+    log "SIGSTOP credlock (pid $pid in the container); waiting for the watchdog (${WATCHDOG_SEC}s)"
+    if wait_until $((WATCHDOG_SEC + RESTART_SEC + 30)) restarted credlock.service "$n" "$pid"; then
+        pass "watchdog: a hung credlock is killed and restarted ($((SECONDS - t)) s, NRestarts $n -> $(prop credlock.service NRestarts))"
+    else
+        fail "watchdog: a hung credlock is killed and restarted" "after $((SECONDS - t)) s: $(prop credlock.service ActiveState), NRestarts $(prop credlock.service NRestarts)"
+        ckill CONT "$pid" 2>/dev/null
+    fi
+    # Capture first: `grep -q` closing the pipe early would fail the pipeline (pipefail).
+    local journal
+    journal=$(cexec journalctl -b -u credlock.service --no-pager -q -o cat)
+    if grep -qi 'watchdog timeout' <<<"$journal"; then
+        pass "watchdog: systemd logged the watchdog timeout"
+    else
+        fail "watchdog: systemd logged the watchdog timeout"
+    fi
+
+    pid=$(prop credlock.service MainPID)
+    n=$(prop credlock.service NRestarts)
+    t=$SECONDS
+    ckill KILL "$pid"
+    if wait_until 30 restarted credlock.service "$n" "$pid"; then
+        pass "kill -9: credlock is restarted ($((SECONDS - t)) s, NRestarts $n -> $(prop credlock.service NRestarts))"
+    else
+        fail "kill -9: credlock is restarted" "$(prop credlock.service ActiveState), NRestarts $(prop credlock.service NRestarts)"
+    fi
+    curl_as "$APP_USER" "http://$IMDS4" "$WORK/after-restart.json" >/dev/null
+    locked_creds "after the restarts the app user gets locked credentials" "$WORK/after-restart.json"
+}
+
+check_fail_closed() {
+    local rc4 rc6
+    if cexec systemctl stop credlock.service; then
+        pass "systemctl stop credlock"
+    else
+        fail "systemctl stop credlock"
+    fi
+    rc4=$(curl_as "$APP_USER" "http://$IMDS4" "$WORK/stopped4.json")
+    rc6=$(curl_as "$APP_USER" "http://[$IMDS6]" "$WORK/stopped6.json")
+    # curl exit 7: failed to connect (connection refused).
+    if [[ $rc4 == 7 && $rc6 == 7 ]]; then
+        pass "credlock stopped: app user gets connection refused (v4 and v6)"
+    else
+        fail "credlock stopped: app user gets connection refused (v4 and v6)" "curl exit $rc4/$rc6: $(head -c 200 "$WORK/stopped4.json")"
+    fi
+    check "credlock stopped: the firewall rules stay" fw_status
+    # No ExecStop= in credlock-firewall.service: stopping the unit itself keeps the rules too.
+    cexec systemctl stop credlock-firewall.service
+    check "credlock-firewall.service stopped: the rules stay" fw_status
+    rc4=$(curl_as "$APP_USER" "http://$IMDS4" "$WORK/fwstopped4.json")
+    if [[ $rc4 == 7 ]]; then
+        pass "credlock-firewall.service stopped: app user still gets connection refused"
+    else
+        fail "credlock-firewall.service stopped: app user still gets connection refused" "curl exit $rc4"
+    fi
+}
+
+# After uninstall nothing of credlock remains and IMDS is reached directly.
+check_uninstalled() {
+    local label=$1 left=() p
+    for p in /usr/bin/credlock /usr/libexec/credlock /usr/lib/systemd/system/credlock.service \
+        /usr/lib/systemd/system/credlock-firewall.service /etc/credlock /etc/default/credlock \
+        /etc/default/credlock-firewall /usr/share/credlock /usr/share/doc/credlock \
+        /etc/systemd/system/multi-user.target.wants/credlock.service \
+        /etc/systemd/system/sysinit.target.wants/credlock-firewall.service; do
+        [[ -e $ROOT$p || -L $ROOT$p ]] && left+=("$p")
+    done
+    if ((${#left[@]} == 0)); then pass "$label: files removed"; else fail "$label: files removed" "left: ${left[*]}"; fi
+    if cexec getent passwd credlock >/dev/null || cexec getent group credlock >/dev/null; then
+        fail "$label: user and group credlock removed"
+    else
+        pass "$label: user and group credlock removed"
+    fi
+    local rules
+    rules=$( (cexec nft list ruleset; cexec iptables-save; cexec ip6tables-save) 2>/dev/null)
+    if grep -qiE 'credlock|169\.254\.169\.254|fd00:ec2::254' <<<"$rules"; then
+        fail "$label: firewall rules removed" "$(grep -iE 'credlock|169.254' <<<"$rules" | head -3 | tr '\n' ' ')"
+    else
+        pass "$label: firewall rules removed"
+    fi
+    check "$label: units unknown to systemd" \
+        test "$(prop credlock.service LoadState)/$(prop credlock-firewall.service LoadState)" = not-found/not-found
+    curl_as "$APP_USER" "http://$IMDS4" "$WORK/uninstalled.json" >/dev/null
+    raw_creds "$label: the app user reaches IMDS directly again" "$WORK/uninstalled.json"
+}
+
+check_uninstall() {
+    local out=$WORK/uninstall.log
+    if CEXEC_TIMEOUT=90 cexec "$SRC_IN/ami/provision.sh" uninstall >"$out" 2>&1; then
+        pass "provision.sh uninstall on the running system"
+    else
+        fail "provision.sh uninstall on the running system" "$(tail -n 5 "$out" | tr '\n' ' ')"
+    fi
+    check_uninstalled "uninstall"
+}
+
+# provision.sh on a plain running instance: install starts everything, keeps an existing
+# config, is idempotent, and uninstall cleans up again.
+check_online_install() {
+    local out=$WORK/install-online.log i
+    mkdir -p "$ROOT/etc/credlock"
+    write_test_config "$ROOT/etc/credlock/credlock.toml"
+    cp "$ROOT/etc/credlock/credlock.toml" "$WORK/config-before"
+    cat >"$ROOT/etc/default/credlock" <<EOF
+AWS_ENDPOINT_URL_STS=http://$MOTO_ADDR:$MOTO_PORT
+AWS_ENDPOINT_URL_EC2=http://$MOTO_ADDR:$MOTO_PORT
+AWS_REGION=us-east-1
+EOF
+    for i in 1 2; do
+        if CEXEC_TIMEOUT=120 cexec "$SRC_IN/ami/provision.sh" install \
+            --binary "$SRC_IN/credlock" --source-dir "$SRC_IN" >"$out" 2>&1; then
+            pass "provision.sh install on the running system (run $i)"
+        else
+            fail "provision.sh install on the running system (run $i)" "$(tail -n 8 "$out" | tr '\n' ' ')"
+            dump_journal
+            return
+        fi
+    done
+    check "online install: credlock-firewall active" is_active credlock-firewall.service
+    check "online install: credlock active" is_active credlock.service
+    check "online install: the existing credlock.toml was kept" \
+        cmp -s "$WORK/config-before" "$ROOT/etc/credlock/credlock.toml"
+    check "online install: one credlock user" \
+        test "$(grep -c '^credlock:' "$ROOT/etc/passwd")" = 1
+    curl_as "$APP_USER" "http://$IMDS4" "$WORK/online.json" >/dev/null
+    locked_creds "online install: app user gets locked credentials" "$WORK/online.json"
+    if CEXEC_TIMEOUT=90 cexec "$SRC_IN/ami/provision.sh" uninstall >"$out" 2>&1; then
+        pass "provision.sh uninstall again"
+    else
+        fail "provision.sh uninstall again" "$(tail -n 5 "$out" | tr '\n' ' ')"
+    fi
+    check_uninstalled "second uninstall"
+}
+
+# ---------------------------------------------------------------------------------------------
+
+main() {
+    trap on_exit EXIT
+    trap 'exit 130' INT TERM
+    preflight
+    mkdir -p "$STATE"
+    teardown # leftovers of an interrupted run
+    mkdir -p "$STATE"
+    make_rootfs
+    provision_offline
+    configure_test_instance
+    setup_network
+    start_servers
+    boot_container
+    check_boot_order
+    check_firewall
+    check_credentials
+    check_watchdog
+    check_fail_closed
+    check_uninstall
+    check_online_install
+    if ((FAILED > 0)); then dump_journal; fi
+    summary
+}
+
+main "$@"
