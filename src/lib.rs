@@ -13,20 +13,31 @@
 //! - [`metrics`], [`admin`]: Prometheus metrics and the admin listener.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "daemon")]
 pub mod admin;
+#[cfg(feature = "daemon")]
 pub mod app;
 pub mod clock;
+#[cfg(feature = "daemon")]
 pub mod config;
 pub mod credentials;
+#[cfg(feature = "daemon")]
 pub mod discovery;
 pub mod environment;
 pub mod identity;
+#[cfg(feature = "daemon")]
 pub mod imds;
+#[cfg(feature = "daemon")]
 pub mod metrics;
 pub mod policy;
+#[cfg(feature = "daemon")]
 pub mod proxy;
+#[cfg(feature = "daemon")]
 pub mod refresh;
 pub mod route;
+#[cfg(feature = "daemon")]
 pub mod server;
+#[cfg(feature = "daemon")]
 pub mod sts;
+#[cfg(feature = "daemon")]
 pub mod upstream;

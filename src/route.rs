@@ -153,11 +153,11 @@ fn is_path_byte(b: u8) -> bool {
         )
 }
 
-/// Queries are passed through on non-credential paths; they must still be plain.
+/// Queries are passed through on non-credential paths; they must still be plain, and may not
+/// carry a path or mention credentials (no IMDS client sends either).
 fn query_is_clean(query: &str) -> bool {
-    query
-        .bytes()
-        .all(|b| is_path_byte(b) || matches!(b, b'&' | b'/'))
+    query.bytes().all(|b| is_path_byte(b) || b == b'&')
+        && !contains_ignore_case(query, CREDENTIALS_MARKER)
 }
 
 enum CredentialForm<'a> {

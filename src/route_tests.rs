@@ -166,6 +166,8 @@ fn odd_spellings_are_refused_not_forwarded() {
         "/latest/meta-data/iam/security-credentials/r\t",
         "/latest/meta-data/\u{0}",
         "/latest/meta-data/instance-id?x=%2e",
+        "/latest/meta-data/?/iam/security-credentials/r",
+        "/?x=CREDENTIALS",
         "",
         "latest/meta-data/",
     ] {

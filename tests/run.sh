@@ -46,6 +46,7 @@ suite cargo-test cargo test --all-targets
 suite emulator python -m pytest -q tests/support
 suite sdk-e2e python -m pytest -q tests/e2e
 suite lint tests/lint.sh
+suite fuzz tests/fuzz.sh 30
 suite prometheus tests/root/prometheus_e2e_test.sh
 suite firewall-nft need_root tests/root/netns_firewall_test.sh --backend nft
 suite firewall-iptables need_root tests/root/netns_firewall_test.sh --backend iptables
