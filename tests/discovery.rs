@@ -266,7 +266,7 @@ async fn the_echo_source_takes_addresses_and_rejects_everything_else() {
             (a.status, a.body, a.delay, a.down) =
                 (broken.0, broken.1.to_string(), broken.2, broken.3)
         });
-        let err = discovery::echo::discover(&http, &[v4.url.clone()])
+        let err = discovery::echo::discover(&http, std::slice::from_ref(&v4.url))
             .await
             .unwrap_err();
         assert!(err.contains(&v4.url), "{err}");
@@ -358,14 +358,12 @@ async fn a_changed_environment_is_locked_within_the_schedule() {
         "[discovery]\ninterval_seconds = 5\n[discovery.echo]\nenabled = true\nurls = [\"{}\"]\ntimeout_ms = 500\n",
         echo.url
     );
-    let cfg = config(&emu.url(), Some(&moto.url), "").clone();
-    // The helper disables echo; build this config by hand.
+    // Echo on (the fixture's default turns it off), every 5 s.
     let text = format!(
         "[server]\nlisten = [\"127.0.0.1:0\"]\nadmin_listen = \"127.0.0.1:0\"\nupstream = \"{}\"\n[lock]\nsts_endpoint = \"{}\"\n{extra}",
         emu.url(),
         moto.url
     );
-    drop(cfg);
     let cfg = credlock::config::from_toml(&text, &Default::default()).unwrap();
     let running = start(cfg).await;
     wait_ready(&running).await;
