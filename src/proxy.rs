@@ -94,9 +94,8 @@ pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<
         Route::Refused(reason) => refuse(&state, reason),
         Route::Token | Route::RoleListing { .. } | Route::Passthrough { .. } => {
             let target = match route {
-                Route::Passthrough { target } => target,
-                Route::Token => route::TOKEN_PATH,
-                _ => target_path(target),
+                Route::Passthrough { target } | Route::RoleListing { path: target, .. } => target,
+                _ => route::TOKEN_PATH,
             };
             match read_body(body).await {
                 Some(bytes) => {
@@ -124,17 +123,6 @@ pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<
         .with_label_values(&[label, code_class(response.status())])
         .inc();
     response
-}
-
-/// The origin-form path a role-listing request is forwarded with (the query is dropped).
-fn target_path(target: &str) -> &str {
-    let origin = match target.find("://") {
-        Some(i) => target[i + 3..]
-            .find('/')
-            .map_or("/", |j| &target[i + 3 + j..]),
-        None => target,
-    };
-    origin.split('?').next().unwrap_or(origin)
 }
 
 fn route_label(route: &Route) -> &'static str {

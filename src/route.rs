@@ -25,9 +25,9 @@ const CREDENTIALS_MARKER: &str = "credentials";
 pub enum Route<'a> {
     /// `PUT /latest/api/token`: forwarded unchanged.
     Token,
-    /// The role-name listing (`.../iam/security-credentials[-extended]/`): forwarded unchanged,
-    /// it holds no secret.
-    RoleListing { extended: bool },
+    /// The role-name listing (`.../iam/security-credentials[-extended]/`): forwarded (the
+    /// canonical `path`, no query); it holds no secret.
+    RoleListing { extended: bool, path: &'a str },
     /// A role's credentials: forwarded with the caller's token, then the secrets are replaced.
     /// `path` is the canonical path (no query) that is sent upstream.
     Credentials {
@@ -98,7 +98,7 @@ pub fn classify<'a>(method: &Method, target: &'a str) -> Route<'a> {
         return Route::Refused(Refusal::Method);
     }
     match cred {
-        CredentialForm::Listing { extended } => Route::RoleListing { extended },
+        CredentialForm::Listing { extended } => Route::RoleListing { extended, path },
         CredentialForm::Role { role, extended } => Route::Credentials {
             role,
             extended,

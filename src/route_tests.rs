@@ -21,7 +21,14 @@ fn credential_paths_under_every_version_and_slash_form() {
         ] {
             for slash in ["", "/"] {
                 let listing = format!("/{version}/meta-data/iam/{kind}{slash}");
-                assert_eq!(get(&listing), Route::RoleListing { extended }, "{listing}");
+                assert_eq!(
+                    get(&listing),
+                    Route::RoleListing {
+                        extended,
+                        path: &listing
+                    },
+                    "{listing}"
+                );
                 let role = format!("/{version}/meta-data/iam/{kind}/my-role{slash}");
                 assert_eq!(
                     get(&role),
