@@ -97,7 +97,7 @@ pub async fn start_with_clock(
         proxy_state.clone(),
         lock_status.clone(),
         discovery_status.clone(),
-        imds_addrs[0],
+        imds_addrs.first().copied().unwrap_or(config.listen[0]),
     ));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -44,12 +44,21 @@ impl UpstreamError {
     }
 }
 
-/// A complete upstream answer.
-#[derive(Debug)]
+/// A complete upstream answer. Its body may hold the instance role's raw credentials, so
+/// `Debug` never shows it.
 pub struct UpstreamResponse {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+}
+
+impl std::fmt::Debug for UpstreamResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamResponse")
+            .field("status", &self.status)
+            .field("body_len", &self.body.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Cheap to clone: the pool is shared.
