@@ -40,6 +40,7 @@ need_root() {
   "$@"
 }
 
+suite build cargo build --all-targets
 suite fmt cargo fmt --all -- --check
 suite clippy cargo clippy --all-targets -- -D warnings
 suite cargo-test cargo test --all-targets
