@@ -25,6 +25,7 @@ readonly UNITS=(credlock-firewall.service credlock.service)
 readonly CONF_DIR=/etc/credlock
 readonly CONF=$CONF_DIR/credlock.toml
 readonly FIREWALL_DEFAULTS=/etc/default/credlock-firewall
+readonly FIREWALL_RUNDIR=/run/credlock-firewall
 readonly ENV_FILE=/etc/default/credlock
 readonly SHARE_DIR=/usr/share/credlock
 readonly DOC_DIR=/usr/share/doc/credlock
@@ -101,6 +102,9 @@ firewall_defaults_source() {
 #CREDLOCK_CONTAINER_IFACES="docker0 br-+ cni+ podman+"
 # auto (on when the kernel has IPv6) | on | off
 #CREDLOCK_IPV6=auto
+# Root keeps direct IMDS access at boot until credlock is ready (cloud-init):
+# auto (yes when cloud-init is installed) | yes | no
+#CREDLOCK_BOOT_EXEMPT_ROOT=auto
 EOF
     printf '%s\n' "$out"
 }
@@ -195,6 +199,10 @@ do_install() {
     elif ! systemd_running; then
         log "systemd is not running here (chroot/image): units start at the next boot"
     else
+        # A running system is past cloud-init's early stages: no boot-mode exemption for root
+        # here. The strict rules go in first; the unit's `apply --boot` then keeps them (only a
+        # reboot brings boot mode back). Root, like everyone, is refused until credlock is ready.
+        "$FIREWALL" apply || die "'$FIREWALL apply' failed: IMDS is not redirected"
         systemctl reload-or-restart credlock-firewall.service
         if ! systemctl restart credlock.service; then
             journalctl -u credlock.service -n 30 --no-pager >&2 || true
@@ -215,6 +223,8 @@ do_uninstall() {
         if [[ -x $FIREWALL ]]; then
             "$FIREWALL" remove || die "'$FIREWALL remove' failed; the rules may still be loaded"
         fi
+        # Its state: the "strict rules loaded in this boot" marker, route_localnet records.
+        rm -rf "$FIREWALL_RUNDIR"
     else
         systemctl disable "${UNITS[@]}" >/dev/null 2>&1 || true
         log "systemd is not running here (chroot/image): no rules to remove in this namespace"

@@ -17,9 +17,9 @@
 #                                             169.254.0.2/16, fd00:ec2::2/64       [fd00:ec2::254]:80
 #
 # For every backend x container mode: start target/debug/credlock as its own user, check the
-# topology without rules (control), apply the rules with systemd/credlock-firewall, then assert
-# the properties listed in tests/root/README-firewall.md, stop credlock (fail closed) and remove
-# the rules.
+# topology without rules (control), load the boot-mode rules (`apply --boot`: root direct, every
+# other uid redirected), tighten them to the strict set (`apply`), then assert the properties
+# listed in tests/root/README-firewall.md, stop credlock (fail closed) and remove the rules.
 # Prints PASS/FAIL per check and "N passed, M failed"; exits 1 on any failure.
 #
 # CREDLOCK_BIN overrides target/debug/credlock. CREDLOCK_FW_TEST_STANDIN=1 (development only)
@@ -324,11 +324,29 @@ live_rule_count() {
         { in_i iptables-save && in_i ip6tables-save; } | grep -cE '^-A .*CREDLOCK'
     fi
 }
+# expected_rule_count [--boot]
 expected_rule_count() {
     if [[ $BACKEND == nft ]]; then
-        fw render | grep -v '^#' | grep -cE "169\.254\.169\.254|fd00:ec2::254"
+        fw render "$@" | grep -v '^#' | grep -cE "169\.254\.169\.254|fd00:ec2::254"
     else
-        fw render | grep -cE '^-A |^# jump:'
+        fw render "$@" | grep -cE '^-A |^# jump:'
+    fi
+}
+# status_line [ARGS]: "EXIT first-two-words-of-stdout", e.g. "0 mode: boot".
+status_line() {
+    local out rc
+    out=$(fw status "$@" 2>/dev/null)
+    rc=$?
+    read -r a b _ <<<"$out"
+    echo "$rc $a $b"
+}
+# One copy of the table / of each jump.
+expect_one_copy() {
+    if [[ $BACKEND == nft ]]; then
+        expect "$1: exactly one 'table inet credlock'" 1 "$(in_i nft list tables | grep -c '^table inet credlock$')"
+    else
+        expect "$1: each CREDLOCK chain jumped to exactly once (5 per family)" "5 5" \
+            "$(in_i iptables-save | grep -c -- '-j CREDLOCK-') $(in_i ip6tables-save | grep -c -- '-j CREDLOCK-')"
     fi
 }
 add_unrelated_rule() {
@@ -420,11 +438,62 @@ run_checks() {
         in_i sysctl -qw "net.ipv4.conf.$BR.route_localnet=0"
     fi
 
-    # -- 6. apply (twice) and count
+    expect "status before apply prints 'mode: none'" "3 mode: none" "$(status_line)"
+
+    # -- 8. boot mode: what credlock-firewall.service loads at boot (`apply --boot`). Root keeps
+    #    direct access to IMDS port 80 (cloud-init reads IMDS as root before credlock runs);
+    #    every other uid is redirected from the first moment, containers as always.
     add_unrelated_rule
+    rm -f "$TMP/run/strict-loaded" # a new boot (/run is empty after a reboot)
+    export CREDLOCK_BOOT_EXEMPT_ROOT=yes
+    out=$(fw apply --boot 2>&1)
+    rc=$?
+    expect "apply --boot exits 0" 0 "$rc"
+    [[ $rc == 0 ]] || echo "$out"
+    n1=$(live_rule_count)
+    fw apply --boot >/dev/null 2>&1
+    n2=$(live_rule_count)
+    expected=$(expected_rule_count --boot)
+    expect "apply --boot twice leaves exactly one copy of the boot-mode rules ($expected rules)" "$expected $expected" "$n1 $n2"
+    expect_one_copy "boot mode"
+    expect "boot mode: status exits 0 and prints 'mode: boot'" "0 mode: boot" "$(status_line)"
+    expect "boot mode: status --strict exits 3" 3 "$(status_line --strict | cut -d' ' -f1)"
+    emulator_clear
+    before=$(credlock_requests)
+    out=$(in_i "${CURL[@]}" "http://$IMDS4/latest/meta-data/instance-id" 2>&1)
+    out+=" "$(in_i "${CURL[@]}" "http://[$IMDS6]/latest/meta-data/instance-id" 2>&1)
+    after=$(credlock_requests)
+    expect "boot mode: root reaches the upstream directly (v4, v6; credlock not involved)" \
+        "$IID $IID +0" "$out +$((after - before))"
+    token=$(in_i "${CURL[@]}" -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' "http://$IMDS4/latest/api/token" 2>&1)
+    out=$(in_i "${CURL[@]}" -H "X-aws-ec2-metadata-token: $token" "http://$IMDS4/latest/meta-data/instance-id" 2>&1)
+    expect "boot mode: root IMDSv2 token PUT + GET directly" "$IID +0" "$out +$(($(credlock_requests) - after))"
+    expect_fast_refusal "boot mode: root: other IMDS ports stay refused ($IMDS4:8080)" root tcp "$IMDS4" 8080
+    expect_fast_refusal "boot mode: root: UDP to IMDS stays refused" root udp "$IMDS4" 5353
+    before=$(credlock_requests)
+    out=$(as_app "${CURL[@]}" "http://$IMDS4/latest/meta-data/instance-id" 2>&1)
+    out+=" "$(as_app "${CURL[@]}" "http://[$IMDS6]/latest/meta-data/instance-id" 2>&1)
+    after=$(credlock_requests)
+    expect "boot mode: app user is redirected to credlock (v4, v6)" "$IID $IID +2" "$out +$((after - before))"
+    expect_fast_refusal "boot mode: app user: $IMDS4:8080 refused" app tcp "$IMDS4" 8080
+    # Container processes run as root in their namespace, but forwarded packets have no local
+    # owner: the exemption never applies to them.
+    if [[ $MODE == refuse ]]; then
+        expect_fast_refusal "boot mode: container (root inside) $IMDS4:80 refused" container tcp "$IMDS4" 80
+    else
+        before=$(credlock_requests)
+        out=$(in_c "${CURL[@]}" "http://$IMDS4/latest/meta-data/instance-id" 2>&1)
+        after=$(credlock_requests)
+        expect "boot mode: container (root inside) $IMDS4:80 answered by credlock" "$IID +1" "$out +$((after - before))"
+    fi
+    expect_fast_refusal "boot mode: container [$IMDS6]:80 refused" container tcp "$IMDS6" 80
+    expect "boot mode: upstream saw no request from the container's own addresses" 0 "$(emulator_requests_from_container)"
+
+    # -- 6. apply (strict: what credlock.service's ExecStartPost= loads once credlock is ready),
+    #    twice, and count. It replaces the boot-mode set in one transaction.
     out=$(fw apply 2>&1)
     rc=$?
-    expect "apply exits 0" 0 "$rc"
+    expect "apply (strict, replacing boot mode) exits 0" 0 "$rc"
     [[ $rc == 0 ]] || echo "$out"
     fw status >/dev/null 2>&1
     expect "status after apply exits 0" 0 "$?"
@@ -432,13 +501,15 @@ run_checks() {
     fw apply >/dev/null 2>&1
     n2=$(live_rule_count)
     expected=$(expected_rule_count)
-    expect "apply twice leaves exactly one copy of the rules ($expected rules)" "$expected $expected" "$n1 $n2"
-    if [[ $BACKEND == nft ]]; then
-        expect "exactly one 'table inet credlock'" 1 "$(in_i nft list tables | grep -c '^table inet credlock$')"
-    else
-        expect "each CREDLOCK chain jumped to exactly once (5 per family)" "5 5" \
-            "$(in_i iptables-save | grep -c -- '-j CREDLOCK-') $(in_i ip6tables-save | grep -c -- '-j CREDLOCK-')"
-    fi
+    expect "apply twice leaves exactly one copy of the strict rules ($expected rules)" "$expected $expected" "$n1 $n2"
+    expect_one_copy "strict mode"
+    expect "strict mode: status prints 'mode: strict'" "0 mode: strict" "$(status_line)"
+    expect "strict mode: status --strict exits 0" 0 "$(status_line --strict | cut -d' ' -f1)"
+    # Restarting credlock-firewall.service (or nftables.service) or reloading it runs
+    # `apply --boot` again: once strict was loaded in this boot, it stays strict.
+    fw apply --boot >/dev/null 2>&1
+    expect "after strict, apply --boot keeps the strict rules (status --strict 0, $expected rules)" \
+        "0 $expected" "$(status_line --strict | cut -d' ' -f1) $(live_rule_count)"
 
     # -- 1. the app user and root get answers through credlock (v4, v6, IMDSv2 token flow).
     before=$(credlock_requests)
@@ -461,7 +532,11 @@ run_checks() {
     before=$(credlock_requests)
     out=$(in_i "${CURL[@]}" "http://$IMDS4/latest/meta-data/instance-id" 2>&1)
     after=$(credlock_requests)
-    expect "root (uid 0) is redirected too" "$IID +1" "$out +$((after - before))"
+    expect "strict mode: root (uid 0) is redirected too" "$IID +1" "$out +$((after - before))"
+    before=$(credlock_requests)
+    out=$(in_i "${CURL[@]}" "http://[$IMDS6]/latest/meta-data/instance-id" 2>&1)
+    after=$(credlock_requests)
+    expect "strict mode: root (uid 0) is redirected too (IPv6)" "$IID +1" "$out +$((after - before))"
 
     # -- 2. boto3/botocore on its default endpoint (no endpoint env var), as the app user.
     before=$(credlock_requests)
@@ -524,6 +599,7 @@ run_checks() {
     emulator_clear
     expect_fast_refusal "credlock stopped: app user gets connection refused on $IMDS4:80" app tcp "$IMDS4" 80
     expect_fast_refusal "credlock stopped: app user gets connection refused on [$IMDS6]:80" app tcp "$IMDS6" 80
+    expect_fast_refusal "credlock stopped: root gets connection refused too (strict stays)" root tcp "$IMDS4" 80
     expect "credlock stopped: curl fails with 'Couldn't connect' (exit 7)" 7 "$(
         as_app "${CURL[@]}" -o /dev/null "http://$IMDS4/latest/meta-data/instance-id" >/dev/null 2>&1
         echo $?
@@ -532,8 +608,7 @@ run_checks() {
         expect_fast_refusal "credlock stopped: container gets connection refused on $IMDS4:80" container tcp "$IMDS4" 80
     fi
     expect "credlock stopped: upstream saw no request" 0 "$(emulator_requests)"
-    fw status >/dev/null 2>&1
-    expect "credlock stopped: rules still in place (status 0)" 0 "$?"
+    expect "credlock stopped: rules still in place, strict (status --strict 0)" 0 "$(status_line --strict | cut -d' ' -f1)"
 
     # -- 6 (cont.). remove: only credlock's rules go.
     out=$(fw remove 2>&1)
@@ -548,6 +623,7 @@ run_checks() {
     fi
     out=$(as_app "${CURL[@]}" "http://$IMDS4/latest/meta-data/instance-id" 2>&1)
     expect "after remove the app user reaches the upstream again" "$IID" "$out"
+    unset CREDLOCK_BOOT_EXEMPT_ROOT
 }
 
 # ---- main --------------------------------------------------------------------------------------
@@ -583,6 +659,27 @@ if [[ $rc == 78 && $out == *"clfw-nosuchuser-$ID"*"no such user"* ]] && ! in_i n
 else
     fail "apply with a missing user fails (exit 78) with a clear message and loads nothing" "rc=$rc: $out"
 fi
+
+# CREDLOCK_BOOT_EXEMPT_ROOT decides what `apply --boot` loads (render shows it, loads nothing).
+boot_render_mode() {
+    CREDLOCK_FIREWALL_CONFIG=$FW_DEFAULTS CREDLOCK_USER=$CRED_USER CREDLOCK_FIREWALL_RUNDIR=$TMP/run-render \
+        "$@" "$FW" render --boot --backend nft 2>/dev/null | sed -n 's/^# mode \([a-z]*\).*/\1/p'
+}
+printf '#!/bin/sh\nexit 0\n' >"$TMP/fake-cloud-init"
+chmod 755 "$TMP/fake-cloud-init"
+ci_expected=boot
+if [[ -e /etc/cloud/cloud-init.disabled || " $(cat /proc/cmdline) " == *" cloud-init=disabled "* ]]; then
+    ci_expected=strict # this host disables cloud-init: auto must not exempt root
+fi
+expect "CREDLOCK_BOOT_EXEMPT_ROOT: auto without cloud-init / auto with cloud-init / yes / no -> apply --boot loads" \
+    "strict $ci_expected boot strict" \
+    "$(boot_render_mode env CREDLOCK_BOOT_EXEMPT_ROOT=auto CREDLOCK_FIREWALL_CLOUD_INIT="$TMP/no-cloud-init") $(
+        boot_render_mode env CREDLOCK_BOOT_EXEMPT_ROOT=auto CREDLOCK_FIREWALL_CLOUD_INIT="$TMP/fake-cloud-init") $(
+        boot_render_mode env CREDLOCK_BOOT_EXEMPT_ROOT=yes) $(boot_render_mode env CREDLOCK_BOOT_EXEMPT_ROOT=no)"
+out=$(CREDLOCK_FIREWALL_CONFIG=$FW_DEFAULTS CREDLOCK_USER=$CRED_USER CREDLOCK_BOOT_EXEMPT_ROOT=maybe "$FW" render --boot 2>&1)
+expect "CREDLOCK_BOOT_EXEMPT_ROOT=maybe is a configuration error (78)" 78 "$?"
+out=$("$FW" status --boot 2>&1)
+expect "status --boot is a usage error (2)" 2 "$?"
 
 for backend in $BACKENDS; do
     for mode in $MODES; do

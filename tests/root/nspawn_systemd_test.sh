@@ -4,6 +4,14 @@
 # boot ordering, Type=notify readiness, the firewall redirect, locked credentials for an
 # application, the watchdog, fail-closed on stop, and a clean uninstall. Root only.
 #
+# cloud-init is simulated: a fake /usr/bin/cloud-init (tests/root/nspawn_fake_cloud_init.sh) run
+# by units with the names and ordering of Debian's cloud-init-local, cloud-init and cloud-final
+# units. The container boots twice: first a control boot with CREDLOCK_BOOT_EXEMPT_ROOT=no (the
+# strict rules from the start: cloud-init's early stages are refused as root, the first-boot
+# problem boot mode solves), then the real boot with the shipped defaults (auto: the boot-mode
+# rules let cloud-init's early stages read IMDS directly as root; credlock's ExecStartPost=
+# loads the strict rules once it is READY, so cloud-final and root get locked credentials).
+#
 #   sudo tests/root/nspawn_systemd_test.sh
 #
 # Topology (nothing touches the host's network):
@@ -37,6 +45,8 @@ readonly STATE=/run/credlock-nspawn-test
 readonly SRC_IN=/root/credlock-src # the repo files inside the container
 readonly APP_USER=credlock-app
 readonly WATCHDOG_SEC=30 RESTART_SEC=1
+readonly IID=i-0123456789abcdef0      # the emulator's instance-id
+readonly CI_DIR=/var/lib/cloud/credlock-test # the fake cloud-init's records, inside the container
 
 PASSED=0
 FAILED=0
@@ -161,7 +171,8 @@ prop() { cexec systemctl show -p "$2" --value "$1"; }
 dump_journal() {
     printf -- '---- journal (credlock units, last 80 lines) ----\n'
     cexec journalctl -b --no-pager -o short-monotonic -n 80 \
-        -u credlock-firewall.service -u credlock.service -u credlock-example-app.service 2>&1 |
+        -u credlock-firewall.service -u credlock.service -u credlock-example-app.service \
+        -u cloud-init-local.service -u cloud-init.service -u cloud-final.service 2>&1 |
         sed 's/^/  | /'
     printf -- '----\n'
 }
@@ -181,6 +192,17 @@ curl_as() {
 
 # shellcheck disable=SC2317 # called through check
 fw_status() { cexec /usr/libexec/credlock/credlock-firewall status >>"$WORK/firewall-status.log" 2>&1; }
+# shellcheck disable=SC2317 # called through check
+fw_strict() { cexec /usr/libexec/credlock/credlock-firewall status --strict >>"$WORK/firewall-status.log" 2>&1; }
+# The mode the loaded rules are in: strict, boot or none.
+fw_mode() {
+    cexec /usr/libexec/credlock/credlock-firewall status 2>/dev/null | sed -n 's/^mode: \([a-z]*\).*/\1/p'
+}
+
+# ci_field STAGE KEY: a value the fake cloud-init recorded ("KEY value" lines in STAGE.log).
+ci_field() {
+    awk -v k="$2" '$1 == k { sub(/^[^ ]+ /, ""); print; exit }' "$ROOT$CI_DIR/$1.log" 2>/dev/null
+}
 
 # The emulator's control API, from inside its namespace.
 emulator_state() {
@@ -343,6 +365,9 @@ AWS_ENDPOINT_URL_STS=http://$MOTO_ADDR:$MOTO_PORT
 AWS_ENDPOINT_URL_EC2=http://$MOTO_ADDR:$MOTO_PORT
 AWS_REGION=us-east-1
 CREDLOCK_LOG=info
+# A firewall setting in credlock's environment file: credlock.service's UnsetEnvironment= keeps
+# it from its ExecStartPost= firewall apply (else the strict rules would DNAT to port 1).
+CREDLOCK_PORT=1
 EOF
     write_test_config "$ROOT/etc/credlock/credlock.toml"
 
@@ -368,8 +393,99 @@ EOF
     mkdir -p "$ROOT/etc/systemd/system/multi-user.target.wants"
     ln -sf /etc/systemd/system/credlock-example-app.service \
         "$ROOT/etc/systemd/system/multi-user.target.wants/credlock-example-app.service"
+    install_fake_cloud_init
     # No login prompt on the (read-only) console.
     ln -sf /dev/null "$ROOT/etc/systemd/system/console-getty.service"
+}
+
+# cloud-init, simulated: /usr/bin/cloud-init is tests/root/nspawn_fake_cloud_init.sh, and the
+# units carry the [Unit] ordering of Debian bookworm's cloud-init 22.4.2 (cloud-config.service
+# and its target left out: nothing of credlock's depends on them). TimeoutSec= is bounded here
+# (cloud-init's own units say 0). cloud-init's generator enables cloud-init.target; a symlink
+# does it here.
+install_fake_cloud_init() {
+    local d=$ROOT/etc/systemd/system u
+    install -m 0755 "$HERE/nspawn_fake_cloud_init.sh" "$ROOT/usr/bin/cloud-init"
+    cat >"$d/cloud-init-local.service" <<'EOF'
+[Unit]
+Description=Initial cloud-init job (pre-networking) [credlock test: fake]
+DefaultDependencies=no
+Wants=network-pre.target
+After=hv_kvp_daemon.service
+After=systemd-remount-fs.service
+Before=NetworkManager.service
+Before=network-pre.target
+Before=shutdown.target
+Before=sysinit.target
+Conflicts=shutdown.target
+RequiresMountsFor=/var/lib/cloud
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/cloud-init init --local
+RemainAfterExit=yes
+TimeoutSec=60
+
+[Install]
+WantedBy=cloud-init.target
+EOF
+    cat >"$d/cloud-init.service" <<'EOF'
+[Unit]
+Description=Initial cloud-init job (metadata service crawler) [credlock test: fake]
+DefaultDependencies=no
+Wants=cloud-init-local.service
+Wants=sshd-keygen.service
+Wants=sshd.service
+After=cloud-init-local.service
+After=systemd-networkd-wait-online.service
+After=networking.service
+Before=network-online.target
+Before=chronyd.service
+Before=sshd-keygen.service
+Before=sshd.service
+Before=sysinit.target
+Before=shutdown.target
+Conflicts=shutdown.target
+Before=systemd-user-sessions.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/cloud-init init
+RemainAfterExit=yes
+TimeoutSec=60
+
+[Install]
+WantedBy=cloud-init.target
+EOF
+    cat >"$d/cloud-final.service" <<'EOF'
+[Unit]
+Description=Execute cloud user/final scripts [credlock test: fake]
+After=network-online.target cloud-config.service rc-local.service
+After=multi-user.target
+Before=apt-daily.service
+Wants=network-online.target cloud-config.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/cloud-init modules --mode=final
+RemainAfterExit=yes
+TimeoutSec=60
+KillMode=process
+TasksMax=infinity
+
+[Install]
+WantedBy=cloud-init.target
+EOF
+    cat >"$d/cloud-init.target" <<'EOF'
+[Unit]
+Description=Cloud-init target [credlock test: fake]
+After=multi-user.target
+EOF
+    mkdir -p "$d/cloud-init.target.wants"
+    for u in cloud-init-local.service cloud-init.service cloud-final.service; do
+        ln -sf "/etc/systemd/system/$u" "$d/cloud-init.target.wants/$u"
+    done
+    ln -sf /etc/systemd/system/cloud-init.target "$d/multi-user.target.wants/cloud-init.target"
 }
 
 write_test_config() {
@@ -423,14 +539,15 @@ start_servers() {
     log "IMDS emulator (control $CONTROL) and moto_server ($MOTO_ADDR:$MOTO_PORT) up in $NS_IMDS"
 }
 
+# boot_container [LABEL]
 boot_container() {
-    local i state
+    local i state label=${1:-}
     # CAP_NET_ADMIN: nspawn keeps it only with --private-network, not for a network namespace
     # passed by path; the firewall needs it (the namespace is the test's own).
     systemd-nspawn -D "$ROOT" -M "$MACHINE" -b --register=no --keep-unit \
         --network-namespace-path="/run/netns/$NS_INST" --capability=CAP_NET_ADMIN \
         --console=read-only \
-        >"$WORK/console.log" 2>&1 &
+        >"$WORK/console${label:+-$label}.log" 2>&1 &
     NSPAWN_PID=$!
     printf '%s\n' "$NSPAWN_PID" >"$STATE/nspawn.pid"
     for ((i = 0; i < 50; i++)); do
@@ -445,12 +562,52 @@ boot_container() {
     wait_until 20 cexec systemctl show -p Version --value ||
         fatal "boot" "the container's systemd does not answer: $(tail -c 1000 "$WORK/console.log")"
     state=$(CEXEC_TIMEOUT=120 cexec systemctl is-system-running --wait 2>/dev/null)
-    log "container booted: $state"
+    log "container booted${label:+ ($label)}: $state"
     if [[ $state == running ]]; then
-        pass "container boots to 'running'"
+        pass "container boots to 'running'${label:+ ($label)}"
     else
-        fail "container boots to 'running'" "state '$state'; failed: $(cexec systemctl --failed --plain --no-legend | tr '\n' ' ')"
+        fail "container boots to 'running'${label:+ ($label)}" "state '$state'; failed: $(cexec systemctl --failed --plain --no-legend | tr '\n' ' ')"
     fi
+}
+
+# Power the container off (SIGTERM to systemd-nspawn), like the end of an instance's boot cycle.
+# The network namespace is the test's and outlives the container: its rules are flushed, as a
+# reboot would.
+shutdown_container() {
+    stop_pid "$NSPAWN_PID" 30
+    wait "$NSPAWN_PID" 2>/dev/null
+    rm -f "$STATE/nspawn.pid" "$STATE/leader.pid"
+    NSPAWN_PID="" LEADER=""
+    ip netns exec "$NS_INST" nft flush ruleset 2>/dev/null
+}
+
+# Control boot: CREDLOCK_BOOT_EXEMPT_ROOT=no, so `apply --boot` loads the strict rules and
+# cloud-init's early stages, as root, are refused (nothing listens on 8169 yet): the first-boot
+# failure boot mode exists for. The shipped defaults file is restored afterwards.
+control_boot() {
+    local defaults=$ROOT/etc/default/credlock-firewall
+    cp -p "$defaults" "$WORK/credlock-firewall.defaults"
+    printf '\n# nspawn test control boot\nCREDLOCK_BOOT_EXEMPT_ROOT=no\n' >>"$defaults"
+    boot_container control
+    local fwlog
+    fwlog=$(cexec journalctl -b -u credlock-firewall.service --no-pager -q -o cat)
+    if grep -q 'strict mode' <<<"$fwlog" && ! grep -q 'boot mode' <<<"$fwlog"; then
+        pass "control (CREDLOCK_BOOT_EXEMPT_ROOT=no): credlock-firewall.service loaded the strict rules at boot"
+    else
+        fail "control (CREDLOCK_BOOT_EXEMPT_ROOT=no): credlock-firewall.service loaded the strict rules at boot" "$(tr '\n' ' ' <<<"$fwlog" | head -c 300)"
+    fi
+    local mode rc
+    mode=$(ci_field local firewall)
+    rc=$(ci_field local root_token_rc)
+    if [[ $mode == "mode: strict"* && $rc == 7 ]]; then
+        pass "control: cloud-init-local (root, early boot) is refused: no metadata (curl exit 7, rules '${mode%% (*}')"
+    else
+        fail "control: cloud-init-local (root, early boot) is refused: no metadata" "firewall '$mode', curl exit '$rc': $(tr '\n' ' ' <"$ROOT$CI_DIR/local.log" 2>/dev/null)"
+    fi
+    shutdown_container
+    rm -rf "${ROOT:?}$CI_DIR"
+    cp -p "$WORK/credlock-firewall.defaults" "$defaults"
+    log "control boot done; booting with the shipped defaults"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -504,9 +661,82 @@ check_boot_order() {
     if [[ $ready == 200 ]]; then pass "admin /readyz is 200"; else fail "admin /readyz is 200" "got $ready"; fi
 }
 
+# The fake cloud-init's stages in the real boot (shipped defaults: CREDLOCK_BOOT_EXEMPT_ROOT=auto,
+# which the fake /usr/bin/cloud-init turns into yes).
+check_cloud_init() {
+    local fw_active cl_start cl_active local_start net_start final_start stage u
+    fw_active=$(prop credlock-firewall.service ActiveEnterTimestampMonotonic)
+    cl_start=$(prop credlock.service ExecMainStartTimestampMonotonic)
+    cl_active=$(prop credlock.service ActiveEnterTimestampMonotonic)
+    local_start=$(prop cloud-init-local.service ExecMainStartTimestampMonotonic)
+    net_start=$(prop cloud-init.service ExecMainStartTimestampMonotonic)
+    final_start=$(prop cloud-final.service ExecMainStartTimestampMonotonic)
+    log "monotonic us: firewall active $fw_active, cloud-init-local $local_start, cloud-init $net_start, credlock exec $cl_start, READY $cl_active, cloud-final $final_start"
+    local bad=()
+    for u in cloud-init-local.service cloud-init.service cloud-final.service; do
+        if [[ $(prop "$u" Result) != success || $(prop "$u" ExecMainStartTimestampMonotonic) == 0 ]]; then
+            bad+=("$u: $(prop "$u" ActiveState)/$(prop "$u" Result)")
+        fi
+    done
+    if ((${#bad[@]} == 0)); then
+        pass "fake cloud-init units ran at boot (cloud-init-local, cloud-init, cloud-final)"
+    else
+        fail "fake cloud-init units ran at boot" "${bad[*]}"
+    fi
+    if ((fw_active > 0 && local_start >= fw_active && net_start >= local_start && cl_start > net_start)); then
+        pass "order: firewall (boot mode) -> cloud-init-local -> cloud-init -> credlock start"
+    else
+        fail "order: firewall (boot mode) -> cloud-init-local -> cloud-init -> credlock start"
+    fi
+    if ((cl_active > 0 && final_start >= cl_active)); then
+        pass "order: cloud-final (user-data scripts) started after credlock was READY (+$(((final_start - cl_active) / 1000)) ms)"
+    else
+        fail "order: cloud-final started after credlock was READY" "final $final_start, credlock active $cl_active"
+    fi
+    local fwlog
+    fwlog=$(cexec journalctl -b -u credlock-firewall.service --no-pager -q -o cat)
+    if grep -q 'applied (.*boot mode)' <<<"$fwlog"; then
+        pass "credlock-firewall.service loaded the boot-mode rules (auto: cloud-init is installed)"
+    else
+        fail "credlock-firewall.service loaded the boot-mode rules" "$(tr '\n' ' ' <<<"$fwlog" | head -c 300)"
+    fi
+    for stage in local network; do
+        u=cloud-init-local
+        [[ $stage == network ]] && u=cloud-init
+        if [[ $(ci_field $stage firewall) == "mode: boot"* && $(ci_field $stage root_instance_id) == "$IID" &&
+            $(ci_field $stage app_token_rc) == 7 ]]; then
+            pass "$u (root, before credlock): boot-mode rules, got its metadata (instance-id $IID); an ordinary user at the same moment: refused"
+        else
+            fail "$u (root, before credlock): boot-mode rules, got its metadata; ordinary user refused" \
+                "$(tr '\n' ' ' <"$ROOT$CI_DIR/$stage.log" 2>/dev/null)"
+        fi
+        raw_creds "$u (root, before credlock) was answered directly by the upstream (the emulator's own AccessKeyId)" \
+            "$ROOT$CI_DIR/$stage.root.json"
+    done
+    if [[ $(ci_field final firewall) == "mode: strict"* && $(ci_field final root_instance_id) == "$IID" ]]; then
+        pass "cloud-final (root, after credlock): strict rules, metadata through credlock"
+    else
+        fail "cloud-final (root, after credlock): strict rules, metadata through credlock" \
+            "$(tr '\n' ' ' <"$ROOT$CI_DIR/final.log" 2>/dev/null)"
+    fi
+    locked_creds "cloud-final (user-data scripts, root) gets locked credentials" "$ROOT$CI_DIR/final.root.json"
+}
+
 check_firewall() {
     local rules
     check "credlock-firewall status: rules in place" fw_status
+    # credlock.service's ExecStartPost= (after READY=1) replaced the boot-mode rules.
+    check "credlock-firewall status --strict: the strict rules are loaded after boot" fw_strict
+    local journal ready_line applied_line
+    journal=$(cexec journalctl -b -u credlock.service --no-pager -q -o cat)
+    ready_line=$(grep -n -m1 'holding locked credentials: ready' <<<"$journal" | cut -d: -f1)
+    applied_line=$(grep -n -m1 'credlock-firewall: applied (.*strict mode)' <<<"$journal" | cut -d: -f1)
+    if [[ -n $ready_line && -n $applied_line ]] && ((applied_line > ready_line)); then
+        pass "credlock.service ExecStartPost= loaded the strict rules after credlock was ready (journal lines $ready_line, $applied_line)"
+    else
+        fail "credlock.service ExecStartPost= loaded the strict rules after credlock was ready" \
+            "ready at line '${ready_line}', strict apply at line '${applied_line}'"
+    fi
     rules=$( (cexec nft list ruleset; cexec iptables-save; cexec ip6tables-save) 2>/dev/null)
     if grep -q "$IMDS4" <<<"$rules" && grep -q "$IMDS6" <<<"$rules"; then
         pass "IPv4 and IPv6 IMDS redirect rules are loaded"
@@ -522,8 +752,11 @@ check_credentials() {
     locked_creds "app user via 169.254.169.254 gets locked credentials" "$WORK/app4.json"
     curl_as "$APP_USER" "http://[$IMDS6]" "$WORK/app6.json" >/dev/null
     locked_creds "app user via [fd00:ec2::254] gets locked credentials" "$WORK/app6.json"
+    # Root exempt (boot mode) would get the emulator's raw set here: locked means strict mode.
     curl_as root "http://$IMDS4" "$WORK/root4.json" >/dev/null
-    locked_creds "root via 169.254.169.254 gets locked credentials" "$WORK/root4.json"
+    locked_creds "root via 169.254.169.254 gets locked credentials (strict mode)" "$WORK/root4.json"
+    curl_as root "http://[$IMDS6]" "$WORK/root6.json" >/dev/null
+    locked_creds "root via [fd00:ec2::254] gets locked credentials (strict mode)" "$WORK/root6.json"
     # Only credlock's own uid is exempt from the redirect.
     curl_as credlock "http://$IMDS4" "$WORK/credlock4.json" >/dev/null
     raw_creds "the credlock user reaches the real IMDS directly" "$WORK/credlock4.json"
@@ -567,6 +800,7 @@ check_watchdog() {
     fi
     curl_as "$APP_USER" "http://$IMDS4" "$WORK/after-restart.json" >/dev/null
     locked_creds "after the restarts the app user gets locked credentials" "$WORK/after-restart.json"
+    check "after the restarts the rules are still strict" fw_strict
 }
 
 check_fail_closed() {
@@ -593,6 +827,17 @@ check_fail_closed() {
         pass "credlock-firewall.service stopped: app user still gets connection refused"
     else
         fail "credlock-firewall.service stopped: app user still gets connection refused" "curl exit $rc4"
+    fi
+    # Starting it again runs `apply --boot`: strict was loaded in this boot, so it stays strict
+    # (only a reboot brings boot mode back), and root is refused like everyone while credlock is down.
+    cexec systemctl start credlock-firewall.service
+    local mode
+    mode=$(fw_mode)
+    rc4=$(curl_as root "http://$IMDS4" "$WORK/fwrestarted-root4.json")
+    if [[ $mode == strict && $rc4 == 7 ]]; then
+        pass "credlock-firewall.service started again (apply --boot) keeps the strict rules: root refused while credlock is down"
+    else
+        fail "credlock-firewall.service started again keeps the strict rules" "mode '$mode', root curl exit $rc4"
     fi
 }
 
@@ -659,6 +904,7 @@ EOF
     done
     check "online install: credlock-firewall active" is_active credlock-firewall.service
     check "online install: credlock active" is_active credlock.service
+    check "online install: the strict rules are loaded" fw_strict
     check "online install: the existing credlock.toml was kept" \
         cmp -s "$WORK/config-before" "$ROOT/etc/credlock/credlock.toml"
     check "online install: one credlock user" \
@@ -687,8 +933,10 @@ main() {
     configure_test_instance
     setup_network
     start_servers
+    control_boot
     boot_container
     check_boot_order
+    check_cloud_init
     check_firewall
     check_credentials
     check_watchdog
