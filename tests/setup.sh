@@ -36,7 +36,7 @@ if ((${#need_pkgs[@]})); then
   done
 fi
 
-if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c 'import moto, boto3, pytest, requests, awscli' 2>/dev/null; then
+if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c 'import moto, boto3, pytest, requests, awscli, hcl2' 2>/dev/null; then
   echo "setup: python venv .venv"
   python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip
