@@ -1,0 +1,481 @@
+#!/usr/bin/env bash
+# credlock load benchmark (issue 7), in one go on loopback:
+#   * nginx serving a static metadata tree is the fast upstream standing in for IMDS;
+#   * wrk against (1) that upstream directly, (2) credlock, (3) nginx as a reverse proxy,
+#     (4) haproxy, for a passthrough GET, the token PUT and the credential GET, at 1 and 64
+#     connections; one table of req/s, p50, p99 and ratios to (1) and (3), plus credlock's
+#     peak RSS and CPU time;
+#   * startup: process start to /readyz 200 with moto (STS) and the IMDS emulator, median of N;
+#   * soak: >= 1,000,000 mixed requests through credlock, RSS at start and end, errors;
+#   * the targets of issue 7 as PASS/MISS lines.
+# Everything it starts listens on 127.0.0.1 (free ports) and is stopped on exit.
+#
+# Usage: benches/load.sh [--quick] [--soak] [--strict] [--duration SECS] [--no-pin]
+#                        [--soak-requests N] [--soak-seconds SECS] [--startup-runs N] [--keep]
+#   (default)   full run: 10 s per measurement, warm-up, full soak; about 6 minutes
+#   --quick     CI smoke: 1 s per measurement, short bounded soak; under a minute
+#   --soak      the full soak (1M requests) even with --quick
+#   --strict    exit 3 when a target is missed (otherwise MISS is information)
+#   --no-pin    do not pin wrk and the servers to CPUs
+#   --keep      keep the work directory (logs, generated configs)
+# Environment: CREDLOCK_BIN (default /work/target-release/release/credlock), PYTHON (the venv's
+# python, runs the IMDS emulator), MOTO_SERVER, CRITERION_DIR (criterion results to report).
+# Exit: 0 measured (targets may MISS), 1 something could not be measured or a run was broken
+# (errors, raw credentials served), 2 usage, 3 --strict and a target missed.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+
+CREDLOCK_BIN=${CREDLOCK_BIN:-/work/target-release/release/credlock}
+PYTHON=${PYTHON:-$repo/.venv/bin/python}
+MOTO_SERVER=${MOTO_SERVER:-$repo/.venv/bin/moto_server}
+CRITERION_DIR=${CRITERION_DIR:-${CARGO_TARGET_DIR:-$repo/target}/criterion}
+ROLE=credlock-bench-role
+PASS_PATH=/latest/meta-data/instance-id
+CRED_PATH=/latest/meta-data/iam/security-credentials/$ROLE
+
+quick=0 soak_full=0 strict=0 pin=1 keep=0
+duration='' soak_requests='' soak_seconds='' startup_runs=5
+
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; }
+while (($#)); do
+    case $1 in
+        --quick) quick=1 ;;
+        --soak) soak_full=1 ;;
+        --strict) strict=1 ;;
+        --no-pin) pin=0 ;;
+        --keep) keep=1 ;;
+        --duration) duration=${2:?}; shift ;;
+        --soak-requests) soak_requests=${2:?}; shift ;;
+        --soak-seconds) soak_seconds=${2:?}; shift ;;
+        --startup-runs) startup_runs=${2:?}; shift ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "load.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+for n in "$duration" "$soak_requests" "$soak_seconds" "$startup_runs"; do
+    [[ -z $n || $n =~ ^[1-9][0-9]*$ ]] || { echo "load.sh: $n is not a positive integer" >&2; exit 2; }
+done
+
+if ((quick)); then
+    duration=${duration:-1}; warmup=0
+    ((soak_full)) || { soak_requests=${soak_requests:-30000}; soak_seconds=${soak_seconds:-4}; }
+else
+    duration=${duration:-10}; warmup=1
+fi
+soak_requests=${soak_requests:-1000000}
+soak_seconds=${soak_seconds:-150}
+
+log() { printf '[load.sh %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "FAILED: $*"; exit 1; }
+
+for tool in nginx haproxy wrk curl timeout; do
+    command -v "$tool" >/dev/null || die "$tool is not installed (apt-get install nginx haproxy wrk curl)"
+done
+[[ -x $CREDLOCK_BIN ]] || die "no credlock binary at $CREDLOCK_BIN (set CREDLOCK_BIN)"
+[[ -x $PYTHON ]] || die "no python at $PYTHON (tests/setup.sh creates the venv)"
+[[ -x $MOTO_SERVER ]] || die "no moto_server at $MOTO_SERVER"
+if ((pin)) && { ! command -v taskset >/dev/null || (($(nproc) < 2)); }; then
+    log "fewer than 2 CPUs or no taskset: not pinning"
+    pin=0
+fi
+
+# CPU placement. wrk (the load) gets CPU 0 to itself; every server (upstream, proxy under test,
+# moto) shares CPU 1, so a proxy's cost per request shows directly in its throughput and each
+# proxy gets the same single core (nginx: 1 worker, haproxy: 1 thread; credlock keeps its own
+# 2 runtime threads on that core).
+if ((pin)); then
+    load_cpu=(taskset -c 0) server_cpu=(taskset -c 1) workers=1
+else
+    load_cpu=() server_cpu=() workers=$(nproc)
+fi
+
+work=$(mktemp -d /tmp/credlock-bench.XXXXXX)
+chmod 755 "$work"   # nginx workers run as nobody when started by root
+pids=()
+cleanup() {
+    local pid status=$?
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for _ in $(seq 60); do
+        local alive=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        ((alive)) || break
+        sleep 0.1
+    done
+    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    if ((keep || status == 1)); then log "logs and configs kept in $work"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# N distinct free loopback ports (all bound at once, then released).
+free_ports() {
+    "$PYTHON" - "$1" <<'PY'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+PY
+}
+
+# wait_http URL CODE SECONDS: until URL answers CODE (any: any HTTP answer at all).
+wait_http() {
+    local url=$1 want=$2 deadline=$((SECONDS + $3)) code
+    while ((SECONDS < deadline)); do
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true)
+        [[ $code == "$want" || ($want == any && -n $code && $code != 000) ]] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+# fill TEMPLATE OUT KEY=VALUE...: replace @KEY@ placeholders.
+fill() {
+    local src=$1 out=$2 kv; shift 2
+    cp "$src" "$out"
+    for kv in "$@"; do
+        sed -i "s|@${kv%%=*}@|${kv#*=}|g" "$out"
+    done
+}
+
+proc_status() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }   # kB
+proc_cpu_ticks() {   # utime + stime, in clock ticks (fields 14 and 15; comm may hold spaces)
+    local s f; s=$(<"/proc/$1/stat"); read -ra f <<<"${s##*) }"; echo $((f[11] + f[12]))
+}
+clk_tck=$(getconf CLK_TCK)
+tree_cpu_ticks() {   # a process and its children (nginx workers)
+    local total child
+    total=$(proc_cpu_ticks "$1" 2>/dev/null || echo 0)
+    for child in $(pgrep -P "$1" || true); do
+        total=$((total + $(proc_cpu_ticks "$child" 2>/dev/null || echo 0)))
+    done
+    echo "$total"
+}
+ticks_to_s() { awk -v t="$1" -v h="$clk_tck" 'BEGIN {printf "%.2f", t / h}'; }
+kb_to_mib() { awk -v k="$1" 'BEGIN {printf "%.1f", k / 1024}'; }
+fmt_us() { awk -v u="$1" 'BEGIN { if (u >= 1000) printf "%.2fms", u / 1000; else printf "%dus", u }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
+
+ports=$(free_ports 7)
+read -r up_port cl_port cl_admin ngx_port hap_port moto_port emu_port <<<"$ports"
+nginx_user=''
+((EUID == 0)) && nginx_user="user nobody $(id -gn nobody);"
+
+log "work directory $work; pinning: $( ((pin)) && echo 'wrk on CPU 0, servers on CPU 1' || echo none)"
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---- fast upstream: nginx serving the metadata tree ---------------------------------------
+mkdir -p "$work/tmp" "$work/root"
+cp -r "$here/upstream/tree/." "$work/root/"
+now_s=$(date -u +%s)
+fill "$here/upstream/credentials.json.in" "$work/root/latest/meta-data/iam/security-credentials/$ROLE" \
+    "LAST_UPDATED=$(date -u -d "@$now_s" +%Y-%m-%dT%H:%M:%SZ)" \
+    "EXPIRATION=$(date -u -d "@$((now_s + 6 * 3600))" +%Y-%m-%dT%H:%M:%SZ)"
+fill "$here/upstream/nginx-upstream.conf.in" "$work/upstream.conf" "USER=$nginx_user" \
+    "WORKERS=$workers" "PREFIX=$work" "ROOT=$work/root" "PORT=$up_port"
+fill "$here/upstream/nginx-proxy.conf.in" "$work/proxy.conf" "USER=$nginx_user" \
+    "WORKERS=$workers" "PREFIX=$work" "PORT=$ngx_port" "UPSTREAM_PORT=$up_port"
+fill "$here/upstream/haproxy.cfg.in" "$work/haproxy.cfg" "WORKERS=$workers" "PREFIX=$work" \
+    "PORT=$hap_port" "UPSTREAM_PORT=$up_port"
+cat >"$work/credlock.toml" <<TOML
+[server]
+listen = ["127.0.0.1:$cl_port"]
+admin_listen = "127.0.0.1:$cl_admin"
+upstream = "http://127.0.0.1:$up_port"
+[lock]
+sts_endpoint = "http://127.0.0.1:$moto_port"
+[discovery.echo]
+enabled = false
+TOML
+
+"${server_cpu[@]}" nginx -p "$work" -c "$work/upstream.conf" -e "$work/upstream-error.log" -g 'daemon off;' \
+    >"$work/upstream.out" 2>&1 &
+upstream_pid=$!
+pids+=("$upstream_pid")
+"${server_cpu[@]}" "$MOTO_SERVER" -H 127.0.0.1 -p "$moto_port" >"$work/moto.log" 2>&1 &
+pids+=($!)
+wait_http "http://127.0.0.1:$up_port$PASS_PATH" 200 10 || die "the nginx upstream did not start ($work/upstream-error.log)"
+wait_http "http://127.0.0.1:$moto_port/" any 30 || die "moto did not start ($work/moto.log)"
+
+# ---- the proxies ---------------------------------------------------------------------------
+"${server_cpu[@]}" "$CREDLOCK_BIN" run --config "$work/credlock.toml" >"$work/credlock.log" 2>&1 &
+credlock_pid=$!
+pids+=("$credlock_pid")
+"${server_cpu[@]}" nginx -p "$work" -c "$work/proxy.conf" -e "$work/proxy-error.log" -g 'daemon off;' \
+    >"$work/proxy.out" 2>&1 &
+nginx_pid=$!
+pids+=("$nginx_pid")
+haproxy -c -q -f "$work/haproxy.cfg" || die "haproxy rejects $work/haproxy.cfg"
+"${server_cpu[@]}" haproxy -db -f "$work/haproxy.cfg" >"$work/haproxy.log" 2>&1 &
+haproxy_pid=$!
+pids+=("$haproxy_pid")
+wait_http "http://127.0.0.1:$cl_admin/readyz" 200 30 || { tail -20 "$work/credlock.log" >&2; die "credlock never became ready"; }
+wait_http "http://127.0.0.1:$ngx_port$PASS_PATH" 200 10 || die "the nginx proxy did not start"
+wait_http "http://127.0.0.1:$hap_port$PASS_PATH" 200 10 || die "haproxy did not start"
+
+targets=(upstream credlock nginx haproxy)
+declare -A port_of=([upstream]=$up_port [credlock]=$cl_port [nginx]=$ngx_port [haproxy]=$hap_port)
+declare -A pid_of=([upstream]=$upstream_pid [credlock]=$credlock_pid [nginx]=$nginx_pid [haproxy]=$haproxy_pid)
+paths=(passthrough token credentials)
+
+# Every target answers every path correctly before anything is timed; credlock must serve
+# locked credentials, never the upstream's raw set.
+for t in "${targets[@]}"; do
+    base="http://127.0.0.1:${port_of[$t]}"
+    code=$(curl -s -o "$work/check" -w '%{http_code}' -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 21600' "$base/latest/api/token")
+    [[ $code == 200 && -s $work/check ]] || die "$t: token PUT answered $code"
+    code=$(curl -s -o "$work/check" -w '%{http_code}' "$base$PASS_PATH")
+    [[ $code == 200 && $(<"$work/check") == i-0123456789abcdef0 ]] || die "$t: passthrough answered $code"
+    code=$(curl -s -o "$work/check" -w '%{http_code}' "$base$CRED_PATH")
+    if [[ $code != 200 ]] || ! grep -q '"AccessKeyId"' "$work/check"; then die "$t: credentials answered $code"; fi
+    if [[ $t == credlock ]]; then
+        ! grep -q BENCHUPSTREAMRAW "$work/check" || die "credlock served the upstream's raw credentials"
+    fi
+done
+log "all four targets answer; credlock serves locked credentials"
+
+# ---- startup: process start to /readyz 200 (IMDS emulator + moto) --------------------------
+# credlock and the emulator unpinned, like a real boot (moto stays on the servers' CPU).
+# Resolution: one curl probe every ~10 ms.
+"$PYTHON" "$repo/tests/support/imds_emulator.py" --listen "127.0.0.1:$emu_port" \
+    >"$work/emulator.out" 2>"$work/emulator.err" &
+pids+=($!)
+for _ in $(seq 100); do grep -q '^listening' "$work/emulator.out" 2>/dev/null && break; sleep 0.1; done
+grep -q '^listening' "$work/emulator.out" || die "the IMDS emulator did not start"
+startup_ms=()
+for run in $(seq "$startup_runs"); do
+    read -r s_port s_admin <<<"$(free_ports 2)"
+    cat >"$work/startup.toml" <<TOML
+[server]
+listen = ["127.0.0.1:$s_port"]
+admin_listen = "127.0.0.1:$s_admin"
+upstream = "http://127.0.0.1:$emu_port"
+[lock]
+sts_endpoint = "http://127.0.0.1:$moto_port"
+[discovery.echo]
+enabled = false
+TOML
+    t0=$(date +%s%N)
+    "$CREDLOCK_BIN" run --config "$work/startup.toml" >"$work/startup-$run.log" 2>&1 &
+    spid=$!
+    pids+=("$spid")
+    ready=0
+    while (($(date +%s%N) - t0 < 10000000000)); do
+        if [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://127.0.0.1:$s_admin/readyz" || true) == 200 ]]; then
+            ready=1
+            break
+        fi
+        sleep 0.005
+    done
+    t1=$(date +%s%N)
+    kill -TERM "$spid" 2>/dev/null || true
+    wait "$spid" 2>/dev/null || true
+    ((ready)) || { tail -20 "$work/startup-$run.log" >&2; die "startup run $run: not ready within 10 s"; }
+    startup_ms+=($(((t1 - t0) / 1000000)))
+done
+startup_median=$(printf '%s\n' "${startup_ms[@]}" | sort -n | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}')
+log "startup to READY (ms): ${startup_ms[*]}; median $startup_median"
+
+# ---- load matrix ---------------------------------------------------------------------------
+declare -A rps p50 p99 reqs errs cpu_us
+failures=()
+
+# run_wrk THREADS CONNS SECONDS URL LUA ARGS...: prints wrk's RESULT line (full output in wrk.log).
+run_wrk() {
+    local threads=$1 conns=$2 secs=$3 url=$4 script=$5; shift 5
+    timeout $((secs + 30)) "${load_cpu[@]}" wrk -t"$threads" -c"$conns" -d"${secs}s" --timeout 2s --latency \
+        -s "$script" "$url" -- "$@" 2>&1 | tee -a "$work/wrk.log" | grep '^RESULT ' || true
+}
+field() { sed -n "s/.* $2=\([0-9.]*\).*/\1/p" <<<" $1"; }
+
+if ((warmup)); then
+    log "warm-up: 1 s per target"
+    for t in "${targets[@]}"; do
+        run_wrk 2 64 1 "http://127.0.0.1:${port_of[$t]}" "$here/upstream/bench.lua" get "$PASS_PATH" >/dev/null
+    done
+fi
+
+cpu0=$(proc_cpu_ticks "$credlock_pid")
+wall0=$SECONDS
+for path in "${paths[@]}"; do
+    case $path in
+        passthrough) args=(get "$PASS_PATH") ;;
+        token) args=(put) ;;
+        credentials) args=(get "$CRED_PATH") ;;
+    esac
+    for conns in 1 64; do
+        threads=$((conns == 1 ? 1 : 2))
+        for t in "${targets[@]}"; do
+            key="$t|$path|$conns"
+            ticks0=$(tree_cpu_ticks "${pid_of[$t]}")
+            line=$(run_wrk "$threads" "$conns" "$duration" "http://127.0.0.1:${port_of[$t]}" "$here/upstream/bench.lua" "${args[@]}")
+            n=$(field "$line" requests)
+            if [[ -z $line || -z $n || $n == 0 ]]; then
+                failures+=("$key: no measurement (see $work/wrk.log)")
+                continue
+            fi
+            reqs[$key]=$n
+            cpu_us[$key]=$(awk -v t="$(($(tree_cpu_ticks "${pid_of[$t]}") - ticks0))" -v h="$clk_tck" -v n="$n" 'BEGIN {printf "%.1f", t / h * 1e6 / n}')
+            rps[$key]=$(field "$line" rps)
+            p50[$key]=$(field "$line" p50_us)
+            p99[$key]=$(field "$line" p99_us)
+            errs[$key]=0
+            for e in err_connect err_read err_write err_timeout err_status; do
+                errs[$key]=$((errs[$key] + $(field "$line" "$e")))
+            done
+            ((errs[$key] == 0)) || failures+=("$key: ${errs[$key]} errors (socket errors or HTTP >= 400)")
+            log "$(printf '%-9s %-12s c=%-3s %10s req/s  p50 %-8s p99 %s' "$t" "$path" "$conns" "${rps[$key]}" "$(fmt_us "${p50[$key]}")" "$(fmt_us "${p99[$key]}")")"
+        done
+    done
+done
+load_wall=$((SECONDS - wall0))
+load_cpu_ticks=$(($(proc_cpu_ticks "$credlock_pid") - cpu0))
+load_hwm=$(proc_status "$credlock_pid" VmHWM)
+credlock_reqs=0
+for path in "${paths[@]}"; do for conns in 1 64; do
+    credlock_reqs=$((credlock_reqs + ${reqs[credlock|$path|$conns]:-0}))
+done; done
+
+# ---- soak ----------------------------------------------------------------------------------
+metric_sum() {   # metric_sum REGEX: sum of credlock_requests_total samples whose labels match
+    curl -s "http://127.0.0.1:$cl_admin/metrics" | awk -v re="$1" '/^credlock_requests_total\{/ && $0 ~ re {s += $NF} END {printf "%d", s}'
+}
+soak_threads=2 soak_conns=32
+log "soak: up to $soak_requests mixed requests or $soak_seconds s through credlock ($soak_conns connections)"
+soak_rss0=$(proc_status "$credlock_pid" VmRSS)
+soak_cpu0=$(proc_cpu_ticks "$credlock_pid")
+soak_ok0=$(metric_sum 'code_class="2xx"')
+soak_all0=$(metric_sum '.')
+# Each wrk thread stops at its share and leaves a marker; wrk itself would sit out the whole -d,
+# so it is interrupted (SIGINT: it still reports, with the real elapsed time) once all are done.
+"${load_cpu[@]}" wrk -t"$soak_threads" -c"$soak_conns" -d"${soak_seconds}s" --timeout 2s --latency \
+    -s "$here/upstream/mix.lua" "http://127.0.0.1:$cl_port" -- \
+    "$ROLE" $(((soak_requests + soak_threads - 1) / soak_threads)) "$work/soak-done" >"$work/soak.log" 2>&1 &
+wrk_pid=$!
+pids+=("$wrk_pid")
+soak_deadline=$((SECONDS + soak_seconds + 30))
+while kill -0 "$wrk_pid" 2>/dev/null; do
+    markers=("$work"/soak-done.*)
+    if [[ -e ${markers[0]} && ${#markers[@]} -ge $soak_threads ]] || ((SECONDS > soak_deadline)); then
+        kill -INT "$wrk_pid" 2>/dev/null || true
+        break
+    fi
+    sleep 0.2
+done
+wait "$wrk_pid" 2>/dev/null || true
+cat "$work/soak.log" >>"$work/wrk.log"
+soak_line=$(grep '^RESULT ' "$work/soak.log" || true)
+soak_rss1=$(proc_status "$credlock_pid" VmRSS)
+soak_hwm=$(proc_status "$credlock_pid" VmHWM)
+soak_cpu=$(($(proc_cpu_ticks "$credlock_pid") - soak_cpu0))
+soak_ok=$(($(metric_sum 'code_class="2xx"') - soak_ok0))
+soak_all=$(($(metric_sum '.') - soak_all0))
+soak_n=$(field "$soak_line" requests)
+if [[ -z $soak_n || $soak_n == 0 ]]; then
+    failures+=("soak: no measurement (see $work/wrk.log)")
+    soak_n=0 soak_errs=0 soak_non2xx=0 soak_leaks=0 soak_secs=0 soak_rps=0
+else
+    soak_errs=0
+    for e in err_connect err_read err_write err_timeout; do soak_errs=$((soak_errs + $(field "$soak_line" "$e"))); done
+    soak_non2xx=$(field "$soak_line" non2xx)
+    soak_leaks=$(field "$soak_line" leaks)
+    soak_secs=$(awk -v d="$(field "$soak_line" duration_us)" 'BEGIN {printf "%.1f", d / 1e6}')
+    soak_rps=$(field "$soak_line" rps)
+    ((soak_leaks == 0)) || failures+=("soak: $soak_leaks answers carried the upstream's raw credentials")
+fi
+credlock_alive=1
+kill -0 "$credlock_pid" 2>/dev/null || { credlock_alive=0; failures+=("credlock exited during the run"); }
+
+# ---- report --------------------------------------------------------------------------------
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+echo
+echo "## credlock load benchmark ($(date -u +%Y-%m-%dT%H:%MZ), $( ((quick)) && echo quick || echo full) mode)"
+echo
+echo "- machine: $(nproc) CPUs ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)), Linux $(uname -r); load average before $load_before, after $load_after"
+echo "- credlock: $CREDLOCK_BIN ($("$CREDLOCK_BIN" --version 2>/dev/null || echo '?')); $(nginx -v 2>&1 | sed 's/.*: //'); $(haproxy -v | head -1 | cut -d' ' -f1-3); $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)"
+echo "- wrk ${duration} s per cell (-t1 at 1 connection, -t2 at 64), keep-alive; placement: $( ((pin)) && echo 'wrk on CPU 0; upstream, proxies and moto on CPU 1 (nginx 1 worker, haproxy 1 thread)' || echo "unpinned (nginx $workers workers, haproxy $workers threads)")"
+echo "- paths: passthrough GET $PASS_PATH, token PUT /latest/api/token, credentials GET $CRED_PATH"
+echo "- CPU us/req: user+system CPU of the target's own processes (the proxy alone; for upstream, the nginx upstream) per request, from /proc (10 ms ticks)"
+echo
+echo "| target | path | conns | req/s | p50 | p99 | x upstream | x nginx | CPU us/req |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+for path in "${paths[@]}"; do for conns in 1 64; do for t in "${targets[@]}"; do
+    key="$t|$path|$conns"
+    if [[ -z ${rps[$key]:-} ]]; then
+        echo "| $t | $path | $conns | FAILED | | | | | |"
+        continue
+    fi
+    mark=''
+    ((${errs[$key]} == 0)) || mark=" (${errs[$key]} errors)"
+    echo "| $t | $path | $conns | ${rps[$key]%.*}$mark | $(fmt_us "${p50[$key]}") | $(fmt_us "${p99[$key]}") | $(ratio "${rps[$key]}" "${rps[upstream|$path|$conns]:-0}") | $(ratio "${rps[$key]}" "${rps[nginx|$path|$conns]:-0}") | ${cpu_us[$key]} |"
+done; done; done
+echo
+cpu_us_per_req=$(awk -v t="$load_cpu_ticks" -v h="$clk_tck" -v n="$credlock_reqs" 'BEGIN { if (n > 0) printf "%.1f", t / h * 1e6 / n; else print "-" }')
+echo "credlock over the load matrix: peak RSS $(kb_to_mib "$load_hwm") MiB (VmHWM), CPU $(ticks_to_s "$load_cpu_ticks") s user+system in ${load_wall} s wall, ${credlock_reqs} requests served by credlock (${cpu_us_per_req} us CPU per request, includes idle time of the other cells)"
+echo
+echo "Startup (process start to /readyz 200, IMDS emulator + moto on loopback): ${startup_ms[*]} ms; median ${startup_median} ms"
+echo
+echo "Soak (mixed passthrough / token / credentials, ${soak_conns} connections, bounded by $soak_requests requests or ${soak_seconds} s): $soak_n requests in ${soak_secs} s (${soak_rps%.*} req/s); socket errors $soak_errs, non-2xx $soak_non2xx, raw credentials served $soak_leaks; credlock counted ${soak_all} requests, ${soak_ok} 2xx; RSS $(kb_to_mib "$soak_rss0") MiB at start, $(kb_to_mib "$soak_rss1") MiB at end, peak $(kb_to_mib "$soak_hwm") MiB; CPU $(ticks_to_s "$soak_cpu") s"
+echo
+
+# ---- targets of issue 7 --------------------------------------------------------------------
+misses=0
+verdict() {   # verdict OK TEXT
+    if [[ $1 == 1 ]]; then echo "PASS  $2"; else echo "MISS  $2"; misses=$((misses + 1)); fi
+}
+ge() { awk -v a="$1" -v b="$2" 'BEGIN {print (a >= b) ? 1 : 0}'; }
+lt() { awk -v a="$1" -v b="$2" 'BEGIN {print (a < b) ? 1 : 0}'; }
+echo "### Targets (issue 7)"
+echo
+for conns in 1 64; do
+    c="credlock|passthrough|$conns" n="nginx|passthrough|$conns"
+    if [[ -n ${rps[$c]:-} && -n ${rps[$n]:-} ]]; then
+        verdict "$(ge "${rps[$c]}" "${rps[$n]}")" "passthrough throughput at $conns conn: credlock ${rps[$c]%.*} req/s = $(ratio "${rps[$c]}" "${rps[$n]}")x nginx (${rps[$n]%.*}); target >= 1.0x"
+        verdict "$(ge "${p99[$n]}" "${p99[$c]}")" "passthrough p99 at $conns conn: credlock $(fmt_us "${p99[$c]}") vs nginx $(fmt_us "${p99[$n]}") ($(ratio "${p99[$c]}" "${p99[$n]}")x); target <= nginx"
+    fi
+    k="credlock|credentials|$conns"
+    if [[ -n ${rps[$k]:-} && -n ${rps[$c]:-} ]]; then
+        verdict "$(ge "${rps[$k]}" "$(awk -v r="${rps[$c]}" 'BEGIN {print 0.9 * r}')")" "credential route at $conns conn: ${rps[$k]%.*} req/s = $(ratio "${rps[$k]}" "${rps[$c]}")x credlock passthrough; target >= 0.9x"
+    fi
+done
+peak=$(kb_to_mib "$soak_hwm")
+verdict "$(lt $((soak_hwm * 1024)) 20000000)" "peak RSS through the soak: $peak MiB = $(awk -v k="$soak_hwm" 'BEGIN {printf "%.1f", k * 1024 / 1e6}') MB (VmHWM); target < 20 MB"
+verdict "$(lt "$startup_median" 500)" "READY after start: median ${startup_median} ms of ${startup_runs}; target < 500 ms"
+growth=$((soak_rss1 - soak_rss0))
+soak_clean=$(( soak_n >= soak_requests && soak_errs == 0 && soak_non2xx == 0 && soak_leaks == 0 && growth <= 1024 ? 1 : 0 ))
+verdict "$soak_clean" "soak: $soak_n requests (target >= $soak_requests), errors $((soak_errs + soak_non2xx)), RSS growth $((growth / 1024)) MiB ($growth kB; noise allowance 1 MiB)"
+
+# Criterion medians, when `cargo bench --bench request_path` has run (not run by this script).
+crit_median() { [[ -f $CRITERION_DIR/$1/new/estimates.json ]] && "$PYTHON" -c 'import json,sys; print("%.1f" % json.load(open(sys.argv[1]))["median"]["point_estimate"])' "$CRITERION_DIR/$1/new/estimates.json"; }
+crit_note="criterion results in $CRITERION_DIR"
+[[ -d $CRITERION_DIR ]] && crit_note+=" from $(date -u -r "$CRITERION_DIR" +%Y-%m-%dT%H:%MZ)"
+for b in classify/passthrough classify/credentials classify/token classify/refused; do
+    if m=$(crit_median "$b"); then
+        verdict "$(lt "$m" 200)" "classification ($b): ${m} ns median; target < 200 ns ($crit_note)"
+    else
+        echo "----  classification ($b): not measured here; run cargo bench --bench request_path"
+    fi
+done
+if m=$(crit_median rewrite); then
+    verdict "$(lt "$m" 2000)" "credential rewrite: ${m} ns median; target < 2 us ($crit_note)"
+else
+    echo "----  credential rewrite: not measured here; run cargo bench --bench request_path"
+fi
+
+echo
+if ((${#failures[@]})); then
+    printf 'FAILED: %s\n' "${failures[@]}"
+    exit 1
+fi
+((credlock_alive)) || exit 1
+if ((strict && misses)); then
+    echo "--strict: $misses target(s) missed"
+    exit 3
+fi
+echo "load.sh: every measurement completed ($misses target(s) missed)"
