@@ -108,15 +108,7 @@ async fn status_and_metrics_never_show_a_credential_or_token() {
     let base = base(&running);
     let admin = format!("http://{}", running.admin_addr);
     let client = reqwest::Client::new();
-    let token = client
-        .put(format!("{base}/latest/api/token"))
-        .header("x-aws-ec2-metadata-token-ttl-seconds", "60")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let token = token(&base).await;
     let served: serde_json::Value = client
         .get(format!(
             "{base}/latest/meta-data/iam/security-credentials/credlock-test-role"

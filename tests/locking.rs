@@ -8,18 +8,6 @@ use common::*;
 
 const ROLE: &str = "credlock-test-role";
 
-async fn token(base: &str) -> String {
-    reqwest::Client::new()
-        .put(format!("{base}/latest/api/token"))
-        .header("x-aws-ec2-metadata-token-ttl-seconds", "60")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 async fn get(base: &str, path: &str, token: Option<&str>) -> (u16, String) {
     let mut req = reqwest::Client::new().get(format!("{base}{path}"));
     if let Some(t) = token {

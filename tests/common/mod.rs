@@ -306,3 +306,16 @@ impl FakeHttp {
         f(&mut self.answer.lock().unwrap());
     }
 }
+
+/// An IMDSv2 session token through `base` (credlock or the emulator).
+pub async fn token(base: &str) -> String {
+    reqwest::Client::new()
+        .put(format!("{base}/latest/api/token"))
+        .header("x-aws-ec2-metadata-token-ttl-seconds", "60")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
