@@ -2,8 +2,8 @@
 //! label sets only (no path, IP, role or error text ever becomes a label).
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -22,6 +22,10 @@ pub struct Metrics {
     pub policy_characters: IntGauge,
     pub policy_packed_percent: IntGauge,
     pub ready: IntGauge,
+    /// Resolved once: the request path never hashes a label set (see [`Metrics::answered`]).
+    answered_handles: [[IntCounter; 3]; ROUTES.len()],
+    /// Every route but `refused`, which never reaches the upstream.
+    upstream_handles: [Histogram; ROUTES.len() - 1],
 }
 
 /// Reason labels of `credlock_refused_requests_total`.
@@ -33,7 +37,7 @@ pub const REFUSAL_REASONS: [&str; 5] = [
     "no_locked_credentials",
 ];
 
-/// Route labels of `credlock_requests_total`.
+/// Route labels of `credlock_requests_total`, indexed by [`RouteLabel`].
 pub const ROUTES: [&str; 5] = [
     "token",
     "credentials",
@@ -41,6 +45,25 @@ pub const ROUTES: [&str; 5] = [
     "passthrough",
     "refused",
 ];
+
+/// The status classes whose series exist from the first scrape, in handle order.
+const COMMON_CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
+
+/// The `route` label of the per-request metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteLabel {
+    Token = 0,
+    Credentials = 1,
+    RoleListing = 2,
+    Passthrough = 3,
+    Refused = 4,
+}
+
+impl RouteLabel {
+    pub fn as_str(self) -> &'static str {
+        ROUTES[self as usize]
+    }
+}
 
 impl Metrics {
     pub fn new() -> Self {
@@ -174,12 +197,17 @@ impl Metrics {
             .register(Box::new(build_info))
             .expect("unique metric");
 
-        // Pre-create the closed label sets so every series exists from the first scrape.
-        for route in ROUTES {
-            for class in ["2xx", "4xx", "5xx"] {
-                requests.with_label_values(&[route, class]);
-            }
-        }
+        // Pre-create the closed label sets so every series exists from the first scrape, and
+        // keep the handles the request path uses.
+        let answered_handles = ROUTES
+            .map(|route| COMMON_CLASSES.map(|class| requests.with_label_values(&[route, class])));
+        let upstream_handles = [
+            RouteLabel::Token,
+            RouteLabel::Credentials,
+            RouteLabel::RoleListing,
+            RouteLabel::Passthrough,
+        ]
+        .map(|route| upstream_duration.with_label_values(&[route.as_str()]));
         for kind in ["connect", "timeout", "protocol"] {
             upstream_errors.with_label_values(&[kind]);
         }
@@ -212,6 +240,31 @@ impl Metrics {
             policy_characters,
             policy_packed_percent,
             ready,
+            answered_handles,
+            upstream_handles,
+        }
+    }
+
+    /// Counts one answered IMDS request in `credlock_requests_total`.
+    pub fn answered(&self, route: RouteLabel, status: http::StatusCode) {
+        let class = match status.as_u16() {
+            200..=299 => 0,
+            400..=499 => 1,
+            500..=599 => 2,
+            _ => {
+                self.requests
+                    .with_label_values(&[route.as_str(), code_class(status)])
+                    .inc();
+                return;
+            }
+        };
+        self.answered_handles[route as usize][class].inc();
+    }
+
+    /// Records one upstream round trip in `credlock_upstream_request_duration_seconds`.
+    pub fn upstream_round_trip(&self, route: RouteLabel, seconds: f64) {
+        if let Some(h) = self.upstream_handles.get(route as usize) {
+            h.observe(seconds);
         }
     }
 

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 
 use crate::clock::Clock;
 use crate::credentials::{self, CredentialStore};
-use crate::metrics::{Metrics, code_class};
+use crate::metrics::{Metrics, RouteLabel};
 use crate::route::{self, Refusal, Route};
 use crate::upstream::{UpstreamClient, UpstreamError, UpstreamResponse, strip_hop_by_hop};
 
@@ -117,21 +117,17 @@ pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<
         Route::Credentials { path, .. } => credentials(&state, path, parts.headers).await,
     };
     let response = respond(outcome, method == Method::HEAD);
-    state
-        .metrics
-        .requests
-        .with_label_values(&[label, code_class(response.status())])
-        .inc();
+    state.metrics.answered(label, response.status());
     response
 }
 
-fn route_label(route: &Route) -> &'static str {
+fn route_label(route: &Route) -> RouteLabel {
     match route {
-        Route::Token => "token",
-        Route::RoleListing { .. } => "role_listing",
-        Route::Credentials { .. } => "credentials",
-        Route::Passthrough { .. } => "passthrough",
-        Route::Refused(_) => "refused",
+        Route::Token => RouteLabel::Token,
+        Route::RoleListing { .. } => RouteLabel::RoleListing,
+        Route::Credentials { .. } => RouteLabel::Credentials,
+        Route::Passthrough { .. } => RouteLabel::Passthrough,
+        Route::Refused(_) => RouteLabel::Refused,
     }
 }
 
@@ -159,7 +155,7 @@ async fn read_body(body: Incoming) -> Option<Bytes> {
 
 async fn exchange(
     state: &ProxyState,
-    label: &'static str,
+    label: RouteLabel,
     method: Method,
     target: &str,
     mut headers: HeaderMap,
@@ -171,9 +167,7 @@ async fn exchange(
     let result = state.upstream.send(method, target, headers, body).await;
     state
         .metrics
-        .upstream_duration
-        .with_label_values(&[label])
-        .observe(started.elapsed().as_secs_f64());
+        .upstream_round_trip(label, started.elapsed().as_secs_f64());
     match result {
         Ok(response) => {
             if tokenless_get {
@@ -209,7 +203,7 @@ fn upstream_failed(state: &ProxyState, e: &UpstreamError) -> Outcome {
 
 async fn forward(
     state: &ProxyState,
-    label: &'static str,
+    label: RouteLabel,
     method: Method,
     target: &str,
     headers: HeaderMap,
@@ -237,7 +231,7 @@ async fn credentials(state: &ProxyState, path: &str, headers: HeaderMap) -> Outc
     };
     let mut response = match exchange(
         state,
-        "credentials",
+        RouteLabel::Credentials,
         Method::GET,
         path,
         headers,
