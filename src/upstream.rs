@@ -1,14 +1,23 @@
 //! The pooled HTTP/1.1 client to the upstream IMDS. One round trip per call, a hard deadline
 //! on the whole exchange (SDKs give up after about a second, `reference/aws-imds-sts-iam.md`
 //! §2.8), bounded response size.
+//!
+//! The exchange runs inside the calling task on a pooled connection: the request is written in
+//! one `write`, the response head is parsed by `httparse` (the parser hyper uses) and the body
+//! framed as RFC 9112 §6.3 says (no body for HEAD, 1xx, 204 and 304; chunked; Content-Length;
+//! else up to the close). hyper's connection-level client would add a task and three channel
+//! hand-offs per request; on the request path of every IMDS call that doubled credlock's CPU
+//! per proxied request against nginx's (issue 7).
 
-use std::time::Duration;
+use std::io::{ErrorKind, Write as _};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::TokioExecutor;
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::config::Upstream;
 
@@ -61,76 +70,538 @@ impl std::fmt::Debug for UpstreamResponse {
     }
 }
 
+/// Idle upstream connections kept for reuse (nginx's `keepalive` of the benchmark is 128).
+const MAX_IDLE: usize = 64;
+/// An idle connection older than this is closed instead of reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A response head larger than this is not IMDS.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Header lines in one response head.
+const MAX_HEADERS: usize = 64;
+/// Read buffer of a connection; grows as a response needs.
+const READ_BUFFER: usize = 4096;
+
 /// Cheap to clone: the pool is shared.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    client: Client<HttpConnector, Full<Bytes>>,
-    host: HeaderValue,
-    base: String,
+    inner: Arc<Pool>,
+}
+
+struct Pool {
+    target: Target,
+    /// The Host header line, written as is into every request.
+    host_line: Vec<u8>,
     timeout: Duration,
+    /// Last in, first out: the most recently used connection is the least likely to have been
+    /// closed by the upstream; the bottom of the stack is the longest idle.
+    idle: Mutex<Vec<Idle>>,
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// One upstream connection and its buffers (kept with it, so a reused connection allocates
+/// nothing to write a request).
+struct Conn {
+    stream: TcpStream,
+    read: BytesMut,
+    write: Vec<u8>,
+}
+
+/// Where to connect: an address (IMDS is one) or a name resolved at each new connection.
+enum Target {
+    Addr(SocketAddr),
+    Name(String, u16),
+}
+
+/// How the end of a response body is known (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
+/// Why one exchange failed, before it becomes an [`UpstreamError`].
+enum Failure {
+    /// Nothing of a response arrived and the connection closed or reset: on a reused
+    /// connection the upstream closed it while idle, and the request can go again.
+    ClosedBeforeResponse,
+    Fatal(UpstreamError),
+}
+
+impl From<UpstreamError> for Failure {
+    fn from(e: UpstreamError) -> Self {
+        Failure::Fatal(e)
+    }
 }
 
 impl UpstreamClient {
     pub fn new(upstream: &Upstream, timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(64)
-            .build(connector);
-        let authority = upstream.authority.as_str();
+        let authority = &upstream.authority;
+        let port = authority.port_u16().unwrap_or(80);
+        let host = authority.host();
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let target = match bare.parse::<IpAddr>() {
+            Ok(ip) => Target::Addr(SocketAddr::new(ip, port)),
+            Err(_) => Target::Name(bare.to_string(), port),
+        };
         UpstreamClient {
-            client,
-            host: HeaderValue::from_str(authority).expect("an authority is a valid header value"),
-            base: format!("http://{authority}"),
-            timeout,
+            inner: Arc::new(Pool {
+                target,
+                host_line: format!("host: {}\r\n", authority.as_str()).into_bytes(),
+                timeout,
+                idle: Mutex::new(Vec::with_capacity(MAX_IDLE)),
+            }),
         }
     }
 
     /// Sends one request. `path_and_query` is origin-form; `headers` are end-to-end headers
-    /// (the caller has removed hop-by-hop ones); Host is set to the upstream's authority.
+    /// (the caller has removed hop-by-hop ones); Host is set to the upstream's authority and
+    /// the body's length is sent as Content-Length.
     pub async fn send(
         &self,
         method: Method,
         path_and_query: &str,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
         body: Bytes,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let mut uri = String::with_capacity(self.base.len() + path_and_query.len());
-        uri.push_str(&self.base);
-        uri.push_str(path_and_query);
-        headers.insert(header::HOST, self.host.clone());
-        let mut request = Request::builder()
-            .method(method)
-            .uri(uri)
-            .body(Full::new(body))
-            .map_err(|_| UpstreamError::Protocol)?;
-        *request.headers_mut() = headers;
-
-        let exchange = async {
-            let response = self.client.request(request).await.map_err(|e| {
-                if e.is_connect() {
-                    UpstreamError::Connect
-                } else {
-                    UpstreamError::Protocol
-                }
-            })?;
-            let (parts, body) = response.into_parts();
-            let body = Limited::new(body, MAX_RESPONSE_BYTES)
-                .collect()
-                .await
-                .map_err(|_| UpstreamError::Protocol)?
-                .to_bytes();
-            Ok(UpstreamResponse {
-                status: parts.status,
-                headers: parts.headers,
-                body,
-            })
-        };
-        tokio::time::timeout(self.timeout, exchange)
+        // The target comes from a parsed request line; this keeps the request line whole
+        // whoever the caller is.
+        if !path_and_query.starts_with('/')
+            || path_and_query.bytes().any(|b| b <= b' ' || b == 0x7f)
+        {
+            return Err(UpstreamError::Protocol);
+        }
+        let timeout = self.inner.timeout;
+        let exchange = self
+            .inner
+            .exchange(&method, path_and_query, &headers, &body);
+        tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| UpstreamError::Timeout(self.timeout))?
+            .map_err(|_| UpstreamError::Timeout(timeout))?
+    }
+}
+
+impl Pool {
+    async fn exchange(
+        &self,
+        method: &Method,
+        target: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        if let Some(mut conn) = self.pooled() {
+            match self
+                .round_trip(&mut conn, method, target, headers, body)
+                .await
+            {
+                Ok((response, reusable)) => {
+                    if reusable {
+                        self.checkin(conn);
+                    }
+                    return Ok(response);
+                }
+                // Closed while idle: once more on a new connection.
+                Err(Failure::ClosedBeforeResponse) => {}
+                Err(Failure::Fatal(e)) => return Err(e),
+            }
+        }
+        let mut conn = self.connect().await?;
+        match self
+            .round_trip(&mut conn, method, target, headers, body)
+            .await
+        {
+            Ok((response, reusable)) => {
+                if reusable {
+                    self.checkin(conn);
+                }
+                Ok(response)
+            }
+            Err(Failure::ClosedBeforeResponse) => Err(UpstreamError::Protocol),
+            Err(Failure::Fatal(e)) => Err(e),
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, UpstreamError> {
+        let stream = match &self.target {
+            Target::Addr(addr) => TcpStream::connect(addr).await,
+            Target::Name(name, port) => TcpStream::connect((name.as_str(), *port)).await,
+        }
+        .map_err(|_| UpstreamError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        Ok(Conn {
+            stream,
+            read: BytesMut::with_capacity(READ_BUFFER),
+            write: Vec::with_capacity(512),
+        })
+    }
+
+    /// One request and its whole response on `conn`; also says whether the connection may
+    /// carry another request.
+    async fn round_trip(
+        &self,
+        conn: &mut Conn,
+        method: &Method,
+        target: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<(UpstreamResponse, bool), Failure> {
+        encode_request(
+            &mut conn.write,
+            &self.host_line,
+            method,
+            target,
+            headers,
+            body,
+        );
+        if let Err(e) = conn.stream.write_all(&conn.write).await {
+            return Err(closed_or(e));
+        }
+        let head = read_head(conn).await?;
+        let framing = framing(method, head.status, &head.headers)?;
+        let body = read_body(conn, framing).await?;
+        let reusable = framing != Framing::UntilClose && head.keep_alive && conn.read.is_empty();
+        let mut headers = head.headers;
+        if framing == Framing::Chunked {
+            // The body is forwarded whole: its length replaces the chunked coding.
+            headers.remove(header::CONTENT_LENGTH);
+        }
+        Ok((
+            UpstreamResponse {
+                status: head.status,
+                headers,
+                body,
+            },
+            reusable,
+        ))
+    }
+
+    /// An idle connection, if the pool has one young enough.
+    fn pooled(&self) -> Option<Conn> {
+        let mut idle = self.lock_idle();
+        let Idle { conn, since } = idle.pop()?;
+        if since.elapsed() > IDLE_TIMEOUT {
+            // Everything below is older still.
+            idle.clear();
+            return None;
+        }
+        Some(conn)
+    }
+
+    fn checkin(&self, conn: Conn) {
+        let now = Instant::now();
+        let mut idle = self.lock_idle();
+        // Under a steady light load the bottom of the stack is never popped: close it here
+        // once it has idled too long.
+        if idle
+            .first()
+            .is_some_and(|oldest| now.duration_since(oldest.since) > IDLE_TIMEOUT)
+        {
+            idle.remove(0);
+        }
+        if idle.len() < MAX_IDLE {
+            idle.push(Idle { conn, since: now });
+        }
+    }
+
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        // Nothing can panic while the lock is held; a poisoned pool is still a valid list.
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A write or read that failed because the peer had closed or reset the connection.
+fn closed_or(e: std::io::Error) -> Failure {
+    match e.kind() {
+        ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => {
+            Failure::ClosedBeforeResponse
+        }
+        _ => Failure::Fatal(UpstreamError::Protocol),
+    }
+}
+
+/// Serialises one request into `out` (cleared first). Header names and values come from a
+/// `HeaderMap`, which holds no CR or LF; Content-Length and Transfer-Encoding are the
+/// client's own business and are replaced by the body's real length.
+fn encode_request(
+    out: &mut Vec<u8>,
+    host_line: &[u8],
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) {
+    out.clear();
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    out.extend_from_slice(host_line);
+    for (name, value) in headers {
+        if name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    // As hyper does: methods that carry no body get no Content-Length when they have none.
+    let bodiless = matches!(
+        *method,
+        Method::GET
+            | Method::HEAD
+            | Method::DELETE
+            | Method::OPTIONS
+            | Method::CONNECT
+            | Method::TRACE
+    );
+    if !body.is_empty() || !bodiless {
+        // Writing to a Vec cannot fail.
+        let _ = write!(out, "content-length: {}\r\n", body.len());
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+}
+
+struct Head {
+    status: StatusCode,
+    headers: HeaderMap,
+    keep_alive: bool,
+}
+
+/// Reads until one final (non-1xx) response head is parsed; its bytes leave `conn.read`.
+async fn read_head(conn: &mut Conn) -> Result<Head, Failure> {
+    let mut received_any = false;
+    loop {
+        if !conn.read.is_empty() {
+            received_any = true;
+            if let Some((len, head)) = parse_head(&conn.read)? {
+                let block = conn.read.split_to(len).freeze();
+                match head {
+                    Parsed::Interim => continue,
+                    Parsed::Final(status, keep_alive, lines) => {
+                        return Ok(Head {
+                            status,
+                            headers: header_map(&block, &lines)?,
+                            keep_alive,
+                        });
+                    }
+                }
+            }
+            if conn.read.len() >= MAX_HEAD_BYTES {
+                return Err(UpstreamError::Protocol.into());
+            }
+        }
+        conn.read.reserve(READ_BUFFER);
+        match conn.stream.read_buf(&mut conn.read).await {
+            Ok(0) if !received_any => return Err(Failure::ClosedBeforeResponse),
+            Ok(0) => return Err(UpstreamError::Protocol.into()),
+            Ok(_) => {}
+            Err(e) if !received_any => return Err(closed_or(e)),
+            Err(_) => return Err(UpstreamError::Protocol.into()),
+        }
+    }
+}
+
+enum Parsed {
+    /// A 1xx answer before the final one: skipped.
+    Interim,
+    /// Status, keep-alive, and each header line as (name, value) offsets into the head.
+    Final(StatusCode, bool, Vec<(usize, usize, usize, usize)>),
+}
+
+/// Parses a response head at the start of `buf`; `None` while it is incomplete.
+fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, UpstreamError> {
+    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut lines);
+    let len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(UpstreamError::Protocol),
+    };
+    let code = response.code.ok_or(UpstreamError::Protocol)?;
+    let status = StatusCode::from_u16(code).map_err(|_| UpstreamError::Protocol)?;
+    if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(Some((len, Parsed::Interim)));
+    }
+    let http11 = response.version == Some(1);
+    let mut close = false;
+    let mut keep_alive_token = false;
+    let base = buf.as_ptr() as usize;
+    let mut offsets = Vec::with_capacity(response.headers.len());
+    for h in response.headers.iter() {
+        if h.name.eq_ignore_ascii_case("connection") {
+            for token in h.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        // httparse hands out slices of `buf`: keep their offsets, to slice the frozen head.
+        let name_at = h.name.as_ptr() as usize - base;
+        let value_at = h.value.as_ptr() as usize - base;
+        offsets.push((name_at, h.name.len(), value_at, h.value.len()));
+    }
+    let keep_alive = !close && (http11 || keep_alive_token);
+    Ok(Some((len, Parsed::Final(status, keep_alive, offsets))))
+}
+
+/// The head's header lines as a `HeaderMap`; values share the head's buffer.
+fn header_map(
+    block: &Bytes,
+    lines: &[(usize, usize, usize, usize)],
+) -> Result<HeaderMap, UpstreamError> {
+    let mut headers = HeaderMap::with_capacity(lines.len());
+    for &(name_at, name_len, value_at, value_len) in lines {
+        let name = HeaderName::from_bytes(&block[name_at..name_at + name_len])
+            .map_err(|_| UpstreamError::Protocol)?;
+        let value = HeaderValue::from_maybe_shared(block.slice(value_at..value_at + value_len))
+            .map_err(|_| UpstreamError::Protocol)?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+/// How the body of this response ends (RFC 9112 §6.3).
+fn framing(
+    method: &Method,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> Result<Framing, UpstreamError> {
+    if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Empty);
+    }
+    if let Some(last) = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .rfind(|t| !t.is_empty())
+    {
+        return Ok(if last.eq_ignore_ascii_case(b"chunked") {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        });
+    }
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+                return Err(UpstreamError::Protocol);
+            }
+            let n: usize = std::str::from_utf8(part)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or(UpstreamError::Protocol)?;
+            // Repeated values must agree (RFC 9112 §6.3 item 5).
+            if length.is_some_and(|l| l != n) {
+                return Err(UpstreamError::Protocol);
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(n) if n > MAX_RESPONSE_BYTES => return Err(UpstreamError::Protocol),
+        Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+        None => Framing::UntilClose,
+    })
+}
+
+/// Reads more into `conn.read`; `false` at end of stream.
+async fn fill(conn: &mut Conn) -> Result<bool, UpstreamError> {
+    conn.read.reserve(READ_BUFFER);
+    match conn.stream.read_buf(&mut conn.read).await {
+        Ok(0) => Ok(false),
+        Ok(_) => Ok(true),
+        Err(_) => Err(UpstreamError::Protocol),
+    }
+}
+
+async fn read_body(conn: &mut Conn, framing: Framing) -> Result<Bytes, UpstreamError> {
+    match framing {
+        Framing::Empty => Ok(Bytes::new()),
+        Framing::Length(n) => {
+            while conn.read.len() < n {
+                conn.read.reserve(n - conn.read.len());
+                if !fill(conn).await? {
+                    return Err(UpstreamError::Protocol);
+                }
+            }
+            Ok(conn.read.split_to(n).freeze())
+        }
+        Framing::UntilClose => {
+            while fill(conn).await? {
+                if conn.read.len() > MAX_RESPONSE_BYTES {
+                    return Err(UpstreamError::Protocol);
+                }
+            }
+            Ok(conn.read.split().freeze())
+        }
+        Framing::Chunked => read_chunked(conn).await,
+    }
+}
+
+/// Decodes a chunked body (RFC 9112 §7.1); trailers are read and dropped.
+async fn read_chunked(conn: &mut Conn) -> Result<Bytes, UpstreamError> {
+    let mut body = BytesMut::new();
+    loop {
+        let (consumed, size) = loop {
+            match httparse::parse_chunk_size(&conn.read) {
+                Ok(httparse::Status::Complete((consumed, size))) => break (consumed, size),
+                Ok(httparse::Status::Partial) if conn.read.len() < MAX_HEAD_BYTES => {
+                    if !fill(conn).await? {
+                        return Err(UpstreamError::Protocol);
+                    }
+                }
+                _ => return Err(UpstreamError::Protocol),
+            }
+        };
+        conn.read.advance(consumed);
+        let size = usize::try_from(size).map_err(|_| UpstreamError::Protocol)?;
+        if size == 0 {
+            break;
+        }
+        if body.len() + size > MAX_RESPONSE_BYTES {
+            return Err(UpstreamError::Protocol);
+        }
+        while conn.read.len() < size + 2 {
+            if !fill(conn).await? {
+                return Err(UpstreamError::Protocol);
+            }
+        }
+        body.extend_from_slice(&conn.read[..size]);
+        if &conn.read[size..size + 2] != b"\r\n" {
+            return Err(UpstreamError::Protocol);
+        }
+        conn.read.advance(size + 2);
+    }
+    // Trailer section: header lines up to an empty line.
+    loop {
+        if let Some(end) = conn.read.windows(2).position(|w| w == b"\r\n") {
+            conn.read.advance(end + 2);
+            if end == 0 {
+                return Ok(body.freeze());
+            }
+            continue;
+        }
+        if conn.read.len() >= MAX_HEAD_BYTES || !fill(conn).await? {
+            return Err(UpstreamError::Protocol);
+        }
     }
 }
 
@@ -194,5 +665,226 @@ mod tests {
                 "x-forwarded-for"
             ]
         );
+    }
+    // ---- the exchange, against a scripted upstream speaking raw HTTP/1.1 ------------------
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// One accepted connection: answers each request head it reads with the next response,
+    /// then closes. Returns every request as received, per connection.
+    type Script = Vec<Vec<&'static [u8]>>;
+
+    async fn upstream(script: Script) -> (Upstream, tokio::task::JoinHandle<Vec<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let task = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for responses in script {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let mut requests = Vec::new();
+                let mut buf = Vec::new();
+                for response in responses {
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 1024];
+                        let n = stream.read(&mut chunk).await.unwrap();
+                        assert!(n > 0, "the client closed mid-request");
+                        buf.extend_from_slice(&chunk[..n]);
+                    };
+                    requests.push(String::from_utf8(buf.drain(..head_end).collect()).unwrap());
+                    stream.write_all(response).await.unwrap();
+                }
+                seen.push(requests);
+            }
+            seen
+        });
+        (Upstream { authority }, task)
+    }
+
+    fn client(upstream: &Upstream) -> UpstreamClient {
+        UpstreamClient::new(upstream, Duration::from_millis(500))
+    }
+
+    async fn get(c: &UpstreamClient, path: &str) -> Result<UpstreamResponse, UpstreamError> {
+        c.send(Method::GET, path, HeaderMap::new(), Bytes::new())
+            .await
+    }
+
+    const OK_KEEP_ALIVE: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 19\r\n\r\ni-0123456789abcdef0";
+
+    #[tokio::test]
+    async fn requests_are_written_as_imds_expects_and_connections_are_reused() {
+        let (up, seen) = upstream(vec![vec![
+            OK_KEEP_ALIVE,
+            OK_KEEP_ALIVE,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nTOKN",
+        ]])
+        .await;
+        let c = client(&up);
+        let r = get(&c, "/latest/meta-data/instance-id").await.unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(&r.body[..], b"i-0123456789abcdef0");
+        assert_eq!(r.headers["content-type"], "text/plain");
+        let mut h = HeaderMap::new();
+        h.insert("x-aws-ec2-metadata-token", HeaderValue::from_static("AQAE"));
+        h.insert(header::HOST, HeaderValue::from_static("evil.example"));
+        c.send(Method::GET, "/latest/meta-data/?x=1", h, Bytes::new())
+            .await
+            .unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-aws-ec2-metadata-token-ttl-seconds",
+            HeaderValue::from_static("21600"),
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("7"));
+        let r = c
+            .send(Method::PUT, "/latest/api/token", h, Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(&r.body[..], b"TOKN");
+        let seen = seen.await.unwrap();
+        let host = format!("host: {}\r\n", up.authority);
+        assert_eq!(seen.len(), 1, "three requests, one connection");
+        assert_eq!(
+            seen[0][0],
+            format!("GET /latest/meta-data/instance-id HTTP/1.1\r\n{host}\r\n")
+        );
+        assert_eq!(
+            seen[0][1],
+            format!(
+                "GET /latest/meta-data/?x=1 HTTP/1.1\r\n{host}x-aws-ec2-metadata-token: AQAE\r\n\r\n"
+            )
+        );
+        assert_eq!(
+            seen[0][2],
+            format!(
+                "PUT /latest/api/token HTTP/1.1\r\n{host}x-aws-ec2-metadata-token-ttl-seconds: 21600\r\ncontent-length: 0\r\n\r\n"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies_are_decoded_and_lose_their_framing_headers() {
+        let (up, _seen) = upstream(vec![vec![
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 99\r\n\r\n4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nx-trailer: 1\r\n\r\n",
+            OK_KEEP_ALIVE,
+        ]])
+        .await;
+        let c = client(&up);
+        let r = get(&c, "/a").await.unwrap();
+        assert_eq!(&r.body[..], b"Wikipedia");
+        assert!(!r.headers.contains_key(header::CONTENT_LENGTH));
+        // The trailer was consumed: the same connection carries the next exchange.
+        assert_eq!(
+            &get(&c, "/b").await.unwrap().body[..],
+            b"i-0123456789abcdef0"
+        );
+    }
+
+    #[tokio::test]
+    async fn bodies_without_a_length_end_at_the_close_and_the_connection_is_not_reused() {
+        let (up, seen) = upstream(vec![
+            vec![b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end"],
+            vec![b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"],
+            vec![OK_KEEP_ALIVE],
+        ])
+        .await;
+        let c = client(&up);
+        assert_eq!(&get(&c, "/a").await.unwrap().body[..], b"until the end");
+        assert_eq!(&get(&c, "/b").await.unwrap().body[..], b"ok");
+        assert_eq!(get(&c, "/c").await.unwrap().status, StatusCode::OK);
+        assert_eq!(seen.await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn head_204_and_interim_answers_carry_no_body() {
+        let (up, _seen) = upstream(vec![vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 19\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 404 Not Found\r\ncontent-length: 3\r\n\r\nnop",
+        ]])
+        .await;
+        let c = client(&up);
+        let r = c
+            .send(Method::HEAD, "/x", HeaderMap::new(), Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!((r.status, r.body.len()), (StatusCode::OK, 0));
+        assert_eq!(r.headers[header::CONTENT_LENGTH], "19");
+        assert_eq!(get(&c, "/y").await.unwrap().status, StatusCode::NO_CONTENT);
+        let r = get(&c, "/z").await.unwrap();
+        assert_eq!(
+            (r.status, &r.body[..]),
+            (StatusCode::NOT_FOUND, &b"nop"[..])
+        );
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_upstream_closed_is_replaced_transparently() {
+        // The first connection answers once and closes (as an upstream's idle timeout would).
+        let (up, seen) = upstream(vec![vec![OK_KEEP_ALIVE], vec![OK_KEEP_ALIVE]]).await;
+        let c = client(&up);
+        get(&c, "/a").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(get(&c, "/b").await.unwrap().status, StatusCode::OK);
+        let seen = seen.await.unwrap();
+        assert_eq!(seen.len(), 2);
+        assert!(seen[1][0].starts_with("GET /b "));
+    }
+
+    #[tokio::test]
+    async fn malformed_truncated_or_oversized_answers_are_protocol_errors() {
+        let cases: [&'static [u8]; 6] = [
+            b"NOT HTTP AT ALL\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc",
+            b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 99999999\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nZZ\r\n",
+        ];
+        for case in cases {
+            let (up, _seen) = upstream(vec![vec![case]]).await;
+            let e = get(&client(&up), "/x").await.unwrap_err();
+            assert!(
+                matches!(e, UpstreamError::Protocol),
+                "{:?} gave {e:?}",
+                String::from_utf8_lossy(case)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_upstream_times_out_and_a_closed_port_cannot_connect() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = Upstream {
+            authority: listener.local_addr().unwrap().to_string().parse().unwrap(),
+        };
+        let started = Instant::now();
+        assert!(matches!(
+            get(&client(&up), "/x").await,
+            Err(UpstreamError::Timeout(_))
+        ));
+        assert!(started.elapsed() >= Duration::from_millis(500));
+        drop(listener);
+        assert!(matches!(
+            get(&client(&up), "/x").await,
+            Err(UpstreamError::Connect)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_target_that_could_split_the_request_line_is_refused() {
+        let up = Upstream {
+            authority: "127.0.0.1:9".parse().unwrap(),
+        };
+        for bad in ["/a b", "/a\r\nx: y", "relative", ""] {
+            assert!(matches!(
+                get(&client(&up), bad).await,
+                Err(UpstreamError::Protocol)
+            ));
+        }
     }
 }
