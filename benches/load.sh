@@ -84,8 +84,8 @@ fi
 
 # CPU placement. wrk (the load) gets CPU 0 to itself; every server (upstream, proxy under test,
 # moto) shares CPU 1, so a proxy's cost per request shows directly in its throughput and each
-# proxy gets the same single core (nginx: 1 worker, haproxy: 1 thread; credlock keeps its own
-# 2 runtime threads on that core).
+# proxy gets the same single core (nginx: 1 worker, haproxy: 1 thread; credlock runs its
+# single-threaded runtime, like an nginx worker).
 if ((pin)); then
     load_cpu=(taskset -c 0) server_cpu=(taskset -c 1) workers=1
 else
