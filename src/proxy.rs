@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 
 use crate::clock::Clock;
@@ -146,6 +147,10 @@ fn refuse(state: &ProxyState, reason: Refusal) -> Outcome {
 }
 
 async fn read_body(body: Incoming) -> Option<Bytes> {
+    // GET and HEAD, nearly every IMDS request, have no body to wait for.
+    if body.is_end_stream() {
+        return Some(Bytes::new());
+    }
     Limited::new(body, MAX_REQUEST_BODY)
         .collect()
         .await
