@@ -261,19 +261,14 @@ impl Pool {
         if let Err(e) = conn.stream.write_all(&conn.write).await {
             return Err(closed_or(e));
         }
-        let head = read_head(conn).await?;
-        let framing = framing(method, head.status, &head.headers)?;
-        let body = read_body(conn, framing).await?;
-        let reusable = framing != Framing::UntilClose && head.keep_alive && conn.read.is_empty();
-        let mut headers = head.headers;
-        if framing == Framing::Chunked {
-            // The body is forwarded whole: its length replaces the chunked coding.
-            headers.remove(header::CONTENT_LENGTH);
-        }
+        let head = read_head(conn, method).await?;
+        let body = read_body(conn, head.framing).await?;
+        let reusable =
+            head.framing != Framing::UntilClose && head.keep_alive && conn.read.is_empty();
         Ok((
             UpstreamResponse {
                 status: head.status,
-                headers,
+                headers: head.headers,
                 body,
             },
             reusable,
@@ -375,23 +370,25 @@ struct Head {
     status: StatusCode,
     headers: HeaderMap,
     keep_alive: bool,
+    framing: Framing,
 }
 
 /// Reads until one final (non-1xx) response head is parsed; its bytes leave `conn.read`.
-async fn read_head(conn: &mut Conn) -> Result<Head, Failure> {
+async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, Failure> {
     let mut received_any = false;
     loop {
         if !conn.read.is_empty() {
             received_any = true;
-            if let Some((len, head)) = parse_head(&conn.read)? {
+            if let Some((len, parsed)) = parse_head(&conn.read, method)? {
                 let block = conn.read.split_to(len).freeze();
-                match head {
+                match parsed {
                     Parsed::Interim => continue,
-                    Parsed::Final(status, keep_alive, lines) => {
+                    Parsed::Final(head) => {
                         return Ok(Head {
-                            status,
-                            headers: header_map(&block, &lines)?,
-                            keep_alive,
+                            status: head.status,
+                            headers: header_map(&block, &head.lines)?,
+                            keep_alive: head.keep_alive,
+                            framing: head.framing,
                         });
                     }
                 }
@@ -414,12 +411,34 @@ async fn read_head(conn: &mut Conn) -> Result<Head, Failure> {
 enum Parsed {
     /// A 1xx answer before the final one: skipped.
     Interim,
-    /// Status, keep-alive, and each header line as (name, value) offsets into the head.
-    Final(StatusCode, bool, Vec<(usize, usize, usize, usize)>),
+    Final(RawHead),
 }
 
-/// Parses a response head at the start of `buf`; `None` while it is incomplete.
-fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, UpstreamError> {
+struct RawHead {
+    status: StatusCode,
+    keep_alive: bool,
+    framing: Framing,
+    /// The end-to-end header lines as (name, value) offsets into the head.
+    lines: Vec<(usize, usize, usize, usize)>,
+}
+
+/// Hop-by-hop header names (RFC 9110 §7.6.1) and the framing headers: consumed here, never
+/// forwarded.
+const NOT_FORWARDED: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
+/// Parses a response head at the start of `buf`, and decides from its raw lines how the body
+/// ends (RFC 9112 §6.3) and whether the connection stays open; `None` while it is incomplete.
+fn parse_head(buf: &[u8], method: &Method) -> Result<Option<(usize, Parsed)>, UpstreamError> {
     let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut lines);
     let len = match response.parse(buf) {
@@ -432,26 +451,93 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, UpstreamError> {
     if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
         return Ok(Some((len, Parsed::Interim)));
     }
-    let http11 = response.version == Some(1);
     let mut close = false;
     let mut keep_alive_token = false;
-    let base = buf.as_ptr() as usize;
-    let mut offsets = Vec::with_capacity(response.headers.len());
+    // Connection naming other headers: keep it, strip_hop_by_hop removes what it names.
+    let mut names_others = false;
+    let mut last_coding: Option<&[u8]> = None;
+    let mut length: Option<usize> = None;
     for h in response.headers.iter() {
         if h.name.eq_ignore_ascii_case("connection") {
-            for token in h.value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
+            for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive_token = true;
+                } else if !token.is_empty() {
+                    names_others = true;
+                }
             }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            let mut codings = h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii);
+            if let Some(last) = codings.rfind(|t| !t.is_empty()) {
+                last_coding = Some(last);
+            }
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            for part in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                let n = parse_length(part)?;
+                // Repeated values must agree (RFC 9112 §6.3 item 5).
+                if length.is_some_and(|l| l != n) {
+                    return Err(UpstreamError::Protocol);
+                }
+                length = Some(n);
+            }
+        }
+    }
+    let framing = if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::Empty
+    } else if let Some(coding) = last_coding {
+        if coding.eq_ignore_ascii_case(b"chunked") {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        }
+    } else {
+        match length {
+            Some(n) if n > MAX_RESPONSE_BYTES => return Err(UpstreamError::Protocol),
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => Framing::UntilClose,
+        }
+    };
+    let base = buf.as_ptr() as usize;
+    let mut kept = Vec::with_capacity(response.headers.len());
+    for h in response.headers.iter() {
+        let hop = NOT_FORWARDED.iter().any(|n| h.name.eq_ignore_ascii_case(n))
+            && !(names_others && h.name.eq_ignore_ascii_case("connection"));
+        // With a transfer coding the length is the decoded body's, set by the caller.
+        let stale_length = last_coding.is_some() && h.name.eq_ignore_ascii_case("content-length");
+        if hop || stale_length {
+            continue;
         }
         // httparse hands out slices of `buf`: keep their offsets, to slice the frozen head.
         let name_at = h.name.as_ptr() as usize - base;
         let value_at = h.value.as_ptr() as usize - base;
-        offsets.push((name_at, h.name.len(), value_at, h.value.len()));
+        kept.push((name_at, h.name.len(), value_at, h.value.len()));
     }
-    let keep_alive = !close && (http11 || keep_alive_token);
-    Ok(Some((len, Parsed::Final(status, keep_alive, offsets))))
+    let keep_alive = !close && (response.version == Some(1) || keep_alive_token);
+    Ok(Some((
+        len,
+        Parsed::Final(RawHead {
+            status,
+            keep_alive,
+            framing,
+            lines: kept,
+        }),
+    )))
+}
+
+fn parse_length(digits: &[u8]) -> Result<usize, UpstreamError> {
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(UpstreamError::Protocol);
+    }
+    Ok(digits
+        .iter()
+        .fold(0usize, |n, d| n * 10 + usize::from(d - b'0')))
 }
 
 /// The head's header lines as a `HeaderMap`; values share the head's buffer.
@@ -468,58 +554,6 @@ fn header_map(
         headers.append(name, value);
     }
     Ok(headers)
-}
-
-/// How the body of this response ends (RFC 9112 §6.3).
-fn framing(
-    method: &Method,
-    status: StatusCode,
-    headers: &HeaderMap,
-) -> Result<Framing, UpstreamError> {
-    if *method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok(Framing::Empty);
-    }
-    if let Some(last) = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .rfind(|t| !t.is_empty())
-    {
-        return Ok(if last.eq_ignore_ascii_case(b"chunked") {
-            Framing::Chunked
-        } else {
-            Framing::UntilClose
-        });
-    }
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
-                return Err(UpstreamError::Protocol);
-            }
-            let n: usize = std::str::from_utf8(part)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .ok_or(UpstreamError::Protocol)?;
-            // Repeated values must agree (RFC 9112 §6.3 item 5).
-            if length.is_some_and(|l| l != n) {
-                return Err(UpstreamError::Protocol);
-            }
-            length = Some(n);
-        }
-    }
-    Ok(match length {
-        Some(n) if n > MAX_RESPONSE_BYTES => return Err(UpstreamError::Protocol),
-        Some(0) => Framing::Empty,
-        Some(n) => Framing::Length(n),
-        None => Framing::UntilClose,
-    })
 }
 
 /// Reads more into `conn.read`; `false` at end of stream.
@@ -783,11 +817,30 @@ mod tests {
         let r = get(&c, "/a").await.unwrap();
         assert_eq!(&r.body[..], b"Wikipedia");
         assert!(!r.headers.contains_key(header::CONTENT_LENGTH));
+        assert!(!r.headers.contains_key(header::TRANSFER_ENCODING));
         // The trailer was consumed: the same connection carries the next exchange.
         assert_eq!(
             &get(&c, "/b").await.unwrap().body[..],
             b"i-0123456789abcdef0"
         );
+    }
+
+    #[tokio::test]
+    async fn hop_by_hop_answer_headers_never_reach_the_client() {
+        let (up, _seen) = upstream(vec![vec![
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nServer: EC2ws\r\ncontent-length: 1\r\n\r\na",
+            b"HTTP/1.1 200 OK\r\nconnection: X-Private\r\nx-private: 1\r\nupgrade: h2c\r\ncontent-length: 1\r\n\r\nb",
+        ]])
+        .await;
+        let c = client(&up);
+        let r = get(&c, "/a").await.unwrap();
+        let names: Vec<_> = r.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["server", "content-length"]);
+        // Connection naming another header: the proxy's strip removes both.
+        let mut h = get(&c, "/b").await.unwrap().headers;
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["content-length"]);
     }
 
     #[tokio::test]
