@@ -80,6 +80,9 @@ pub async fn serve<H, Fut>(
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_READ_TIMEOUT)
                     .keep_alive(true)
+                    // IMDS answers are small: one copy into the head's buffer and one plain
+                    // write beat queueing head and body for a vectored write.
+                    .writev(false)
                     .serve_connection(
                         TokioIo::new(stream),
                         service_fn(move |req| {
