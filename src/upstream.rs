@@ -5,9 +5,9 @@
 //! The exchange runs inside the calling task on a pooled connection: the request is written in
 //! one `write`, the response head is parsed by `httparse` (the parser hyper uses) and the body
 //! framed as RFC 9112 §6.3 says (no body for HEAD, 1xx, 204 and 304; chunked; Content-Length;
-//! else up to the close). hyper's connection-level client would add a task and three channel
-//! hand-offs per request; on the request path of every IMDS call that doubled credlock's CPU
-//! per proxied request against nginx's (issue 7).
+//! else up to the close). hyper's clients drive each connection from a task of its own, with
+//! channel hand-offs both ways on every request; doing the exchange in the calling task took
+//! credlock from 0.83x to 0.86x nginx's passthrough throughput (issue 7, `benches/README.md`).
 
 use std::io::{ErrorKind, Write as _};
 use std::net::{IpAddr, SocketAddr};
@@ -133,6 +133,15 @@ enum Failure {
     Fatal(UpstreamError),
 }
 
+impl Failure {
+    fn into_error(self) -> UpstreamError {
+        match self {
+            Failure::ClosedBeforeResponse => UpstreamError::Protocol,
+            Failure::Fatal(e) => e,
+        }
+    }
+}
+
 impl From<UpstreamError> for Failure {
     fn from(e: UpstreamError) -> Self {
         Failure::Fatal(e)
@@ -194,36 +203,17 @@ impl Pool {
         headers: &HeaderMap,
         body: &[u8],
     ) -> Result<UpstreamResponse, UpstreamError> {
-        if let Some(mut conn) = self.pooled() {
-            match self
-                .round_trip(&mut conn, method, target, headers, body)
-                .await
-            {
-                Ok((response, reusable)) => {
-                    if reusable {
-                        self.checkin(conn);
-                    }
-                    return Ok(response);
-                }
+        if let Some(conn) = self.pooled() {
+            match self.round_trip(conn, method, target, headers, body).await {
                 // Closed while idle: once more on a new connection.
                 Err(Failure::ClosedBeforeResponse) => {}
-                Err(Failure::Fatal(e)) => return Err(e),
+                done => return done.map_err(Failure::into_error),
             }
         }
-        let mut conn = self.connect().await?;
-        match self
-            .round_trip(&mut conn, method, target, headers, body)
+        let conn = self.connect().await?;
+        self.round_trip(conn, method, target, headers, body)
             .await
-        {
-            Ok((response, reusable)) => {
-                if reusable {
-                    self.checkin(conn);
-                }
-                Ok(response)
-            }
-            Err(Failure::ClosedBeforeResponse) => Err(UpstreamError::Protocol),
-            Err(Failure::Fatal(e)) => Err(e),
-        }
+            .map_err(Failure::into_error)
     }
 
     async fn connect(&self) -> Result<Conn, UpstreamError> {
@@ -240,16 +230,16 @@ impl Pool {
         })
     }
 
-    /// One request and its whole response on `conn`; also says whether the connection may
+    /// One request and its whole response on `conn`, which goes back to the pool if it may
     /// carry another request.
     async fn round_trip(
         &self,
-        conn: &mut Conn,
+        mut conn: Conn,
         method: &Method,
         target: &str,
         headers: &HeaderMap,
         body: &[u8],
-    ) -> Result<(UpstreamResponse, bool), Failure> {
+    ) -> Result<UpstreamResponse, Failure> {
         encode_request(
             &mut conn.write,
             &self.host_line,
@@ -261,18 +251,16 @@ impl Pool {
         if let Err(e) = conn.stream.write_all(&conn.write).await {
             return Err(closed_or(e));
         }
-        let head = read_head(conn, method).await?;
-        let body = read_body(conn, head.framing).await?;
-        let reusable =
-            head.framing != Framing::UntilClose && head.keep_alive && conn.read.is_empty();
-        Ok((
-            UpstreamResponse {
-                status: head.status,
-                headers: head.headers,
-                body,
-            },
-            reusable,
-        ))
+        let head = read_head(&mut conn, method).await?;
+        let body = read_body(&mut conn, head.framing).await?;
+        if head.framing != Framing::UntilClose && head.keep_alive && conn.read.is_empty() {
+            self.checkin(conn);
+        }
+        Ok(UpstreamResponse {
+            status: head.status,
+            headers: head.headers,
+            body,
+        })
     }
 
     /// An idle connection, if the pool has one young enough.
