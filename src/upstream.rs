@@ -934,4 +934,61 @@ mod tests {
             ));
         }
     }
+
+    // ---- the head parser on arbitrary input ---------------------------------------------
+
+    proptest::proptest! {
+        /// Whatever the upstream sends, parsing answers (complete, partial or refused) and
+        /// never panics; offsets it keeps stay inside the head.
+        #[test]
+        fn any_bytes_parse_or_are_refused(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
+            for method in [Method::GET, Method::HEAD] {
+                if let Ok(Some((len, Parsed::Final(head)))) = parse_head(&bytes, &method) {
+                    proptest::prop_assert!(len <= bytes.len());
+                    for (n, nl, v, vl) in head.lines {
+                        proptest::prop_assert!(n + nl <= len && v + vl <= len);
+                    }
+                }
+            }
+        }
+
+        /// A well-formed head: the status, the framing from Content-Length, and every
+        /// end-to-end header, hop-by-hop ones gone once the proxy has stripped them.
+        #[test]
+        fn well_formed_heads_keep_their_end_to_end_headers(
+            code in 200u16..600,
+            length in 0usize..5000,
+            names in proptest::collection::vec("(x-[a-z]{1,8}|connection|keep-alive|upgrade|te)", 0..6),
+            value in "[0-9]{1,6}",
+        ) {
+            let mut raw = format!("HTTP/1.1 {code} X\r\ncontent-length: {length}\r\n");
+            for name in &names {
+                raw.push_str(&format!("{name}: {value}\r\n"));
+            }
+            raw.push_str("\r\n");
+            let Some((len, Parsed::Final(head))) = parse_head(raw.as_bytes(), &Method::GET).unwrap() else {
+                panic!("a complete head");
+            };
+            proptest::prop_assert_eq!(len, raw.len());
+            proptest::prop_assert_eq!(head.status.as_u16(), code);
+            let bodiless = code == 204 || code == 304 || length == 0;
+            proptest::prop_assert_eq!(head.framing, if bodiless { Framing::Empty } else { Framing::Length(length) });
+            let block = Bytes::from(raw);
+            let mut map = header_map(&block, &head.lines).unwrap();
+            // As the proxy does: a Connection naming other headers is kept for this.
+            strip_hop_by_hop(&mut map);
+            // The order of differently named fields carries no meaning (RFC 9110 §5.3), and
+            // HeaderMap's removals reorder them.
+            let mut kept: Vec<String> = map.keys().map(|k| k.to_string()).collect();
+            kept.sort();
+            let mut want = vec!["content-length".to_string()];
+            for name in &names {
+                if name.starts_with("x-") && !want.contains(name) {
+                    want.push(name.clone());
+                }
+            }
+            want.sort();
+            proptest::prop_assert_eq!(kept, want);
+        }
+    }
 }
