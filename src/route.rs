@@ -80,20 +80,24 @@ pub fn classify<'a>(method: &Method, target: &'a str) -> Route<'a> {
     let Some(origin) = origin_form(target) else {
         return Route::Refused(Refusal::BadTarget);
     };
-    let (path, query) = match origin.split_once('?') {
-        Some((path, query)) => (path, Some(query)),
+    let Some(scan) = scan_path(origin) else {
+        return Route::Refused(Refusal::BadTarget);
+    };
+    let (path, query) = match origin.get(scan.path_len + 1..) {
+        Some(query) => (&origin[..scan.path_len], Some(query)),
         None => (origin, None),
     };
-    if !path_is_clean(path) || !query.is_none_or(query_is_clean) {
+    if !query.is_none_or(query_is_clean) {
         return Route::Refused(Refusal::BadTarget);
     }
 
     if *method == Method::PUT && path == TOKEN_PATH {
         return Route::Token;
     }
-    let Some(cred) = credential_form(path) else {
+    if !scan.mentions_credentials {
         return Route::Passthrough { target: origin };
-    };
+    }
+    let cred = credential_form(path);
     if *method != Method::GET && *method != Method::HEAD {
         return Route::Refused(Refusal::Method);
     }
@@ -120,44 +124,118 @@ fn origin_form(target: &str) -> Option<&str> {
         return None;
     }
     let rest = &target[7..];
-    match rest.find(['/', '?']) {
+    match rest.bytes().position(|b| b == b'/' || b == b'?') {
         Some(i) if rest.as_bytes()[i] == b'/' => Some(&rest[i..]),
         Some(_) => None,
         None => Some("/"),
     }
 }
 
-/// A path made only of plain segments: no empty segment except a trailing slash, no dot
-/// segments, only unreserved characters and the sub-delimiters that role names may contain.
-fn path_is_clean(path: &str) -> bool {
-    let Some(rest) = path.strip_prefix('/') else {
-        return false;
-    };
-    if rest.is_empty() {
-        return true;
+/// What one pass over an origin-form target's path found.
+struct PathScan {
+    /// Length of the path: up to the first `?`, or the whole target.
+    path_len: usize,
+    /// Whether a segment contains [`CREDENTIALS_MARKER`], in any letter case.
+    mentions_credentials: bool,
+}
+
+/// Checks the path in one pass over its bytes (on every request; criterion measures it in
+/// `benches/request_path.rs`): only plain segments, that is no empty segment except a trailing
+/// slash, no dot segments, only unreserved characters and the sub-delimiters that role names may
+/// contain. On the way, finds the end of the path and whether it mentions credentials.
+// Not inlined: in a caller with many live values the loop's state spills to the stack.
+#[inline(never)]
+fn scan_path(origin: &str) -> Option<PathScan> {
+    let bytes = origin.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return None;
     }
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    rest.split('/').all(|segment| {
-        !segment.is_empty()
-            && segment != "."
-            && segment != ".."
-            && segment.bytes().all(is_path_byte)
+    let mut mentions_credentials = false;
+    let mut segment_done = |segment: &[u8]| {
+        if segment.is_empty() || is_dot_segment(segment) {
+            return false;
+        }
+        mentions_credentials =
+            mentions_credentials || contains_ignore_case(segment, CREDENTIALS_MARKER.as_bytes());
+        true
+    };
+    let mut start = 1;
+    let mut path_len = bytes.len();
+    for (i, &b) in bytes.iter().enumerate().skip(1) {
+        if is_path_byte(b) {
+            continue;
+        }
+        if b == b'/' {
+            if !segment_done(&bytes[start..i]) {
+                return None;
+            }
+            start = i + 1;
+        } else if b == b'?' {
+            path_len = i;
+            break;
+        } else {
+            return None;
+        }
+    }
+    // The last segment may be empty (`/` itself, or a trailing slash).
+    let last = &bytes[start.min(path_len)..path_len];
+    if !last.is_empty() && !segment_done(last) {
+        return None;
+    }
+    Some(PathScan {
+        path_len,
+        mentions_credentials,
     })
 }
 
+fn is_dot_segment(segment: &[u8]) -> bool {
+    matches!(segment, b"." | b"..")
+}
+
+/// The `/`-separated segments of `s` (as `str::split('/')`, without its char searcher).
+fn segments(s: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(s);
+    std::iter::from_fn(move || {
+        let r = rest?;
+        match r.bytes().position(|b| b == b'/') {
+            Some(i) => {
+                rest = Some(&r[i + 1..]);
+                Some(&r[..i])
+            }
+            None => {
+                rest = None;
+                Some(r)
+            }
+        }
+    })
+}
+
+/// The bytes a path segment may hold: unreserved characters and the sub-delimiters role names
+/// may contain. A table, as the check runs on every byte of every request.
+const PATH_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.' | b'_' | b'~' | b'+' | b'=' | b',' | b'@' | b':'
+            );
+        b += 1;
+    }
+    table
+};
+
 fn is_path_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'-' | b'.' | b'_' | b'~' | b'+' | b'=' | b',' | b'@' | b':'
-        )
+    PATH_BYTES[usize::from(b)]
 }
 
 /// Queries are passed through on non-credential paths; they must still be plain, and may not
 /// carry a path or mention credentials (no IMDS client sends either).
 fn query_is_clean(query: &str) -> bool {
     query.bytes().all(|b| is_path_byte(b) || b == b'&')
-        && !contains_ignore_case(query, CREDENTIALS_MARKER)
+        && !contains_ignore_case(query.as_bytes(), CREDENTIALS_MARKER.as_bytes())
 }
 
 enum CredentialForm<'a> {
@@ -174,40 +252,37 @@ enum CredentialForm<'a> {
     Unknown,
 }
 
-/// Recognises the credential subtree. `None` means the path does not mention credentials at all.
-fn credential_form(path: &str) -> Option<CredentialForm<'_>> {
-    if !contains_ignore_case(path, CREDENTIALS_MARKER) {
-        return None;
-    }
+/// Recognises the credential subtree, given a clean path that mentions credentials.
+fn credential_form(path: &str) -> CredentialForm<'_> {
     let trimmed = path.strip_suffix('/').unwrap_or(path);
-    let mut segments = trimmed.split('/').skip(1);
+    let mut segments = segments(trimmed).skip(1);
     let version = segments.next().unwrap_or("");
     if !is_version(version)
         || !segments
             .next()
             .is_some_and(|s| s.eq_ignore_ascii_case("meta-data"))
     {
-        return Some(CredentialForm::Unknown);
+        return CredentialForm::Unknown;
     }
     // The longest known form has five segments after `meta-data`.
     let mut buf = [""; 5];
     let mut n = 0;
     for segment in segments {
         if n == buf.len() {
-            return Some(CredentialForm::Unknown);
+            return CredentialForm::Unknown;
         }
         buf[n] = segment;
         n += 1;
     }
     let rest = &buf[..n];
     let is = |i: usize, s: &str| rest.get(i).is_some_and(|x| x.eq_ignore_ascii_case(s));
-    let form = if is(0, "iam") {
+    if is(0, "iam") {
         let extended = if is(1, "security-credentials") {
             false
         } else if is(1, "security-credentials-extended") {
             true
         } else {
-            return Some(CredentialForm::Unknown);
+            return CredentialForm::Unknown;
         };
         match n {
             2 => CredentialForm::Listing { extended },
@@ -221,8 +296,7 @@ fn credential_form(path: &str) -> Option<CredentialForm<'_>> {
         identity_form(rest)
     } else {
         CredentialForm::Unknown
-    };
-    Some(form)
+    }
 }
 
 fn identity_form(rest: &[&str]) -> CredentialForm<'static> {
@@ -265,11 +339,19 @@ fn is_version(segment: &str) -> bool {
         })
 }
 
-fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
-    haystack
-        .as_bytes()
-        .windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+/// Whether `haystack` contains `needle`, ASCII case-insensitively.
+fn contains_ignore_case(haystack: &[u8], needle: &[u8]) -> bool {
+    let Some((&first, tail)) = needle.split_first() else {
+        return true;
+    };
+    if haystack.len() < needle.len() {
+        return false;
+    }
+    // Test one byte before comparing a whole window: most positions fail there.
+    (0..=haystack.len() - needle.len()).any(|i| {
+        haystack[i].eq_ignore_ascii_case(&first)
+            && haystack[i + 1..i + needle.len()].eq_ignore_ascii_case(tail)
+    })
 }
 
 #[cfg(test)]

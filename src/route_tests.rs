@@ -389,3 +389,50 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn segment_rules_hold_at_every_position() {
+    // Dot segments are refused wherever they are, a segment that merely holds dots is not.
+    for target in [
+        "/.",
+        "/..",
+        "/./",
+        "/latest/.",
+        "/latest/..?x=1",
+        "/latest/meta-data/iam/security-credentials/r/.",
+        "/latest/meta-data//",
+        "/latest/meta-data/instance-id//?x=1",
+    ] {
+        assert_eq!(
+            get(target),
+            Route::Refused(Refusal::BadTarget),
+            "{target:?}"
+        );
+    }
+    for target in [
+        "/",
+        "/?x=1",
+        "/latest/...",
+        "/latest/.../",
+        "/latest/a.b/",
+        "/latest/meta-data/instance-id/?x=1",
+    ] {
+        assert_eq!(get(target), Route::Passthrough { target }, "{target:?}");
+    }
+    // The marker is looked for inside each segment, in any case, at any offset.
+    for target in [
+        "/latest/meta-data/xCREDENTIALSy",
+        "/latest/meta-data/credentials",
+        "/latest/meta-data/a/b/c/d/e/f/g/h/credentialS",
+        "/latest/meta-data/cccredentials?x=1",
+    ] {
+        assert_eq!(
+            get(target),
+            Route::Refused(Refusal::UnknownCredentialPath),
+            "{target:?}"
+        );
+    }
+    // Split across segments it is no credential path.
+    let target = "/latest/meta-data/creden/tials";
+    assert_eq!(get(target), Route::Passthrough { target });
+}
