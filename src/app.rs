@@ -107,16 +107,22 @@ pub async fn start_with_clock(
         "imds",
         imds_listeners,
         move |req| proxy::handle(proxy_state.clone(), req),
-        config.max_connections,
-        config.drain_timeout,
+        server::Limits {
+            max_connections: config.max_connections,
+            idle: server::IDLE_TIMEOUT,
+            drain: config.drain_timeout,
+        },
         shutdown_rx.clone(),
     ));
     let admin_server = tokio::spawn(server::serve(
         "admin",
         admin_listeners,
         move |req| admin::handle(admin_state.clone(), req),
-        64,
-        Duration::from_millis(500),
+        server::Limits {
+            max_connections: 64,
+            idle: server::IDLE_TIMEOUT,
+            drain: Duration::from_millis(500),
+        },
         shutdown_rx.clone(),
     ));
     tracing::info!(imds = ?imds_addrs, admin = %admin_addr, upstream = %config.upstream.authority, "serving");
