@@ -11,6 +11,7 @@
 
 use std::io::{ErrorKind, Write as _};
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 use crate::config::Upstream;
 
@@ -98,8 +100,16 @@ struct Pool {
 }
 
 struct Idle {
-    conn: Conn,
+    conn: Pooled,
     since: Instant,
+}
+
+/// A connection and its deadline timer. The timer lives as long as the connection and is reset
+/// for each request rather than created: tokio moves a registered timer's deadline later without
+/// touching its wheel, so a busy connection costs no timer registration per request.
+struct Pooled {
+    conn: Conn,
+    timer: Pin<Box<Sleep>>,
 }
 
 /// One upstream connection and its buffers (kept with it, so a reused connection allocates
@@ -185,13 +195,9 @@ impl UpstreamClient {
         {
             return Err(UpstreamError::Protocol);
         }
-        let timeout = self.inner.timeout;
-        let exchange = self
-            .inner
-            .exchange(&method, path_and_query, &headers, &body);
-        tokio::time::timeout(timeout, exchange)
+        self.inner
+            .exchange(&method, path_and_query, &headers, &body)
             .await
-            .map_err(|_| UpstreamError::Timeout(timeout))?
     }
 }
 
@@ -203,15 +209,24 @@ impl Pool {
         headers: &HeaderMap,
         body: &[u8],
     ) -> Result<UpstreamResponse, UpstreamError> {
-        if let Some(conn) = self.pooled() {
-            match self.round_trip(conn, method, target, headers, body).await {
+        // One deadline for the whole exchange, the retry on a new connection included.
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        if let Some(mut pooled) = self.pooled() {
+            pooled.timer.as_mut().reset(deadline);
+            match self.round_trip(pooled, method, target, headers, body).await {
                 // Closed while idle: once more on a new connection.
                 Err(Failure::ClosedBeforeResponse) => {}
                 done => return done.map_err(Failure::into_error),
             }
         }
-        let conn = self.connect().await?;
-        self.round_trip(conn, method, target, headers, body)
+        let conn = tokio::time::timeout_at(deadline, self.connect())
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.timeout))??;
+        let pooled = Pooled {
+            conn,
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        self.round_trip(pooled, method, target, headers, body)
             .await
             .map_err(Failure::into_error)
     }
@@ -230,16 +245,40 @@ impl Pool {
         })
     }
 
-    /// One request and its whole response on `conn`, which goes back to the pool if it may
-    /// carry another request.
+    /// One request and its whole response on `pooled`, before its timer fires; the connection
+    /// goes back to the pool if it may carry another request.
     async fn round_trip(
         &self,
-        mut conn: Conn,
+        pooled: Pooled,
         method: &Method,
         target: &str,
         headers: &HeaderMap,
         body: &[u8],
     ) -> Result<UpstreamResponse, Failure> {
+        let Pooled {
+            mut conn,
+            mut timer,
+        } = pooled;
+        let response = tokio::select! {
+            biased;
+            response = self.request(&mut conn, method, target, headers, body) => response?,
+            // The connection is dropped: its state is unknown.
+            () = timer.as_mut() => return Err(UpstreamError::Timeout(self.timeout).into()),
+        };
+        if response.reusable && conn.read.is_empty() {
+            self.checkin(Pooled { conn, timer });
+        }
+        Ok(response.response)
+    }
+
+    async fn request(
+        &self,
+        conn: &mut Conn,
+        method: &Method,
+        target: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<Answer, Failure> {
         encode_request(
             &mut conn.write,
             &self.host_line,
@@ -251,20 +290,20 @@ impl Pool {
         if let Err(e) = conn.stream.write_all(&conn.write).await {
             return Err(closed_or(e));
         }
-        let head = read_head(&mut conn, method).await?;
-        let body = read_body(&mut conn, head.framing).await?;
-        if head.framing != Framing::UntilClose && head.keep_alive && conn.read.is_empty() {
-            self.checkin(conn);
-        }
-        Ok(UpstreamResponse {
-            status: head.status,
-            headers: head.headers,
-            body,
+        let head = read_head(conn, method).await?;
+        let body = read_body(conn, head.framing).await?;
+        Ok(Answer {
+            reusable: head.framing != Framing::UntilClose && head.keep_alive,
+            response: UpstreamResponse {
+                status: head.status,
+                headers: head.headers,
+                body,
+            },
         })
     }
 
     /// An idle connection, if the pool has one young enough.
-    fn pooled(&self) -> Option<Conn> {
+    fn pooled(&self) -> Option<Pooled> {
         let mut idle = self.lock_idle();
         let Idle { conn, since } = idle.pop()?;
         if since.elapsed() > IDLE_TIMEOUT {
@@ -275,7 +314,7 @@ impl Pool {
         Some(conn)
     }
 
-    fn checkin(&self, conn: Conn) {
+    fn checkin(&self, conn: Pooled) {
         let now = Instant::now();
         let mut idle = self.lock_idle();
         // Under a steady light load the bottom of the stack is never popped: close it here
@@ -352,6 +391,12 @@ fn encode_request(
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
+}
+
+/// A response, and whether its connection may carry another request.
+struct Answer {
+    response: UpstreamResponse,
+    reusable: bool,
 }
 
 struct Head {
@@ -920,6 +965,59 @@ mod tests {
             get(&client(&up), "/x").await,
             Err(UpstreamError::Connect)
         ));
+    }
+
+    #[tokio::test]
+    async fn every_request_on_a_reused_connection_gets_the_whole_deadline() {
+        // One connection: answers the first three requests, then reads and never answers.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = Upstream {
+            authority: listener.local_addr().unwrap().to_string().parse().unwrap(),
+        };
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let (mut buf, mut requests) = (Vec::new(), 0);
+            loop {
+                let mut chunk = [0u8; 1024];
+                let n = stream.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    return requests;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                while let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    buf.drain(..i + 4);
+                    requests += 1;
+                    if requests <= 3 {
+                        stream.write_all(OK_KEEP_ALIVE).await.unwrap();
+                    }
+                }
+            }
+        });
+        let c = client(&up); // 500 ms
+        let pause = |ms| tokio::time::sleep(Duration::from_millis(ms));
+        get(&c, "/a").await.unwrap();
+        // Reused before the first deadline passed: the timer is moved later in place.
+        pause(300).await;
+        get(&c, "/b").await.unwrap();
+        // Idle past that deadline, so the timer has fired: reused, it is set again.
+        pause(700).await;
+        get(&c, "/c").await.unwrap();
+        // Reused once more, 300 ms later; never answered: the full 500 ms, not what was left of
+        // an earlier request's deadline.
+        pause(300).await;
+        let started = Instant::now();
+        assert!(matches!(
+            get(&c, "/d").await,
+            Err(UpstreamError::Timeout(_))
+        ));
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(500) && waited < Duration::from_millis(1500),
+            "{waited:?}"
+        );
+        // The timed-out connection was closed, not pooled; all four went over the one connection.
+        drop(c);
+        assert_eq!(server.await.unwrap(), 4);
     }
 
     #[tokio::test]
