@@ -454,7 +454,9 @@ verdict "$soak_clean" "soak: $soak_n requests (target >= $soak_requests), errors
 # Criterion medians, when `cargo bench --bench request_path` has run (not run by this script).
 crit_median() { [[ -f $CRITERION_DIR/$1/new/estimates.json ]] && "$PYTHON" -c 'import json,sys; print("%.1f" % json.load(open(sys.argv[1]))["median"]["point_estimate"])' "$CRITERION_DIR/$1/new/estimates.json"; }
 crit_note="criterion results in $CRITERION_DIR"
-[[ -d $CRITERION_DIR ]] && crit_note+=" from $(date -u -r "$CRITERION_DIR" +%Y-%m-%dT%H:%MZ)"
+# The results' own time: the directory's changes only when a new benchmark first appears.
+crit_stamp=$CRITERION_DIR/classify/credentials/new/estimates.json
+[[ -f $crit_stamp ]] && crit_note+=" from $(date -u -r "$crit_stamp" +%Y-%m-%dT%H:%MZ)"
 for b in classify/passthrough classify/credentials classify/token classify/refused; do
     if m=$(crit_median "$b"); then
         verdict "$(lt "$m" 200)" "classification ($b): ${m} ns median; target < 200 ns ($crit_note)"
