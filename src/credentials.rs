@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
-use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 /// A secret string: never printed by `Debug` or `Display`.
@@ -161,7 +161,8 @@ pub fn rewrite(body: &[u8], locked: &LockedCredentials) -> Result<Option<Vec<u8>
 
     let success = fields.iter().any(|(k, v)| {
         k == "Code"
-            && serde_json::from_str::<Cow<str>>(v.get())
+            && serde_json::Deserializer::from_str(v.get())
+                .deserialize_str(StrVisitor)
                 .is_ok_and(|c| c.eq_ignore_ascii_case("success"))
     });
     if !success {
@@ -206,11 +207,39 @@ impl<'de> Visitor<'de> for FieldsVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut fields = Vec::with_capacity(8);
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        while let Some(key) = map.next_key_seed(StrVisitor)? {
             let value: &'de RawValue = map.next_value()?;
             fields.push((key, value));
         }
         Ok(fields)
+    }
+}
+
+/// A JSON string, borrowed from the input unless it holds escapes. (serde's own `Cow<str>`
+/// always allocates: it is deserialized as a `String`.)
+struct StrVisitor;
+
+impl<'de> DeserializeSeed<'de> for StrVisitor {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
+        de.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StrVisitor {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON string")
+    }
+
+    fn visit_borrowed_str<E: serde::de::Error>(self, s: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(s))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(s.to_owned()))
     }
 }
 
