@@ -10,10 +10,13 @@
 #   * the targets of issue 7 as PASS/MISS lines.
 # Everything it starts listens on 127.0.0.1 (free ports) and is stopped on exit.
 #
-# Usage: benches/load.sh [--quick] [--soak] [--strict] [--duration SECS] [--no-pin]
+# Usage: benches/load.sh [--quick] [--soak] [--strict] [--duration SECS] [--rounds N] [--no-pin]
 #                        [--soak-requests N] [--soak-seconds SECS] [--startup-runs N] [--keep]
-#   (default)   full run: 10 s per measurement, warm-up, full soak; about 6 minutes
-#   --quick     CI smoke: 1 s per measurement, short bounded soak; under a minute
+#   (default)   full run: 10 s per target and cell in 5 rounds of 2 s (targets alternate within
+#               each round; medians over rounds), warm-up, full soak; about 6 minutes
+#   --quick     CI smoke: 1 s per target and cell in 1 round, short bounded soak; under a minute
+#   --duration  seconds per target and cell, split over the rounds
+#   --rounds    rounds per cell
 #   --soak      the full soak (1M requests) even with --quick
 #   --strict    exit 3 when a target is missed (otherwise MISS is information)
 #   --no-pin    do not pin wrk and the servers to CPUs
@@ -36,7 +39,7 @@ PASS_PATH=/latest/meta-data/instance-id
 CRED_PATH=/latest/meta-data/iam/security-credentials/$ROLE
 
 quick=0 soak_full=0 strict=0 pin=1 keep=0
-duration='' soak_requests='' soak_seconds='' startup_runs=5
+duration='' rounds='' soak_requests='' soak_seconds='' startup_runs=5
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; }
 while (($#)); do
@@ -47,6 +50,7 @@ while (($#)); do
         --no-pin) pin=0 ;;
         --keep) keep=1 ;;
         --duration) duration=${2:?}; shift ;;
+        --rounds) rounds=${2:?}; shift ;;
         --soak-requests) soak_requests=${2:?}; shift ;;
         --soak-seconds) soak_seconds=${2:?}; shift ;;
         --startup-runs) startup_runs=${2:?}; shift ;;
@@ -55,16 +59,18 @@ while (($#)); do
     esac
     shift
 done
-for n in "$duration" "$soak_requests" "$soak_seconds" "$startup_runs"; do
+for n in "$duration" "$rounds" "$soak_requests" "$soak_seconds" "$startup_runs"; do
     [[ -z $n || $n =~ ^[1-9][0-9]*$ ]] || { echo "load.sh: $n is not a positive integer" >&2; exit 2; }
 done
 
 if ((quick)); then
-    duration=${duration:-1}; warmup=0
+    duration=${duration:-1}; rounds=${rounds:-1}; warmup=0
     ((soak_full)) || { soak_requests=${soak_requests:-30000}; soak_seconds=${soak_seconds:-4}; }
 else
-    duration=${duration:-10}; warmup=1
+    duration=${duration:-10}; rounds=${rounds:-5}; warmup=1
 fi
+((duration % rounds == 0)) || { echo "load.sh: --duration $duration is not a multiple of --rounds $rounds" >&2; exit 2; }
+round_secs=$((duration / rounds))
 soak_requests=${soak_requests:-1000000}
 soak_seconds=${soak_seconds:-150}
 
@@ -160,6 +166,7 @@ tree_cpu_ticks() {   # a process and its children (nginx workers)
 ticks_to_s() { awk -v t="$1" -v h="$clk_tck" 'BEGIN {printf "%.2f", t / h}'; }
 kb_to_mib() { awk -v k="$1" 'BEGIN {printf "%.1f", k / 1024}'; }
 fmt_us() { awk -v u="$1" 'BEGIN { if (u >= 1000) printf "%.2fms", u / 1000; else printf "%dus", u }'; }
+median() { tr -s ' ' '\n' <<<"$*" | sed '/^$/d' | sort -g | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
 
 ports=$(free_ports 7)
@@ -279,7 +286,7 @@ TOML
     ((ready)) || { tail -20 "$work/startup-$run.log" >&2; die "startup run $run: not ready within 10 s"; }
     startup_ms+=($(((t1 - t0) / 1000000)))
 done
-startup_median=$(printf '%s\n' "${startup_ms[@]}" | sort -n | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}')
+startup_median=$(median "${startup_ms[@]}")
 log "startup to READY (ms): ${startup_ms[*]}; median $startup_median"
 
 # ---- load matrix ---------------------------------------------------------------------------
@@ -303,6 +310,11 @@ fi
 
 cpu0=$(proc_cpu_ticks "$credlock_pid")
 wall0=$SECONDS
+# Each cell is measured in $rounds rounds of $round_secs s; within a round every target runs once,
+# back to back, and the order rotates from round to round. The drift of this VM's speed over
+# tens of seconds (5-10 %) then falls on every target alike instead of on whichever ran last.
+# Reported: the median over rounds of req/s, p50 and p99; requests, errors and CPU are summed.
+declare -A r_rps r_p50 r_p99 r_ticks
 for path in "${paths[@]}"; do
     case $path in
         passthrough) args=(get "$PASS_PATH") ;;
@@ -311,26 +323,41 @@ for path in "${paths[@]}"; do
     esac
     for conns in 1 64; do
         threads=$((conns == 1 ? 1 : 2))
+        for round in $(seq "$rounds"); do
+            order=("${targets[@]:$(((round - 1) % ${#targets[@]}))}" "${targets[@]:0:$(((round - 1) % ${#targets[@]}))}")
+            for t in "${order[@]}"; do
+                key="$t|$path|$conns"
+                ticks0=$(tree_cpu_ticks "${pid_of[$t]}")
+                line=$(run_wrk "$threads" "$conns" "$round_secs" "http://127.0.0.1:${port_of[$t]}" "$here/upstream/bench.lua" "${args[@]}")
+                ticks=$(($(tree_cpu_ticks "${pid_of[$t]}") - ticks0))
+                n=$(field "$line" requests)
+                if [[ -z $line || -z $n || $n == 0 ]]; then
+                    failures+=("$key round $round: no measurement (see $work/wrk.log)")
+                    continue
+                fi
+                reqs[$key]=$((${reqs[$key]:-0} + n))
+                r_ticks[$key]=$((${r_ticks[$key]:-0} + ticks))
+                r_rps[$key]+=" $(field "$line" rps)"
+                r_p50[$key]+=" $(field "$line" p50_us)"
+                r_p99[$key]+=" $(field "$line" p99_us)"
+                e=0
+                for f in err_connect err_read err_write err_timeout err_status; do
+                    e=$((e + $(field "$line" "$f")))
+                done
+                errs[$key]=$((${errs[$key]:-0} + e))
+                log "$(printf '%-9s %-12s c=%-3s round %d/%d %10s req/s  p50 %-8s p99 %s' "$t" "$path" "$conns" "$round" "$rounds" "$(field "$line" rps)" "$(fmt_us "$(field "$line" p50_us)")" "$(fmt_us "$(field "$line" p99_us)")")"
+            done
+        done
         for t in "${targets[@]}"; do
             key="$t|$path|$conns"
-            ticks0=$(tree_cpu_ticks "${pid_of[$t]}")
-            line=$(run_wrk "$threads" "$conns" "$duration" "http://127.0.0.1:${port_of[$t]}" "$here/upstream/bench.lua" "${args[@]}")
-            n=$(field "$line" requests)
-            if [[ -z $line || -z $n || $n == 0 ]]; then
-                failures+=("$key: no measurement (see $work/wrk.log)")
-                continue
-            fi
-            reqs[$key]=$n
-            cpu_us[$key]=$(awk -v t="$(($(tree_cpu_ticks "${pid_of[$t]}") - ticks0))" -v h="$clk_tck" -v n="$n" 'BEGIN {printf "%.1f", t / h * 1e6 / n}')
-            rps[$key]=$(field "$line" rps)
-            p50[$key]=$(field "$line" p50_us)
-            p99[$key]=$(field "$line" p99_us)
-            errs[$key]=0
-            for e in err_connect err_read err_write err_timeout err_status; do
-                errs[$key]=$((errs[$key] + $(field "$line" "$e")))
-            done
+            [[ -n ${r_rps[$key]:-} ]] || continue
+            # A cell with a failed round has no median of $rounds: it is reported as failed.
+            (($(wc -w <<<"${r_rps[$key]}") == rounds)) || continue
+            rps[$key]=$(median "${r_rps[$key]}")
+            p50[$key]=$(median "${r_p50[$key]}")
+            p99[$key]=$(median "${r_p99[$key]}")
+            cpu_us[$key]=$(awk -v t="${r_ticks[$key]}" -v h="$clk_tck" -v n="${reqs[$key]}" 'BEGIN {printf "%.1f", t / h * 1e6 / n}')
             ((errs[$key] == 0)) || failures+=("$key: ${errs[$key]} errors (socket errors or HTTP >= 400)")
-            log "$(printf '%-9s %-12s c=%-3s %10s req/s  p50 %-8s p99 %s' "$t" "$path" "$conns" "${rps[$key]}" "$(fmt_us "${p50[$key]}")" "$(fmt_us "${p99[$key]}")")"
         done
     done
 done
@@ -399,7 +426,7 @@ echo "## credlock load benchmark ($(date -u +%Y-%m-%dT%H:%MZ), $( ((quick)) && e
 echo
 echo "- machine: $(nproc) CPUs ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)), Linux $(uname -r); load average before $load_before, after $load_after"
 echo "- credlock: $CREDLOCK_BIN ($("$CREDLOCK_BIN" --version 2>/dev/null || echo '?')); $(nginx -v 2>&1 | sed 's/.*: //'); $(haproxy -v | head -1 | cut -d' ' -f1-3); $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)"
-echo "- wrk ${duration} s per cell (-t1 at 1 connection, -t2 at 64), keep-alive; placement: $( ((pin)) && echo 'wrk on CPU 0; upstream, proxies and moto on CPU 1 (nginx 1 worker, haproxy 1 thread)' || echo "unpinned (nginx $workers workers, haproxy $workers threads)")"
+echo "- wrk ${duration} s per target and cell in $rounds round(s) of ${round_secs} s, targets in rotating order within each round; req/s, p50 and p99 are medians over the rounds (-t1 at 1 connection, -t2 at 64), keep-alive; placement: $( ((pin)) && echo 'wrk on CPU 0; upstream, proxies and moto on CPU 1 (nginx 1 worker, haproxy 1 thread)' || echo "unpinned (nginx $workers workers, haproxy $workers threads)")"
 echo "- paths: passthrough GET $PASS_PATH, token PUT /latest/api/token, credentials GET $CRED_PATH"
 echo "- CPU us/req: user+system CPU of the target's own processes (the proxy alone; for upstream, the nginx upstream) per request, from /proc (10 ms ticks)"
 echo
@@ -433,11 +460,19 @@ ge() { awk -v a="$1" -v b="$2" 'BEGIN {print (a >= b) ? 1 : 0}'; }
 lt() { awk -v a="$1" -v b="$2" 'BEGIN {print (a < b) ? 1 : 0}'; }
 echo "### Targets (issue 7)"
 echo
+# round_ratios A B: A's figure over B's, round by round (the two ran back to back in each round).
+round_ratios() {
+    local -a a b
+    read -ra a <<<"$1"; read -ra b <<<"$2"
+    local i out=''
+    for i in "${!a[@]}"; do out+="$(ratio "${a[i]}" "${b[i]:-0}") "; done
+    echo "${out% }"
+}
 for conns in 1 64; do
     c="credlock|passthrough|$conns" n="nginx|passthrough|$conns"
     if [[ -n ${rps[$c]:-} && -n ${rps[$n]:-} ]]; then
-        verdict "$(ge "${rps[$c]}" "${rps[$n]}")" "passthrough throughput at $conns conn: credlock ${rps[$c]%.*} req/s = $(ratio "${rps[$c]}" "${rps[$n]}")x nginx (${rps[$n]%.*}); target >= 1.0x"
-        verdict "$(ge "${p99[$n]}" "${p99[$c]}")" "passthrough p99 at $conns conn: credlock $(fmt_us "${p99[$c]}") vs nginx $(fmt_us "${p99[$n]}") ($(ratio "${p99[$c]}" "${p99[$n]}")x); target <= nginx"
+        verdict "$(ge "${rps[$c]}" "${rps[$n]}")" "passthrough throughput at $conns conn: credlock ${rps[$c]%.*} req/s = $(ratio "${rps[$c]}" "${rps[$n]}")x nginx (${rps[$n]%.*}); target >= 1.0x; by round: $(round_ratios "${r_rps[$c]}" "${r_rps[$n]}")"
+        verdict "$(ge "${p99[$n]}" "${p99[$c]}")" "passthrough p99 at $conns conn: credlock $(fmt_us "${p99[$c]}") vs nginx $(fmt_us "${p99[$n]}") ($(ratio "${p99[$c]}" "${p99[$n]}")x); target <= nginx; by round: $(round_ratios "${r_p99[$c]}" "${r_p99[$n]}")"
     fi
     k="credlock|credentials|$conns"
     if [[ -n ${rps[$k]:-} && -n ${rps[$c]:-} ]]; then
