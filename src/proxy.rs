@@ -2,8 +2,8 @@
 //! refuse. Every outcome, errors included, becomes a response in [`respond`]; nothing here can
 //! take the process down.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,7 +13,7 @@ use hyper::body::Body as _;
 use hyper::body::Incoming;
 
 use crate::clock::Clock;
-use crate::credentials::{self, CredentialStore};
+use crate::credentials::{self, CredentialStore, LockedCredentials, RewriteError};
 use crate::metrics::{Metrics, RouteLabel};
 use crate::route::{self, Refusal, Route};
 use crate::upstream::{UpstreamClient, UpstreamError, UpstreamResponse, strip_hop_by_hop};
@@ -40,6 +40,7 @@ pub struct ProxyState {
     pub clock: Arc<dyn Clock>,
     pub serve_margin: Duration,
     token_mode: AtomicU8,
+    rewrites: RewriteCache,
 }
 
 impl ProxyState {
@@ -57,6 +58,7 @@ impl ProxyState {
             clock,
             serve_margin,
             token_mode: AtomicU8::new(TokenMode::Unknown as u8),
+            rewrites: RewriteCache::default(),
         }
     }
 
@@ -250,9 +252,9 @@ async fn credentials(state: &ProxyState, path: &str, headers: HeaderMap) -> Outc
     if response.status != StatusCode::OK {
         return Outcome::Upstream(response);
     }
-    match credentials::rewrite(&response.body, &locked) {
+    match state.rewrites.rewrite(&response.body, &locked) {
         Ok(Some(body)) => {
-            response.body = Bytes::from(body);
+            response.body = body;
             response.headers.remove(header::CONTENT_LENGTH);
             Outcome::Upstream(response)
         }
@@ -269,6 +271,52 @@ async fn credentials(state: &ProxyState, path: &str, headers: HeaderMap) -> Outc
                 "credlock: the upstream credential answer could not be locked\n",
             )
         }
+    }
+}
+
+/// The last credential rewrite. Its result depends only on the upstream's bytes and the locked
+/// set, and both change rarely (IMDS rotates its set about hourly, credlock's own refresh is
+/// hourly too), so while the upstream answers with the same bytes and the same set (the same
+/// `Arc`, held here so its address cannot be reused) is served, the answer is reused instead of
+/// parsing the JSON again. Holds one copy of the last upstream document (the instance role's own
+/// credentials, which never leave the process) and the last answer.
+#[derive(Default)]
+struct RewriteCache {
+    last: Mutex<Option<LastRewrite>>,
+}
+
+struct LastRewrite {
+    locked: Arc<LockedCredentials>,
+    upstream: Bytes,
+    rewritten: Bytes,
+}
+
+impl RewriteCache {
+    /// [`credentials::rewrite`], remembered. Only success bodies are remembered: error
+    /// documents and refusals are rare and always judged afresh.
+    fn rewrite(
+        &self,
+        upstream: &Bytes,
+        locked: &Arc<LockedCredentials>,
+    ) -> Result<Option<Bytes>, RewriteError> {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(l) = last.as_ref()
+            && Arc::ptr_eq(&l.locked, locked)
+            && l.upstream == *upstream
+        {
+            return Ok(Some(l.rewritten.clone()));
+        }
+        let Some(rewritten) = credentials::rewrite(upstream, locked)? else {
+            return Ok(None);
+        };
+        let rewritten = Bytes::from(rewritten);
+        *last = Some(LastRewrite {
+            locked: Arc::clone(locked),
+            // A copy: the answer's bytes share the pooled connection's read buffer.
+            upstream: Bytes::copy_from_slice(upstream),
+            rewritten: rewritten.clone(),
+        });
+        Ok(Some(rewritten))
     }
 }
 
@@ -302,5 +350,85 @@ fn respond(outcome: Outcome, head: bool) -> Response<Full<Bytes>> {
             h.insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
             response
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::credentials::Secret;
+
+    fn locked(key: &str) -> Arc<LockedCredentials> {
+        let now = SystemTime::now();
+        Arc::new(LockedCredentials::new(
+            key.into(),
+            Secret::new(format!("{key}/secret")),
+            Secret::new(format!("{key}-token")),
+            now + Duration::from_secs(3600),
+            now,
+        ))
+    }
+
+    fn upstream(code: &str, updated: &str) -> Bytes {
+        Bytes::from(format!(
+            "{{\n  \"Code\" : \"{code}\",\n  \"LastUpdated\" : \"{updated}\",\n  \"Type\" : \"AWS-HMAC\",\n  \"AccessKeyId\" : \"ASIARAWRAWRAW\",\n  \"SecretAccessKey\" : \"rawSecret\",\n  \"Token\" : \"rawToken\",\n  \"Expiration\" : \"2026-11-30T21:00:00Z\"\n}}"
+        ))
+    }
+
+    /// Whatever came before, the cache answers exactly what a fresh rewrite of this upstream body
+    /// with this locked set answers: a changed upstream document or a new locked set is never
+    /// served the previous answer.
+    #[test]
+    fn the_rewrite_cache_answers_what_a_fresh_rewrite_answers() {
+        let cache = RewriteCache::default();
+        let (a, b) = (locked("ASIALOCKEDA"), locked("ASIALOCKEDB"));
+        let (one, two) = (
+            upstream("Success", "2026-11-30T15:00:00Z"),
+            upstream("Success", "2026-11-30T16:00:00Z"),
+        );
+        let error = upstream("AssumeRoleUnauthorizedAccess", "2026-11-30T15:00:00Z");
+        let broken = Bytes::from_static(b"{\"Code\":\"Success\",\"AccessKeyId\":\"ASIARAW\"}");
+        let steps = [
+            (&one, &a),
+            (&one, &a),
+            (&two, &a),
+            (&two, &b),
+            (&one, &b),
+            (&error, &b),
+            (&one, &b),
+            (&broken, &b),
+            (&one, &a),
+            (&one, &a),
+        ];
+        for (i, (body, set)) in steps.into_iter().enumerate() {
+            let fresh = credentials::rewrite(body, set).map(|o| o.map(Bytes::from));
+            assert_eq!(cache.rewrite(body, set), fresh, "step {i}");
+        }
+    }
+
+    #[test]
+    fn the_same_upstream_body_and_set_reuse_the_last_answer() {
+        let cache = RewriteCache::default();
+        let set = locked("ASIALOCKEDA");
+        let first = cache
+            .rewrite(&upstream("Success", "x"), &set)
+            .unwrap()
+            .unwrap();
+        // An equal body in another buffer (the next answer on another connection) still hits.
+        let again = cache
+            .rewrite(&upstream("Success", "x"), &set)
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.as_ptr(), again.as_ptr());
+        let text = std::str::from_utf8(&again).unwrap();
+        assert!(text.contains("ASIALOCKEDA/secret") && !text.contains("rawSecret"));
+        // The same values in a new set (a refresh) are a new rewrite, not the held one.
+        let refreshed = cache
+            .rewrite(&upstream("Success", "x"), &locked("ASIALOCKEDA"))
+            .unwrap()
+            .unwrap();
+        assert_ne!(first.as_ptr(), refreshed.as_ptr());
     }
 }
