@@ -10,7 +10,9 @@
 # credlock.service <= 2.0; shellcheck on every *.sh and systemd/credlock-firewall; the default
 # credlock.toml parses (and passes `credlock check-config` when target/debug/credlock exists);
 # ami/credlock.pkr.hcl parses with python-hcl2 and keeps the IMDSv2 settings; the Image Builder
-# component parses as YAML with build/validate/test phases.
+# component parses as YAML with build/validate/test phases; benches/summarize.py judges the
+# committed load.sh runs (its first ratio equals the one computed here from the raw table), marks
+# a run cut short as a miss and rejects a file that is not a load.sh output.
 # Prints PASS/FAIL/SKIP per check and a summary; exits 1 if any check failed.
 set -uo pipefail
 
@@ -255,6 +257,39 @@ EOF
     fi
 }
 
+# ---------------------------------------------------------------------------------------------
+# Benchmark summary
+
+check_bench_summary() {
+    local results=("$REPO"/benches/results/*/run*.txt) out want got cut
+    if [[ ! -f ${results[0]} ]]; then
+        fail "benches/summarize.py" "no committed load.sh runs under benches/results"
+        return
+    fi
+    if ! out=$(python3 "$REPO/benches/summarize.py" "${results[@]}" 2>&1); then
+        fail "benches/summarize.py on the committed runs" "$out"
+        return
+    fi
+    # credlock / nginx passthrough req/s at 1 connection in the first run, from its raw table.
+    want=$(awk -F'|' '$3 ~ /passthrough/ && $4 ~ / 1 / {gsub(/ /, "", $2); r[$2] = $5} END {printf "%.3f", r["credlock"] / r["nginx"]}' "${results[0]}")
+    got=$(awk -F'|' '$2 ~ /passthrough req\/s >= 1.0x nginx, 1 conn/ {gsub(/ /, "", $3); print $3}' <<<"$out")
+    if [[ $(grep -cE '\| (PASS|MISS) \|$' <<<"$out") -ne 9 || $got != "$want" ]]; then
+        fail "benches/summarize.py on the committed runs" "expected 9 verdicts and a first ratio of $want, got $got:"$'\n'"$out"
+        return
+    fi
+    cut="$TMP/cut-short.txt"
+    sed '/^Startup/,$d' "${results[0]}" >"$cut"   # the table, without startup, soak and targets
+    if ! grep -q '^| peak RSS < 20 MB.* | MISS |$' <<<"$(python3 "$REPO/benches/summarize.py" "$cut" 2>&1)"; then
+        fail "benches/summarize.py marks a run cut short as a miss"
+        return
+    fi
+    if python3 "$REPO/benches/summarize.py" "$REPO/README.md" >/dev/null 2>&1; then
+        fail "benches/summarize.py rejects a file that is not a load.sh output"
+        return
+    fi
+    pass "benches/summarize.py: ${#results[@]} committed runs, 9 verdicts, first ratio $got as in the raw table; a cut run misses; other files rejected"
+}
+
 stage_units
 check_verify
 check_dropin_effect
@@ -263,5 +298,6 @@ check_shellcheck
 check_config
 check_packer
 check_image_builder
+check_bench_summary
 printf '%d passed, %d failed, %d skipped\n' "$PASSED" "$FAILED" "$SKIPPED"
 ((FAILED == 0))
