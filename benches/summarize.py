@@ -7,8 +7,9 @@
 Each run's ratios are taken within that run (credlock and nginx measured in the same rounds),
 then the median over runs is compared with the target. Prints Markdown: the targets run by run
 with their medians and verdicts, CPU per request of credlock against nginx, and the median of
-every table row. Exit status: 0 (misses are information), 1 a file is not a load.sh output, or
-a run lacks a row a target needs, 2 usage.
+every table row; a run whose cells had errors is named in a note first. Exit status: 0 (misses
+are information), 1 a file is not a load.sh output, or a run lacks a row a target needs (a cell
+that failed outright), 2 usage.
 """
 
 import re
@@ -70,6 +71,10 @@ def main(paths):
     runs = [parse(p) for p in paths]
     if any(r["mode"] != "full" for r in runs):
         print("note: some runs are not full runs (--quick); their figures are not comparable\n")
+    for i, r in enumerate(runs):
+        bad = [" ".join(map(str, k)) for k, v in r["rows"].items() if v["errors"]]
+        if bad:
+            print(f"note: run {i + 1} ({r['file']}) had errors in: {', '.join(bad)}; load.sh failed it\n")
 
     # (label, per-run value, passes(median))
     targets = []
