@@ -135,8 +135,7 @@ def main(paths):
     print(f"\nMedian over the {len(runs)} runs of every row (ratios: the median of each run's ratio):\n")
     print("| target | path | conns | req/s | p50 | p99 | x upstream | x nginx | CPU us/req |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    keys = [k for k in runs[0]["rows"]]
-    for target, path, conns in keys:
+    for target, path, conns in runs[0]["rows"]:
         present = [r for r in runs if (target, path, conns) in r["rows"]]
         cells = [r["rows"][(target, path, conns)] for r in present]
         vs_up = [c["rps"] / r["rows"][("upstream", path, conns)]["rps"] for c, r in zip(cells, present)
@@ -144,15 +143,15 @@ def main(paths):
         vs_ngx = [c["rps"] / r["rows"][("nginx", path, conns)]["rps"] for c, r in zip(cells, present)
                   if ("nginx", path, conns) in r["rows"]]
         cpu = [c["cpu"] for c in cells if c["cpu"] is not None]
+        if not (vs_up and vs_ngx and cpu):
+            print(f"| {target} | {path} | {conns} | (incomplete) | | | | | |")
+            continue
         errors = " (errors in some runs)" if any(c["errors"] for c in cells) else ""
-        print(
-            f"| {target} | {path} | {conns} | {statistics.median(c['rps'] for c in cells):.0f}{errors} "
-            f"| {fmt_us(statistics.median(c['p50'] for c in cells))} "
-            f"| {fmt_us(statistics.median(c['p99'] for c in cells))} "
-            f"| {statistics.median(vs_up):.2f} | {statistics.median(vs_ngx):.2f} "
-            f"| {statistics.median(cpu):.1f} |" if vs_up and vs_ngx and cpu else
-            f"| {target} | {path} | {conns} | (incomplete) | | | | | |"
-        )
+        rps = statistics.median(c["rps"] for c in cells)
+        p50 = fmt_us(statistics.median(c["p50"] for c in cells))
+        p99 = fmt_us(statistics.median(c["p99"] for c in cells))
+        print(f"| {target} | {path} | {conns} | {rps:.0f}{errors} | {p50} | {p99} "
+              f"| {statistics.median(vs_up):.2f} | {statistics.median(vs_ngx):.2f} | {statistics.median(cpu):.1f} |")
     return 0
 
 

@@ -276,9 +276,9 @@ async fn credentials(state: &ProxyState, path: &str, headers: HeaderMap) -> Outc
 
 /// The last credential rewrite. Its result depends only on the upstream's bytes and the locked
 /// set, and both change rarely (IMDS rotates its set about hourly, credlock refreshes its own at
-/// half the session's life, 7.5-30 min), so while the upstream answers with the same bytes and the same set (the same
-/// `Arc`, held here so its address cannot be reused) is served, the answer is reused instead of
-/// parsing the JSON again. Holds one copy of the last upstream document (the instance role's own
+/// half the session's life, 7.5-30 min), so while the upstream answers with the same bytes and
+/// the same set (the same `Arc`, held here so its address cannot be reused) is served, the
+/// answer is reused instead of parsing the JSON again. Holds one copy of the last upstream document (the instance role's own
 /// credentials, which never leave the process) and the last answer.
 #[derive(Default)]
 struct RewriteCache {
