@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::config::Upstream;
 use crate::credentials::imds_timestamp;
 use crate::discovery::SourceStatus;
+use crate::firewall::{FirewallState, FirewallWatch};
 use crate::proxy::{ProxyState, TokenMode};
 use crate::refresh::LockStatus;
 use crate::upstream::UpstreamClient;
@@ -27,6 +28,7 @@ pub struct AdminState {
     /// A client to credlock's own IMDS listener: `/readyz` goes through the real data path.
     pub self_client: UpstreamClient,
     pub imds_listener: SocketAddr,
+    pub firewall: FirewallWatch,
     /// The last data-path check: probes within [`READY_CACHE`] reuse it, so a tight probe loop
     /// does not turn into IMDS traffic.
     last_ready: Mutex<Option<(Instant, Result<String, String>)>>,
@@ -40,6 +42,7 @@ impl AdminState {
         lock_status: Arc<ArcSwap<LockStatus>>,
         discovery_status: Arc<ArcSwap<Vec<SourceStatus>>>,
         imds_listener: SocketAddr,
+        firewall: FirewallWatch,
     ) -> Self {
         let authority = imds_listener
             .to_string()
@@ -51,6 +54,7 @@ impl AdminState {
             discovery_status,
             self_client: UpstreamClient::new(&Upstream { authority }, Duration::from_secs(2)),
             imds_listener,
+            firewall,
             last_ready: Mutex::new(None),
         }
     }
@@ -101,6 +105,21 @@ async fn healthz(state: &AdminState) -> Response<Full<Bytes>> {
 }
 
 async fn cached_readyz(state: &AdminState) -> Result<String, String> {
+    // The firewall first, and never cached: rules removed by hand turn the probe unready as
+    // soon as the firewall's check has seen it.
+    if state.firewall.required {
+        let fw = state.firewall.read(SystemTime::now());
+        state.proxy.metrics.firewall(&fw);
+        if !fw.enforced() {
+            return Err(format!(
+                "not ready: the firewall is not enforced (backend {}, ipv4 {}, ipv6 {}){}\n",
+                fw.backend,
+                fw.ipv4.label(),
+                fw.ipv6.label(),
+                fw.problem.map(|p| format!(": {p}")).unwrap_or_default()
+            ));
+        }
+    }
     // The servable check is cheap and always fresh: expiry turns a probe unready at once.
     let proxy = &state.proxy;
     if proxy
@@ -153,7 +172,7 @@ async fn readyz(state: &AdminState) -> Result<String, String> {
     );
     let token = state
         .self_client
-        .send(Method::PUT, crate::route::TOKEN_PATH, headers, Bytes::new())
+        .send(Method::PUT, crate::route::TOKEN_PATH, headers)
         .await
         .map_err(|e| format!("not ready: token through credlock: {e}\n"))?;
     if token.status != StatusCode::OK {
@@ -170,7 +189,7 @@ async fn readyz(state: &AdminState) -> Result<String, String> {
     let path = format!("/latest/meta-data/iam/security-credentials/{role}");
     let answer = state
         .self_client
-        .send(Method::GET, &path, headers, Bytes::new())
+        .send(Method::GET, &path, headers)
         .await
         .map_err(|e| format!("not ready: credentials through credlock: {e}\n"))?;
     if answer.status != StatusCode::OK {
@@ -203,6 +222,10 @@ fn refresh_gauges(proxy: &ProxyState) {
 
 fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
     refresh_gauges(&state.proxy);
+    state
+        .proxy
+        .metrics
+        .firewall(&state.firewall.read(SystemTime::now()));
     let mut r = Response::new(Full::new(Bytes::from(state.proxy.metrics.render())));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -219,6 +242,16 @@ struct Status<'a> {
     credentials: CredentialStatus,
     lock: &'a LockStatus,
     discovery: &'a [SourceStatus],
+    firewall: FirewallStatus,
+}
+
+#[derive(Serialize)]
+struct FirewallStatus {
+    /// Whether readiness depends on it.
+    required: bool,
+    enforced: bool,
+    #[serde(flatten)]
+    state: FirewallState,
 }
 
 #[derive(Serialize)]
@@ -249,6 +282,14 @@ fn status(state: &AdminState) -> Response<Full<Bytes>> {
         },
         lock: &lock,
         discovery: &discovery,
+        firewall: {
+            let fw = state.firewall.read(SystemTime::now());
+            FirewallStatus {
+                required: state.firewall.required,
+                enforced: fw.enforced(),
+                state: fw,
+            }
+        },
     };
     let json = serde_json::to_vec_pretty(&body).unwrap_or_else(|_| b"{}".to_vec());
     let mut r = Response::new(Full::new(Bytes::from(json)));

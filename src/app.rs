@@ -13,8 +13,9 @@ use tokio::task::JoinHandle;
 use crate::admin::{self, AdminState};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::credentials::CredentialStore;
+use crate::credentials::{CredentialStore, KnownRaw};
 use crate::discovery::{self, Discoverer};
+use crate::firewall::FirewallWatch;
 use crate::identity::{InstanceIdentity, RoleArn};
 use crate::imds::Imds;
 use crate::metrics::Metrics;
@@ -29,6 +30,10 @@ use crate::upstream::UpstreamClient;
 pub enum StartError {
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
+    #[error(
+        "systemd passed a listener on {0} that neither server.listen nor server.admin_listen names: make credlock.socket's ListenStream= and /etc/credlock/credlock.toml agree"
+    )]
+    UnexpectedListener(String),
     #[error("{0}")]
     Policy(#[from] policy::PolicyError),
     #[error("cannot read the policy template {0}: {1}")]
@@ -39,6 +44,9 @@ pub enum StartError {
 pub struct Running {
     pub imds_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
+    /// Why the admin listener could not be had (it is then not served; IMDS is). Under
+    /// systemd the socket unit holds it from boot, so only `credlock run` by hand can meet this.
+    pub admin_error: Option<String>,
     /// Turns true once a locked set is held (then systemd is told READY=1).
     pub ready: watch::Receiver<bool>,
     pub shutdown: watch::Sender<bool>,
@@ -57,8 +65,36 @@ pub fn load_template(config: &Config) -> Result<serde_json::Value, StartError> {
     Ok(policy::parse_template(&text)?)
 }
 
+/// The TCP listeners systemd passed (socket activation: credlock.socket), if any. Call it
+/// before any other thread exists: it clears LISTEN_FDS and LISTEN_PID from the environment.
+///
+/// Socket activation is what keeps every other user away from credlock's ports: systemd binds
+/// them at sockets.target, before any user process runs, and holds them while credlock
+/// crashes, restarts or is stopped, so no process can bind them and receive the IMDS traffic
+/// the firewall redirects there (port squatting, issue 14).
+pub fn inherited_listeners() -> Vec<std::net::TcpListener> {
+    let mut fds = listenfd::ListenFd::from_env();
+    (0..fds.len())
+        .filter_map(|i| match fds.take_tcp_listener(i) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(fd = i + 3, error = %e, "an inherited file descriptor is not a TCP listener; ignored");
+                None
+            }
+        })
+        .collect()
+}
+
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    start_with_clock(config, Arc::new(SystemClock)).await
+    start_with(config, Arc::new(SystemClock), Vec::new()).await
+}
+
+/// [`start`] with the listeners systemd passed ([`inherited_listeners`]).
+pub async fn start_inherited(
+    config: Config,
+    inherited: Vec<std::net::TcpListener>,
+) -> Result<Running, StartError> {
+    start_with(config, Arc::new(SystemClock), inherited).await
 }
 
 /// [`start`] with an injected wall clock (tests move time instead of sleeping).
@@ -66,30 +102,80 @@ pub async fn start_with_clock(
     config: Config,
     clock: Arc<dyn Clock>,
 ) -> Result<Running, StartError> {
+    start_with(config, clock, Vec::new()).await
+}
+
+/// Takes the inherited listener on `addr`, else binds it.
+async fn listener_for(
+    addr: SocketAddr,
+    inherited: &mut Vec<(SocketAddr, std::net::TcpListener)>,
+) -> Result<tokio::net::TcpListener, StartError> {
+    if let Some(i) = inherited.iter().position(|(a, _)| *a == addr) {
+        let (_, l) = inherited.swap_remove(i);
+        l.set_nonblocking(true)
+            .map_err(|e| StartError::Bind(addr, e))?;
+        return tokio::net::TcpListener::from_std(l).map_err(|e| StartError::Bind(addr, e));
+    }
+    let mut bound = server::bind(&[addr])
+        .await
+        .map_err(|(a, e)| StartError::Bind(a, e))?;
+    Ok(bound.remove(0))
+}
+
+async fn start_with(
+    config: Config,
+    clock: Arc<dyn Clock>,
+    inherited: Vec<std::net::TcpListener>,
+) -> Result<Running, StartError> {
     let template = load_template(&config)?;
-    let imds_listeners = server::bind(&config.listen)
-        .await
-        .map_err(|(a, e)| StartError::Bind(a, e))?;
-    let admin_listeners = server::bind(&[config.admin_listen])
-        .await
-        .map_err(|(a, e)| StartError::Bind(a, e))?;
+    let mut inherited: Vec<(SocketAddr, std::net::TcpListener)> = inherited
+        .into_iter()
+        .filter_map(|l| Some((l.local_addr().ok()?, l)))
+        .collect();
+    if let Some((addr, _)) = inherited
+        .iter()
+        .find(|(a, _)| !config.listen.contains(a) && *a != config.admin_listen)
+    {
+        return Err(StartError::UnexpectedListener(addr.to_string()));
+    }
+    let mut imds_listeners = Vec::with_capacity(config.listen.len());
+    for addr in &config.listen {
+        imds_listeners.push(listener_for(*addr, &mut inherited).await?);
+    }
+    // The admin listener failing (its port taken by another process) must not stop the IMDS
+    // proxy: every application depends on that one. It is logged as an error and shown in
+    // systemd's status line.
+    let (admin_listeners, admin_addr, admin_error) = match listener_for(
+        config.admin_listen,
+        &mut inherited,
+    )
+    .await
+    {
+        Ok(l) => {
+            let addr = l.local_addr().unwrap_or(config.admin_listen);
+            (vec![l], addr, None)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the admin listener is unavailable: no /metrics, /readyz or /status until credlock restarts; IMDS is served");
+            (Vec::new(), config.admin_listen, Some(e.to_string()))
+        }
+    };
     let imds_addrs: Vec<SocketAddr> = imds_listeners
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .collect();
-    let admin_addr = admin_listeners[0]
-        .local_addr()
-        .map_err(|e| StartError::Bind(config.admin_listen, e))?;
 
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(CredentialStore::default());
     let upstream = UpstreamClient::new(&config.upstream, config.upstream_timeout);
+    let known_raw = Arc::new(KnownRaw::default());
     let proxy_state = Arc::new(ProxyState::new(
-        upstream.clone(),
+        upstream,
         store.clone(),
         metrics.clone(),
         clock.clone(),
         config.lock.serve_margin,
+        known_raw.clone(),
     ));
     let lock_status = Arc::new(ArcSwap::from_pointee(LockStatus::default()));
     let discovery_status = Arc::new(ArcSwap::from_pointee(Vec::new()));
@@ -98,6 +184,7 @@ pub async fn start_with_clock(
         lock_status.clone(),
         discovery_status.clone(),
         imds_addrs.first().copied().unwrap_or(config.listen[0]),
+        FirewallWatch::new(config.firewall_state_file.clone(), config.firewall_required),
     ));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -113,6 +200,7 @@ pub async fn start_with_clock(
             drain: config.drain_timeout,
         },
         shutdown_rx.clone(),
+        Some(metrics.evicted.with_label_values(&["imds"])),
     ));
     let admin_server = tokio::spawn(server::serve(
         "admin",
@@ -124,10 +212,18 @@ pub async fn start_with_clock(
             drain: Duration::from_millis(500),
         },
         shutdown_rx.clone(),
+        Some(metrics.evicted.with_label_values(&["admin"])),
     ));
     tracing::info!(imds = ?imds_addrs, admin = %admin_addr, upstream = %config.upstream.authority, "serving");
 
-    let imds = Arc::new(Imds::new(upstream));
+    // A pool of its own: see [`Imds`].
+    let imds = Arc::new(
+        Imds::new(UpstreamClient::new(
+            &config.upstream,
+            config.upstream_timeout,
+        ))
+        .remembering(known_raw),
+    );
     let background = tokio::spawn(run_background(
         config,
         imds,
@@ -149,6 +245,7 @@ pub async fn start_with_clock(
     Ok(Running {
         imds_addrs,
         admin_addr,
+        admin_error,
         ready: ready_rx,
         shutdown: shutdown_tx,
         task,

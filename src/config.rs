@@ -45,6 +45,11 @@ pub struct Config {
     pub lock: LockConfig,
     pub discovery: DiscoveryConfig,
     pub policy_template: Option<PathBuf>,
+    /// Where the firewall units report whether the rules are in place.
+    pub firewall_state_file: PathBuf,
+    /// Whether readiness needs the firewall enforced; `None`: auto (see
+    /// [`crate::firewall::FirewallWatch::new`]).
+    pub firewall_required: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +89,9 @@ pub struct DiscoveryConfig {
     pub ec2_endpoint: Option<String>,
     pub boot_provider: Option<String>,
     pub static_env: StaticEnvironment,
+    /// Accept prefixes wider than /16 (IPv4) or /32 (IPv6) from static or boot-provider
+    /// sources.
+    pub allow_wide_prefixes: bool,
 }
 
 /// How wide the EC2 API source looks.
@@ -116,6 +124,14 @@ struct FileConfig {
     lock: LockSection,
     discovery: DiscoverySection,
     policy: PolicySection,
+    firewall: FirewallSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FirewallSection {
+    state_file: Option<PathBuf>,
+    required: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -151,6 +167,7 @@ struct LockSection {
 #[serde(deny_unknown_fields, default)]
 struct DiscoverySection {
     interval_seconds: Option<u64>,
+    allow_wide_prefixes: Option<bool>,
     imds: ToggleSection,
     echo: EchoSection,
     ec2: Ec2Section,
@@ -338,6 +355,11 @@ fn validate(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
         lock: validate_lock(file.lock)?,
         discovery: validate_discovery(file.discovery)?,
         policy_template: file.policy.template,
+        firewall_state_file: file
+            .firewall
+            .state_file
+            .unwrap_or_else(|| PathBuf::from(crate::firewall::DEFAULT_STATE_FILE)),
+        firewall_required: file.firewall.required,
     })
 }
 
@@ -486,6 +508,7 @@ fn validate_discovery(d: DiscoverySection) -> Result<DiscoveryConfig, ConfigErro
         None
     };
     let s = &d.static_env;
+    let allow_wide_prefixes = d.allow_wide_prefixes.unwrap_or(false);
     for v in &s.ipv4 {
         if v.parse::<ipnet::Ipv4Net>().is_err() && v.parse::<std::net::Ipv4Addr>().is_err() {
             return Err(invalid(
@@ -494,6 +517,8 @@ fn validate_discovery(d: DiscoverySection) -> Result<DiscoveryConfig, ConfigErro
                 "not an IPv4 address or CIDR",
             ));
         }
+        crate::environment::check_prefix_text(v, allow_wide_prefixes)
+            .map_err(|why| invalid("discovery.static.ipv4", v, &why))?;
     }
     for v in &s.ipv6 {
         if v.parse::<ipnet::Ipv6Net>().is_err() && v.parse::<std::net::Ipv6Addr>().is_err() {
@@ -503,6 +528,8 @@ fn validate_discovery(d: DiscoverySection) -> Result<DiscoveryConfig, ConfigErro
                 "not an IPv6 address or CIDR",
             ));
         }
+        crate::environment::check_prefix_text(v, allow_wide_prefixes)
+            .map_err(|why| invalid("discovery.static.ipv6", v, &why))?;
     }
     for v in &s.vpcs {
         if !is_aws_id(v, "vpc-") {
@@ -532,6 +559,7 @@ fn validate_discovery(d: DiscoverySection) -> Result<DiscoveryConfig, ConfigErro
         ec2_endpoint: d.ec2.endpoint,
         boot_provider,
         static_env: d.static_env,
+        allow_wide_prefixes,
     })
 }
 

@@ -144,7 +144,7 @@ impl CredentialStore {
 pub enum RewriteError {
     #[error("the upstream credential body is not a JSON object")]
     NotJson,
-    #[error("the upstream credential body lacks {0}")]
+    #[error("the upstream credential body lacks {0}, or it is not a string")]
     MissingField(&'static str),
 }
 
@@ -159,11 +159,13 @@ pub fn rewrite(body: &[u8], locked: &LockedCredentials) -> Result<Option<Vec<u8>
         .map_err(|_| RewriteError::NotJson)?;
     de.end().map_err(|_| RewriteError::NotJson)?;
 
+    // Exactly "Success", as IMDS documents it: "Success " or "success" is not the success
+    // shape, and [`judge`] refuses such a body if it carries anything secret.
     let success = fields.iter().any(|(k, v)| {
         k == "Code"
             && serde_json::Deserializer::from_str(v.get())
                 .deserialize_str(StrVisitor)
-                .is_ok_and(|c| c.eq_ignore_ascii_case("success"))
+                .is_ok_and(|c| c == "Success")
     });
     if !success {
         return Ok(None);
@@ -182,6 +184,13 @@ pub fn rewrite(body: &[u8], locked: &LockedCredentials) -> Result<Option<Vec<u8>
             return Err(RewriteError::MissingField(field));
         }
     }
+    // Every replaced value must be a string where IMDS documents one: a number, object or
+    // array in its place is not the documented shape.
+    for &(start, _, i) in &spans {
+        if body[start] != b'"' {
+            return Err(RewriteError::MissingField(FIELDS[i]));
+        }
+    }
     spans.sort_unstable();
     let mut out = Vec::with_capacity(body.len() + locked.literals[2].len());
     let mut at = 0;
@@ -192,6 +201,206 @@ pub fn rewrite(body: &[u8], locked: &LockedCredentials) -> Result<Option<Vec<u8>
     }
     out.extend_from_slice(&body[at..]);
     Ok(Some(out))
+}
+
+/// Why a credential-route answer from the upstream is not served (the `reason` label of
+/// `credlock_credential_answers_refused_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerRefusal {
+    /// A status IMDS does not document for credentials (203, 206, 3xx, ...).
+    Status,
+    /// A 200 that is neither the documented success shape nor a secret-free error document.
+    Shape,
+    /// One of the upstream's raw secret values would have reached the client.
+    RawSecret,
+}
+
+impl AnswerRefusal {
+    pub const ALL: [AnswerRefusal; 3] = [Self::Status, Self::Shape, Self::RawSecret];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Status => "status",
+            Self::Shape => "shape",
+            Self::RawSecret => "raw_secret",
+        }
+    }
+}
+
+/// What to do with an upstream answer on a credential route.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The documented success shape, its secrets replaced by the locked set's.
+    Locked(Vec<u8>),
+    /// One of IMDS's documented error answers, with no secret in it: pass it unchanged.
+    PassError,
+    /// Answer 502 instead.
+    Refuse(AnswerRefusal),
+}
+
+/// Error statuses IMDS documents for metadata requests ("Instance metadata service error
+/// codes" in the EC2 User Guide: 400, 401, 403, 404, 405, 429, 500, 503 and the gateway
+/// answers a proxy in between may give). Only these are passed through on a credential
+/// route, and only with a body that carries no secret.
+const DOCUMENTED_ERRORS: [u16; 10] = [400, 401, 403, 404, 405, 429, 500, 502, 503, 504];
+
+/// Key names that hold a secret in any credential document AWS serves (IMDS, the container
+/// credential endpoints, STS), compared without case: a secret under one of these names, at
+/// any depth, is never passed through.
+const SECRET_KEYS: [&str; 5] = [
+    "accesskeyid",
+    "secretaccesskey",
+    "token",
+    "sessiontoken",
+    "secretkey",
+];
+
+/// Fail-closed judgement of an upstream answer on a credential route (issue 14, finding 6):
+///  - a 200 whose `Code` is exactly `"Success"` with every documented key a string is
+///    rewritten; any other 200 passes only if it is a JSON object with no secret in it (IMDS's
+///    `AssumeRoleUnauthorizedAccess` document), else it is refused;
+///  - a documented error status passes only without a secret in its body;
+///  - any other status is refused.
+///
+/// Whatever is about to be served is then checked for every raw secret value: those found
+/// in the upstream's body (under any secret key, at any depth, any case) and `known`, the
+/// values credlock read itself from the instance role (which also covers a body that cannot
+/// be parsed). One found anywhere, byte for byte or in a decoded JSON string: refused.
+pub fn judge(status: u16, body: &[u8], locked: &LockedCredentials, known: &[Secret]) -> Verdict {
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let mut raw: Vec<String> = Vec::new();
+    if let Some(v) = &parsed {
+        collect_secret_values(v, &mut raw);
+    }
+    raw.extend(known.iter().map(|s| s.expose().to_string()));
+    raw.retain(|r| !r.is_empty());
+    let out = if status == 200 {
+        match rewrite(body, locked) {
+            Ok(Some(out)) => out,
+            Err(_) => return Verdict::Refuse(AnswerRefusal::Shape),
+            Ok(None) => {
+                // Not a success: only a JSON object with a string Code and no secret key.
+                let error_doc = parsed.as_ref().is_some_and(|v| {
+                    v.get("Code").is_some_and(serde_json::Value::is_string) && !has_secret_key(v)
+                });
+                if !error_doc {
+                    return Verdict::Refuse(AnswerRefusal::Shape);
+                }
+                if leaks(body, parsed.as_ref(), &raw) {
+                    return Verdict::Refuse(AnswerRefusal::RawSecret);
+                }
+                return Verdict::PassError;
+            }
+        }
+    } else if DOCUMENTED_ERRORS.contains(&status) {
+        if parsed.as_ref().is_some_and(has_secret_key) || leaks(body, parsed.as_ref(), &raw) {
+            return Verdict::Refuse(AnswerRefusal::RawSecret);
+        }
+        return Verdict::PassError;
+    } else {
+        return Verdict::Refuse(AnswerRefusal::Status);
+    };
+    let reparsed: Option<serde_json::Value> = serde_json::from_slice(&out).ok();
+    if reparsed.is_none() || leaks(&out, reparsed.as_ref(), &raw) {
+        return Verdict::Refuse(AnswerRefusal::RawSecret);
+    }
+    Verdict::Locked(out)
+}
+
+/// Whether `body` holds any of `raw`: byte for byte, or inside a decoded JSON string (a key or
+/// a value, escapes resolved) when it parsed.
+fn leaks(body: &[u8], parsed: Option<&serde_json::Value>, raw: &[String]) -> bool {
+    let parsed_here;
+    let parsed = match parsed {
+        Some(v) => Some(v),
+        None => {
+            parsed_here = serde_json::from_slice::<serde_json::Value>(body).ok();
+            parsed_here.as_ref()
+        }
+    };
+    raw.iter().any(|r| {
+        contains(body, r.as_bytes())
+            || parsed.is_some_and(|v| any_string(v, &|s| s.contains(r.as_str())))
+    })
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn any_string(v: &serde_json::Value, f: &dyn Fn(&str) -> bool) -> bool {
+    match v {
+        serde_json::Value::String(s) => f(s),
+        serde_json::Value::Array(a) => a.iter().any(|x| any_string(x, f)),
+        serde_json::Value::Object(o) => o.iter().any(|(k, x)| f(k) || any_string(x, f)),
+        _ => false,
+    }
+}
+
+fn is_secret_key(k: &str) -> bool {
+    SECRET_KEYS.iter().any(|s| k.eq_ignore_ascii_case(s))
+}
+
+fn has_secret_key(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Array(a) => a.iter().any(has_secret_key),
+        serde_json::Value::Object(o) => {
+            o.iter().any(|(k, x)| is_secret_key(k) || has_secret_key(x))
+        }
+        _ => false,
+    }
+}
+
+/// The string values under secret keys, at any depth (a secret nested in an object or an
+/// array under such a key counts too).
+fn collect_secret_values(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Array(a) => a.iter().for_each(|x| collect_secret_values(x, out)),
+        serde_json::Value::Object(o) => {
+            for (k, x) in o {
+                if is_secret_key(k) {
+                    all_strings(x, out);
+                } else {
+                    collect_secret_values(x, out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn all_strings(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::String(s) => out.push(s.clone()),
+        serde_json::Value::Array(a) => a.iter().for_each(|x| all_strings(x, out)),
+        serde_json::Value::Object(o) => o.values().for_each(|x| all_strings(x, out)),
+        _ => {}
+    }
+}
+
+/// The raw values credlock itself read from the instance role's credentials (the current and
+/// the previous set: IMDS rotates them), so that an answer it cannot parse is still checked
+/// against them. Never logged or shown.
+#[derive(Default)]
+pub struct KnownRaw {
+    sets: arc_swap::ArcSwap<Vec<Secret>>,
+}
+
+impl KnownRaw {
+    /// Remembers one set's access key id, secret key and token (keeping the previous set).
+    pub fn remember(&self, access_key_id: &str, secret: &Secret, token: &Secret) {
+        let current = self.sets.load();
+        if current.iter().any(|s| s.expose() == secret.expose()) {
+            return;
+        }
+        let mut next: Vec<Secret> = vec![Secret::new(access_key_id), secret.clone(), token.clone()];
+        next.extend(current.iter().take(3).cloned());
+        self.sets.store(Arc::new(next));
+    }
+
+    pub fn load(&self) -> Arc<Vec<Secret>> {
+        self.sets.load_full()
+    }
 }
 
 /// Collects the top-level `(key, raw value)` pairs of an object, keeping duplicates and the

@@ -23,7 +23,32 @@ impl Environment {
             && self.vpc_endpoints.is_empty()
     }
 
-    /// Adds an address (host route) or a CIDR written as text. Returns false if it is neither.
+    /// Adds one address, as sources that report addresses give them (IMDS's `public-ipv4s`
+    /// and `ipv6s`, an echo service, the EC2 API's public IPs). A prefix is refused (false):
+    /// one read from such a source would widen the lock silently.
+    pub fn add_address(&mut self, text: &str) -> bool {
+        match text.trim().parse::<IpAddr>() {
+            Ok(ip) => {
+                self.add_ip(&ip.to_string());
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Adds an address or a prefix from a source that may give prefixes (static, boot
+    /// provider), refusing one wider than [`MIN_PREFIX_V4`] / [`MIN_PREFIX_V6`] unless
+    /// `allow_wide`.
+    pub fn add_prefix(&mut self, text: &str, allow_wide: bool) -> Result<(), String> {
+        let net = parse_net(text).ok_or_else(|| format!("{text} is not an address or CIDR"))?;
+        check_width(&net, allow_wide)?;
+        self.add_ip(text);
+        Ok(())
+    }
+
+    /// Adds an address (host route) or a CIDR written as text, whatever its width. Returns
+    /// false if it is neither. Sources use [`Environment::add_address`] or
+    /// [`Environment::add_prefix`].
     pub fn add_ip(&mut self, text: &str) -> bool {
         let text = text.trim();
         let net = text
@@ -59,6 +84,40 @@ impl Environment {
     }
 }
 
+/// The widest IPv4 prefix a source may give without `discovery.allow_wide_prefixes`: a /16 is
+/// already 65,536 addresses, more than any one organisation's egress needs.
+pub const MIN_PREFIX_V4: u8 = 16;
+/// The widest IPv6 prefix likewise (a /32 is a regional internet registry's allocation to one
+/// network).
+pub const MIN_PREFIX_V6: u8 = 32;
+
+fn parse_net(text: &str) -> Option<IpNet> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+/// Refuses a prefix wider than the caps unless `allow_wide`.
+pub fn check_width(net: &IpNet, allow_wide: bool) -> Result<(), String> {
+    let (len, min) = match net {
+        IpNet::V4(n) => (n.prefix_len(), MIN_PREFIX_V4),
+        IpNet::V6(n) => (n.prefix_len(), MIN_PREFIX_V6),
+    };
+    if len < min && !allow_wide {
+        return Err(format!(
+            "{net} is wider than /{min}: set discovery.allow_wide_prefixes = true if it is meant"
+        ));
+    }
+    Ok(())
+}
+
+/// [`check_width`] on text (an address is always narrow enough); `Err` names the problem.
+pub fn check_prefix_text(text: &str, allow_wide: bool) -> Result<(), String> {
+    let net = parse_net(text).ok_or_else(|| format!("{text} is not an address or CIDR"))?;
+    check_width(&net, allow_wide)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,6 +147,31 @@ mod tests {
                 "2001:db8::/127"
             ]
         );
+    }
+
+    #[test]
+    fn address_sources_take_addresses_only_and_prefixes_are_capped() {
+        let mut env = Environment::default();
+        assert!(env.add_address("203.0.113.7"));
+        assert!(env.add_address(" 2001:db8::7 "));
+        for prefix in [
+            "203.0.113.0/24",
+            "0.0.0.0/0",
+            "2001:db8::/64",
+            "203.0.113.7/32",
+        ] {
+            assert!(!env.add_address(prefix), "{prefix}");
+        }
+        assert_eq!(env.aggregated_ips(), ["203.0.113.7/32", "2001:db8::7/128"]);
+
+        assert!(env.add_prefix("10.1.0.0/16", false).is_ok());
+        assert!(env.add_prefix("2001:db8::/32", false).is_ok());
+        for wide in ["10.0.0.0/15", "0.0.0.0/0", "2001::/31", "::/0"] {
+            let e = env.add_prefix(wide, false).unwrap_err();
+            assert!(e.contains("allow_wide_prefixes"), "{e}");
+            assert!(env.add_prefix(wide, true).is_ok());
+        }
+        assert!(env.add_prefix("nonsense", true).is_err());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! used to learn the instance's identity, its role's source credentials and its network. The
 //! caller-facing proxy never uses this token.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -9,7 +10,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
-use crate::credentials::Secret;
+use crate::credentials::{KnownRaw, Secret};
 use crate::identity::{IdentityDocument, InstanceIdentity, RoleArn, is_role_name};
 use crate::upstream::{UpstreamClient, UpstreamError};
 
@@ -64,9 +65,13 @@ struct CredentialDocument {
     expiration: Option<String>,
 }
 
+/// credlock's own IMDS client. It gets an [`UpstreamClient`] (a connection pool) of its own,
+/// never the proxy's: no client's exchange can ever share a connection with credlock's
+/// discovery, token or source-credential requests.
 pub struct Imds {
     upstream: UpstreamClient,
     token: Mutex<Option<(HeaderValue, Instant)>>,
+    known_raw: Option<Arc<KnownRaw>>,
 }
 
 impl Imds {
@@ -74,7 +79,15 @@ impl Imds {
         Imds {
             upstream,
             token: Mutex::new(None),
+            known_raw: None,
         }
+    }
+
+    /// Every source credential set read is remembered in `known`, so the proxy can make sure
+    /// none of its values ever reaches a client.
+    pub fn remembering(mut self, known: Arc<KnownRaw>) -> Self {
+        self.known_raw = Some(known);
+        self
     }
 
     /// A valid session token; one fetch at a time (the mutex is the single flight).
@@ -93,7 +106,7 @@ impl Imds {
         );
         let response = self
             .upstream
-            .send(Method::PUT, crate::route::TOKEN_PATH, headers, Bytes::new())
+            .send(Method::PUT, crate::route::TOKEN_PATH, headers)
             .await?;
         if response.status != StatusCode::OK {
             return Err(ImdsError::Token(response.status.as_u16()));
@@ -113,10 +126,7 @@ impl Imds {
         for renew in [false, true] {
             let mut headers = HeaderMap::new();
             headers.insert("x-aws-ec2-metadata-token", self.token(renew).await?);
-            let response = self
-                .upstream
-                .send(Method::GET, path, headers, Bytes::new())
-                .await?;
+            let response = self.upstream.send(Method::GET, path, headers).await?;
             match response.status {
                 StatusCode::OK => return Ok(response.body),
                 StatusCode::UNAUTHORIZED if !renew => continue,
@@ -228,12 +238,16 @@ impl Imds {
                 "a credential field is missing".into(),
             ));
         };
+        let (secret, token) = (Secret::new(secret), Secret::new(token));
+        if let Some(known) = &self.known_raw {
+            known.remember(&key, &secret, &token);
+        }
         let expiration = humantime::parse_rfc3339_weak(&exp)
             .map_err(|_| ImdsError::Malformed(path, "Expiration is not a timestamp".into()))?;
         Ok(SourceCredentials {
             access_key_id: key,
-            secret_access_key: Secret::new(secret),
-            token: Secret::new(token),
+            secret_access_key: secret,
+            token,
             expiration,
         })
     }

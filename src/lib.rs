@@ -6,7 +6,7 @@
 //! Modules in reading order:
 //! - [`config`]: TOML and flags, validated before any socket is bound.
 //! - [`route`]: the pure classification of every request (the security core).
-//! - [`upstream`]: the pooled client to the real IMDS.
+//! - [`upstream`]: the pooled client to the real IMDS; [`http1`]: its response codec (pure).
 //! - [`proxy`]: the request handler: passthrough, forward-then-replace, refusals.
 //! - [`credentials`]: the locked set, its store, and the credential-body rewrite.
 //! - [`server`]: listeners, limits, graceful drain.
@@ -24,6 +24,9 @@ pub mod credentials;
 #[cfg(feature = "daemon")]
 pub mod discovery;
 pub mod environment;
+#[cfg(feature = "daemon")]
+pub mod firewall;
+pub mod http1;
 pub mod identity;
 #[cfg(feature = "daemon")]
 pub mod imds;

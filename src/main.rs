@@ -87,6 +87,12 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config);
+    // Listeners systemd passes (credlock.socket), taken before any thread exists: reading them
+    // clears LISTEN_FDS/LISTEN_PID from the environment.
+    let inherited = match &cli.command {
+        Command::Run(_) => app::inherited_listeners(),
+        _ => Vec::new(),
+    };
     // One thread, like an nginx worker: a metadata proxy's work is short and I/O-bound, and a
     // single-threaded scheduler saves the cross-thread wake-ups and work stealing a
     // multi-threaded one pays on every request (0.70x -> 0.83x nginx's throughput, issue 7).
@@ -103,7 +109,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Run(_) => run(config).await,
+            Command::Run(_) => run(config, inherited).await,
             Command::CheckConfig(_) => {
                 println!(
                     "configuration OK: listen {:?}, admin {}, upstream http://{}, sources {:?}",
@@ -135,8 +141,8 @@ fn init_logging(config: &Config) {
     }
 }
 
-async fn run(config: Config) -> ExitCode {
-    let running = match app::start(config).await {
+async fn run(config: Config, inherited: Vec<std::net::TcpListener>) -> ExitCode {
+    let running = match app::start_inherited(config, inherited).await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
@@ -151,6 +157,11 @@ async fn run(config: Config) -> ExitCode {
         eprintln!("credlock: cannot install signal handlers");
         return ExitCode::FAILURE;
     };
+    if let Some(e) = &running.admin_error {
+        notify(&[sd_notify::NotifyState::Status(&format!(
+            "admin listener unavailable: {e}"
+        ))]);
+    }
     let mut ready = running.ready.clone();
     tokio::spawn(async move {
         if ready.wait_for(|r| *r).await.is_ok() {

@@ -12,6 +12,8 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub upstream_errors: IntCounterVec,
     pub refused: IntCounterVec,
+    pub answers_refused: IntCounterVec,
+    pub evicted: IntCounterVec,
     pub refreshes: IntCounterVec,
     pub remaining_seconds: Gauge,
     pub assume_role_duration: Histogram,
@@ -22,20 +24,55 @@ pub struct Metrics {
     pub policy_characters: IntGauge,
     pub policy_packed_percent: IntGauge,
     pub ready: IntGauge,
+    pub firewall_enforced: IntGaugeVec,
+    pub firewall_state: IntGaugeVec,
     /// Resolved once: the request path never hashes a label set (see [`Metrics::answered`]).
     answered_handles: [[IntCounter; 3]; ROUTES.len()],
     /// Every route but `refused`, which never reaches the upstream.
     upstream_handles: [Histogram; ROUTES.len() - 1],
 }
 
-/// Reason labels of `credlock_refused_requests_total`.
-pub const REFUSAL_REASONS: [&str; 5] = [
-    "bad_target",
-    "unknown_credential_path",
-    "method",
-    "too_large",
-    "no_locked_credentials",
-];
+/// Why a request was answered locally without reaching the upstream: the `reason` label of
+/// `credlock_refused_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    BadTarget,
+    UnknownCredentialPath,
+    Method,
+    /// The request announced a body (IMDS requests have none).
+    Body,
+    NoLockedCredentials,
+}
+
+impl RefusalReason {
+    pub const ALL: [RefusalReason; 5] = [
+        Self::BadTarget,
+        Self::UnknownCredentialPath,
+        Self::Method,
+        Self::Body,
+        Self::NoLockedCredentials,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::BadTarget => "bad_target",
+            Self::UnknownCredentialPath => "unknown_credential_path",
+            Self::Method => "method",
+            Self::Body => "body",
+            Self::NoLockedCredentials => "no_locked_credentials",
+        }
+    }
+}
+
+impl From<crate::route::Refusal> for RefusalReason {
+    fn from(r: crate::route::Refusal) -> Self {
+        match r {
+            crate::route::Refusal::BadTarget => Self::BadTarget,
+            crate::route::Refusal::UnknownCredentialPath => Self::UnknownCredentialPath,
+            crate::route::Refusal::Method => Self::Method,
+        }
+    }
+}
 
 /// Route labels of `credlock_requests_total`, indexed by [`RouteLabel`].
 pub const ROUTES: [&str; 5] = [
@@ -89,6 +126,16 @@ impl Metrics {
             "credlock_refused_requests_total",
             "Requests answered locally without reaching the upstream, by reason.",
             &["reason"],
+        );
+        let answers_refused = counter(
+            "credlock_credential_answers_refused_total",
+            "Upstream answers on a credential route answered 502 instead (not the documented success shape, an undocumented status, or a raw secret that would have reached the client), by reason.",
+            &["reason"],
+        );
+        let evicted = counter(
+            "credlock_connections_evicted_total",
+            "Idle or stalled client connections closed to make room for a new one when every slot was taken, by listener.",
+            &["listener"],
         );
         let refreshes = counter(
             "credlock_credential_refreshes_total",
@@ -179,6 +226,23 @@ impl Metrics {
             "credlock_ready",
             "1 while credlock holds a servable locked credential set.",
         );
+        let int_gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let firewall_enforced = int_gauge_vec(
+            "credlock_firewall_enforced",
+            "1 while the firewall's last check (at most a minute old) found every process of this address family forced through credlock (strict or boot mode, or IPv6 deliberately off); 0 otherwise.",
+            &["family"],
+        );
+        let firewall_state = int_gauge_vec(
+            "credlock_firewall_state",
+            "The firewall's rules per address family as its last check found them: 1 for the current state (strict, boot, missing, partial, off, unknown), 0 for the others.",
+            &["family", "state"],
+        );
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(
@@ -214,8 +278,14 @@ impl Metrics {
         for result in ["success", "failure"] {
             refreshes.with_label_values(&[result]);
         }
-        for reason in REFUSAL_REASONS {
-            refused.with_label_values(&[reason]);
+        for reason in RefusalReason::ALL {
+            refused.with_label_values(&[reason.label()]);
+        }
+        for reason in crate::credentials::AnswerRefusal::ALL {
+            answers_refused.with_label_values(&[reason.label()]);
+        }
+        for listener in ["imds", "admin"] {
+            evicted.with_label_values(&[listener]);
         }
         for code in crate::sts::StsErrorCode::ALL {
             sts_errors.with_label_values(&[code.label()]);
@@ -230,6 +300,8 @@ impl Metrics {
             upstream_duration,
             upstream_errors,
             refused,
+            answers_refused,
+            evicted,
             refreshes,
             remaining_seconds,
             assume_role_duration,
@@ -240,9 +312,37 @@ impl Metrics {
             policy_characters,
             policy_packed_percent,
             ready,
+            firewall_enforced,
+            firewall_state,
             answered_handles,
             upstream_handles,
         }
+    }
+
+    /// Sets the firewall gauges from a state read.
+    pub fn firewall(&self, state: &crate::firewall::FirewallState) {
+        for (family, current) in state.families() {
+            self.firewall_enforced
+                .with_label_values(&[family])
+                .set(i64::from(current.enforced()));
+            for s in crate::firewall::FamilyState::ALL {
+                self.firewall_state
+                    .with_label_values(&[family, s.label()])
+                    .set(i64::from(s == current));
+            }
+        }
+    }
+
+    /// Counts one request answered locally (`credlock_refused_requests_total`).
+    pub fn refused(&self, reason: RefusalReason) {
+        self.refused.with_label_values(&[reason.label()]).inc();
+    }
+
+    /// Counts one credential-route answer refused (`credlock_credential_answers_refused_total`).
+    pub fn answer_refused(&self, reason: crate::credentials::AnswerRefusal) {
+        self.answers_refused
+            .with_label_values(&[reason.label()])
+            .inc();
     }
 
     /// Counts one answered IMDS request in `credlock_requests_total`.

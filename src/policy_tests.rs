@@ -290,3 +290,34 @@ fn unknown_placeholders_are_template_errors() {
         PolicyError::Template("unknown placeholder ${Nope}".into())
     );
 }
+
+/// The opt-in template that denies assuming any role (not only the instance's own), evaluated
+/// by iam-rs: from inside the instance's network an ordinary call is allowed and assuming
+/// another role is denied; the network lock is the built-in one.
+#[test]
+fn the_no_role_chaining_template_denies_assuming_any_role_from_inside() {
+    let text = include_str!("../policy-templates/session-policy-no-role-chaining.json");
+    let template = parse_template(text).unwrap();
+    let p = render(&template, &env(), &RoleArn::parse(ROLE).unwrap()).unwrap();
+    let inside = || From::Ip("203.0.113.10");
+    let other_role = "arn:aws:iam::123456789012:role/admin";
+    assert_eq!(
+        decide(&p, "s3:GetObject", OBJECT, inside()),
+        Decision::Allow
+    );
+    assert_eq!(
+        decide(&p, "sts:AssumeRole", other_role, inside()),
+        Decision::Deny
+    );
+    assert_eq!(decide(&p, "sts:AssumeRole", ROLE, inside()), Decision::Deny);
+    assert_eq!(
+        decide(&p, "s3:GetObject", OBJECT, From::Ip("198.51.100.1")),
+        Decision::Deny
+    );
+    // The built-in template allows chaining to another role from inside (the documented limit).
+    let builtin = rendered(&env());
+    assert_eq!(
+        decide(&builtin, "sts:AssumeRole", other_role, inside()),
+        Decision::Allow
+    );
+}

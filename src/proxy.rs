@@ -8,19 +8,25 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Body as _;
 use hyper::body::Incoming;
 
 use crate::clock::Clock;
-use crate::credentials::{self, CredentialStore, LockedCredentials, RewriteError};
-use crate::metrics::{Metrics, RouteLabel};
+use crate::credentials::{
+    self, AnswerRefusal, CredentialStore, KnownRaw, LockedCredentials, Secret, Verdict,
+};
+use crate::metrics::{Metrics, RefusalReason, RouteLabel};
 use crate::route::{self, Refusal, Route};
 use crate::upstream::{UpstreamClient, UpstreamError, UpstreamResponse, strip_hop_by_hop};
 
-/// IMDS requests carry no body; a token PUT has none either.
-const MAX_REQUEST_BODY: usize = 64 * 1024;
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+
+/// The only request headers forwarded on a credential route. IMDS reads the session token;
+/// the others change nothing it answers. Everything else (`Range`, `If-*`, `Accept-Encoding`,
+/// `Accept`, ...) could ask an upstream for another representation of the raw document, so it
+/// is dropped: an allow list, not a block list, fails closed on headers nobody thought of.
+const CREDENTIAL_REQUEST_HEADERS: [&str; 3] = [TOKEN_HEADER, "user-agent", "x-forwarded-for"];
 
 /// What the upstream showed about its token mode (for `/status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +45,8 @@ pub struct ProxyState {
     pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,
     pub serve_margin: Duration,
+    /// The raw values credlock read from the instance role itself: no answer may carry them.
+    pub known_raw: Arc<KnownRaw>,
     token_mode: AtomicU8,
     rewrites: RewriteCache,
 }
@@ -50,6 +58,7 @@ impl ProxyState {
         metrics: Arc<Metrics>,
         clock: Arc<dyn Clock>,
         serve_margin: Duration,
+        known_raw: Arc<KnownRaw>,
     ) -> Self {
         ProxyState {
             upstream,
@@ -57,6 +66,7 @@ impl ProxyState {
             metrics,
             clock,
             serve_margin,
+            known_raw,
             token_mode: AtomicU8::new(TokenMode::Unknown as u8),
             rewrites: RewriteCache::default(),
         }
@@ -93,6 +103,29 @@ pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<
     let route = route::classify(&method, target);
     let label = route_label(&route);
 
+    // No IMDS request has a body, the token PUT included: one that announces any (a non-zero
+    // Content-Length, any Transfer-Encoding) is refused here, before anything reaches the
+    // upstream, and its connection closed without reading the body. So no client byte after
+    // a request head is ever forwarded (request smuggling), and no slot waits for a body.
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) || !body.is_end_stream() {
+        state.metrics.refused(RefusalReason::Body);
+        let mut response = respond(
+            Outcome::Local(
+                StatusCode::BAD_REQUEST,
+                "credlock: IMDS requests carry no body\n",
+            ),
+            method == Method::HEAD,
+        );
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        state
+            .metrics
+            .answered(RouteLabel::Refused, response.status());
+        return response;
+    }
+    drop(body);
+
     let outcome = match route {
         Route::Refused(reason) => refuse(&state, reason),
         Route::Token | Route::RoleListing { .. } | Route::Passthrough { .. } => {
@@ -100,24 +133,9 @@ pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<
                 Route::Passthrough { target } | Route::RoleListing { path: target, .. } => target,
                 _ => route::TOKEN_PATH,
             };
-            match read_body(body).await {
-                Some(bytes) => {
-                    forward(&state, label, method.clone(), target, parts.headers, bytes).await
-                }
-                None => {
-                    state
-                        .metrics
-                        .refused
-                        .with_label_values(&["too_large"])
-                        .inc();
-                    Outcome::Local(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "credlock: request body too large\n",
-                    )
-                }
-            }
+            forward(&state, label, method.clone(), target, parts.headers).await
         }
-        Route::Credentials { path, .. } => credentials(&state, path, parts.headers).await,
+        Route::Credentials { path, .. } => credentials(&state, path, &parts.headers).await,
     };
     let response = respond(outcome, method == Method::HEAD);
     state.metrics.answered(label, response.status());
@@ -135,11 +153,7 @@ fn route_label(route: &Route) -> RouteLabel {
 }
 
 fn refuse(state: &ProxyState, reason: Refusal) -> Outcome {
-    state
-        .metrics
-        .refused
-        .with_label_values(&[reason.label()])
-        .inc();
+    state.metrics.refused(reason.into());
     let body = match reason {
         Refusal::BadTarget => "credlock: request target refused: not a form IMDS clients send\n",
         Refusal::UnknownCredentialPath => "credlock: not found\n",
@@ -148,30 +162,17 @@ fn refuse(state: &ProxyState, reason: Refusal) -> Outcome {
     Outcome::Local(reason.status(), body)
 }
 
-async fn read_body(body: Incoming) -> Option<Bytes> {
-    // GET and HEAD, nearly every IMDS request, have no body to wait for.
-    if body.is_end_stream() {
-        return Some(Bytes::new());
-    }
-    Limited::new(body, MAX_REQUEST_BODY)
-        .collect()
-        .await
-        .ok()
-        .map(|b| b.to_bytes())
-}
-
 async fn exchange(
     state: &ProxyState,
     label: RouteLabel,
     method: Method,
     target: &str,
     mut headers: HeaderMap,
-    body: Bytes,
 ) -> Result<UpstreamResponse, Outcome> {
     strip_hop_by_hop(&mut headers);
     let tokenless_get = method == Method::GET && !headers.contains_key(TOKEN_HEADER);
     let started = Instant::now();
-    let result = state.upstream.send(method, target, headers, body).await;
+    let result = state.upstream.send(method, target, headers).await;
     state
         .metrics
         .upstream_round_trip(label, started.elapsed().as_secs_f64());
@@ -214,58 +215,54 @@ async fn forward(
     method: Method,
     target: &str,
     headers: HeaderMap,
-    body: Bytes,
 ) -> Outcome {
-    match exchange(state, label, method, target, headers, body).await {
+    match exchange(state, label, method, target, headers).await {
         Ok(response) => Outcome::Upstream(response),
         Err(outcome) => outcome,
     }
 }
 
-/// Forward-then-replace: the upstream judges the caller's token and role name; a success body
-/// gets the locked set. HEAD is forwarded as GET so the rewritten length is known.
-async fn credentials(state: &ProxyState, path: &str, headers: HeaderMap) -> Outcome {
+/// Forward-then-replace: the upstream judges the caller's token and role name; what it answers
+/// is served only as [`credentials::judge`] allows (the documented success shape, locked, or a
+/// secret-free documented error), never as it came. HEAD is forwarded as GET so the rewritten
+/// length is known.
+async fn credentials(state: &ProxyState, path: &str, client_headers: &HeaderMap) -> Outcome {
     let Some(locked) = state.store.servable(state.clock.now(), state.serve_margin) else {
-        state
-            .metrics
-            .refused
-            .with_label_values(&["no_locked_credentials"])
-            .inc();
+        state.metrics.refused(RefusalReason::NoLockedCredentials);
         return Outcome::Local(
             StatusCode::SERVICE_UNAVAILABLE,
             "credlock: no locked credentials available yet\n",
         );
     };
-    let mut response = match exchange(
-        state,
-        RouteLabel::Credentials,
-        Method::GET,
-        path,
-        headers,
-        Bytes::new(),
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(outcome) => return outcome,
-    };
-    if response.status != StatusCode::OK {
-        return Outcome::Upstream(response);
+    let mut headers = HeaderMap::with_capacity(CREDENTIAL_REQUEST_HEADERS.len());
+    for name in CREDENTIAL_REQUEST_HEADERS {
+        for value in client_headers.get_all(name) {
+            headers.append(name, value.clone());
+        }
     }
-    match state.rewrites.rewrite(&response.body, &locked) {
-        Ok(Some(body)) => {
+    let mut response =
+        match exchange(state, RouteLabel::Credentials, Method::GET, path, headers).await {
+            Ok(r) => r,
+            Err(outcome) => return outcome,
+        };
+    let known = state.known_raw.load();
+    match state
+        .rewrites
+        .judge(response.status, &response.body, &locked, &known)
+    {
+        Judged::Locked(body) => {
             response.body = body;
             response.headers.remove(header::CONTENT_LENGTH);
             Outcome::Upstream(response)
         }
-        Ok(None) => Outcome::Upstream(response),
-        Err(e) => {
-            tracing::error!(error = %e, "refusing an upstream credential answer credlock cannot lock");
-            state
-                .metrics
-                .upstream_errors
-                .with_label_values(&["protocol"])
-                .inc();
+        Judged::PassError => Outcome::Upstream(response),
+        Judged::Refuse(reason) => {
+            tracing::error!(
+                status = response.status.as_u16(),
+                reason = reason.label(),
+                "refusing an upstream credential answer credlock cannot lock"
+            );
+            state.metrics.answer_refused(reason);
             Outcome::Local(
                 StatusCode::BAD_GATEWAY,
                 "credlock: the upstream credential answer could not be locked\n",
@@ -274,12 +271,22 @@ async fn credentials(state: &ProxyState, path: &str, headers: HeaderMap) -> Outc
     }
 }
 
-/// The last credential rewrite. Its result depends only on the upstream's bytes and the locked
-/// set, and both change rarely (IMDS rotates its set about hourly, credlock refreshes its own at
-/// half the session's life, 7.5-30 min), so while the upstream answers with the same bytes and
-/// the same set (the same `Arc`, held here so its address cannot be reused) is served, the
-/// answer is reused instead of parsing the JSON again. Holds one copy of the last upstream document (the instance role's own
-/// credentials, which never leave the process) and the last answer.
+/// What [`RewriteCache::judge`] decided.
+#[derive(Debug, PartialEq, Eq)]
+enum Judged {
+    Locked(Bytes),
+    PassError,
+    Refuse(AnswerRefusal),
+}
+
+/// The last credential judgement. Its result depends only on the upstream's status and bytes,
+/// the locked set and the known raw values, and all of them change rarely (IMDS rotates its
+/// set about hourly, credlock refreshes its own at half the session's life, 7.5-30 min), so
+/// while the upstream answers with the same bytes and the same set and known values (the same
+/// `Arc`s, held here so their addresses cannot be reused) are in use, the answer is reused
+/// instead of parsing and checking the JSON again. Holds one copy of the last upstream
+/// document (the instance role's own credentials, which never leave the process) and the last
+/// answer.
 #[derive(Default)]
 struct RewriteCache {
     last: Mutex<Option<LastRewrite>>,
@@ -287,36 +294,43 @@ struct RewriteCache {
 
 struct LastRewrite {
     locked: Arc<LockedCredentials>,
+    known: Arc<Vec<Secret>>,
     upstream: Bytes,
     rewritten: Bytes,
 }
 
 impl RewriteCache {
-    /// [`credentials::rewrite`], remembered. Only success bodies are remembered: error
+    /// [`credentials::judge`], remembered. Only locked success bodies are remembered: error
     /// documents and refusals are rare and always judged afresh.
-    fn rewrite(
+    fn judge(
         &self,
+        status: StatusCode,
         upstream: &Bytes,
         locked: &Arc<LockedCredentials>,
-    ) -> Result<Option<Bytes>, RewriteError> {
+        known: &Arc<Vec<Secret>>,
+    ) -> Judged {
         let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(l) = last.as_ref()
+        if status == StatusCode::OK
+            && let Some(l) = last.as_ref()
             && Arc::ptr_eq(&l.locked, locked)
+            && Arc::ptr_eq(&l.known, known)
             && l.upstream == *upstream
         {
-            return Ok(Some(l.rewritten.clone()));
+            return Judged::Locked(l.rewritten.clone());
         }
-        let Some(rewritten) = credentials::rewrite(upstream, locked)? else {
-            return Ok(None);
+        let rewritten = match credentials::judge(status.as_u16(), upstream, locked, known) {
+            Verdict::Locked(body) => Bytes::from(body),
+            Verdict::PassError => return Judged::PassError,
+            Verdict::Refuse(reason) => return Judged::Refuse(reason),
         };
-        let rewritten = Bytes::from(rewritten);
         *last = Some(LastRewrite {
             locked: Arc::clone(locked),
+            known: Arc::clone(known),
             // A copy: the answer's bytes share the pooled connection's read buffer.
             upstream: Bytes::copy_from_slice(upstream),
             rewritten: rewritten.clone(),
         });
-        Ok(Some(rewritten))
+        Judged::Locked(rewritten)
     }
 }
 
@@ -377,58 +391,89 @@ mod tests {
         ))
     }
 
-    /// Whatever came before, the cache answers exactly what a fresh rewrite of this upstream body
-    /// with this locked set answers: a changed upstream document or a new locked set is never
-    /// served the previous answer.
+    fn fresh(body: &Bytes, set: &LockedCredentials, known: &[Secret]) -> Judged {
+        match credentials::judge(200, body, set, known) {
+            Verdict::Locked(b) => Judged::Locked(Bytes::from(b)),
+            Verdict::PassError => Judged::PassError,
+            Verdict::Refuse(r) => Judged::Refuse(r),
+        }
+    }
+
+    /// Whatever came before, the cache answers exactly what a fresh judgement of this upstream
+    /// body with this locked set and these known values answers: a changed upstream document,
+    /// a new locked set or new known values are never served the previous answer.
     #[test]
-    fn the_rewrite_cache_answers_what_a_fresh_rewrite_answers() {
+    fn the_cache_answers_what_a_fresh_judgement_answers() {
         let cache = RewriteCache::default();
         let (a, b) = (locked("ASIALOCKEDA"), locked("ASIALOCKEDB"));
+        let none: Arc<Vec<Secret>> = Arc::new(Vec::new());
+        // The known raw values include what `one` carries under an unexpected key.
+        let known = Arc::new(vec![Secret::new("rawSecret")]);
         let (one, two) = (
             upstream("Success", "2026-11-30T15:00:00Z"),
             upstream("Success", "2026-11-30T16:00:00Z"),
         );
-        let error = upstream("AssumeRoleUnauthorizedAccess", "2026-11-30T15:00:00Z");
+        let error =
+            Bytes::from_static(b"{\"Code\":\"AssumeRoleUnauthorizedAccess\",\"Message\":\"no\"}");
         let broken = Bytes::from_static(b"{\"Code\":\"Success\",\"AccessKeyId\":\"ASIARAW\"}");
+        let extra = Bytes::from(
+            String::from_utf8(upstream("Success", "x").to_vec())
+                .unwrap()
+                .replace("\"Type\"", "\"Note\" : \"rawSecret\",\n  \"Type\""),
+        );
         let steps = [
-            (&one, &a),
-            (&one, &a),
-            (&two, &a),
-            (&two, &b),
-            (&one, &b),
-            (&error, &b),
-            (&one, &b),
-            (&broken, &b),
-            (&one, &a),
-            (&one, &a),
+            (&one, &a, &none),
+            (&one, &a, &none),
+            (&two, &a, &none),
+            (&two, &b, &none),
+            (&one, &b, &none),
+            (&error, &b, &none),
+            (&one, &b, &none),
+            (&broken, &b, &none),
+            (&extra, &b, &none),
+            (&extra, &b, &known),
+            (&one, &a, &known),
+            (&one, &a, &known),
         ];
-        for (i, (body, set)) in steps.into_iter().enumerate() {
-            let fresh = credentials::rewrite(body, set).map(|o| o.map(Bytes::from));
-            assert_eq!(cache.rewrite(body, set), fresh, "step {i}");
+        for (i, (body, set, known)) in steps.into_iter().enumerate() {
+            assert_eq!(
+                cache.judge(StatusCode::OK, body, set, known),
+                fresh(body, set, known),
+                "step {i}"
+            );
         }
+        assert_eq!(
+            cache.judge(StatusCode::OK, &extra, &b, &known),
+            Judged::Refuse(AnswerRefusal::RawSecret)
+        );
+        assert_eq!(
+            cache.judge(StatusCode::OK, &error, &b, &none),
+            Judged::PassError
+        );
     }
 
     #[test]
     fn the_same_upstream_body_and_set_reuse_the_last_answer() {
         let cache = RewriteCache::default();
         let set = locked("ASIALOCKEDA");
-        let first = cache
-            .rewrite(&upstream("Success", "x"), &set)
-            .unwrap()
-            .unwrap();
+        let known: Arc<Vec<Secret>> = Arc::new(Vec::new());
+        let judge = |set: &Arc<LockedCredentials>| match cache.judge(
+            StatusCode::OK,
+            &upstream("Success", "x"),
+            set,
+            &known,
+        ) {
+            Judged::Locked(b) => b,
+            other => panic!("{other:?}"),
+        };
+        let first = judge(&set);
         // An equal body in another buffer (the next answer on another connection) still hits.
-        let again = cache
-            .rewrite(&upstream("Success", "x"), &set)
-            .unwrap()
-            .unwrap();
+        let again = judge(&set);
         assert_eq!(first.as_ptr(), again.as_ptr());
         let text = std::str::from_utf8(&again).unwrap();
         assert!(text.contains("ASIALOCKEDA/secret") && !text.contains("rawSecret"));
-        // The same values in a new set (a refresh) are a new rewrite, not the held one.
-        let refreshed = cache
-            .rewrite(&upstream("Success", "x"), &locked("ASIALOCKEDA"))
-            .unwrap()
-            .unwrap();
+        // The same values in a new set (a refresh) are a new judgement, not the held one.
+        let refreshed = judge(&locked("ASIALOCKEDA"));
         assert_ne!(first.as_ptr(), refreshed.as_ptr());
     }
 }

@@ -44,6 +44,79 @@ pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, (SocketAddr,
     Ok(listeners)
 }
 
+/// Request heads larger than this (request line and headers) get 431 and a close. IMDS requests
+/// are a few hundred bytes; hyper's default would let each connection buffer about 400 KiB.
+pub const MAX_HEAD_BYTES: usize = 8 * 1024;
+/// A connection's read buffer never grows past this (hyper's minimum is 8 KiB).
+const MAX_BUFFER_BYTES: usize = 16 * 1024;
+/// How long a new connection waits for a slot once one was freed for it, before it is closed.
+const SLOT_WAIT: Duration = Duration::from_secs(2);
+
+/// Every open connection of one listener, so that a new one can take the slot of the one that
+/// has been idle longest when every slot is held.
+///
+/// The fallback fairness rule while there is no per-user accounting: a connection that is not
+/// being handled (idle between requests, or still sending its head) can be closed to make room;
+/// one whose request is in the handler cannot, and the handler's own deadlines (the upstream
+/// timeout) bound how long that lasts. One local process opening every slot with idle or
+/// stalled connections therefore delays other clients by one eviction, not for as long as it
+/// holds its sockets.
+#[derive(Default)]
+struct Registry {
+    open: std::sync::Mutex<std::collections::HashMap<u64, Arc<ConnState>>>,
+    next_id: AtomicU64,
+}
+
+struct ConnState {
+    /// Requests started plus requests answered: odd while one is being handled.
+    activity: AtomicU64,
+    /// When the last request started or ended (or the connection was accepted), in
+    /// milliseconds since the registry's epoch.
+    last_active_ms: AtomicU64,
+    evict: tokio::sync::Notify,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Arc<ConnState>>> {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn add(&self, now_ms: u64) -> (u64, Arc<ConnState>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let state = Arc::new(ConnState {
+            activity: AtomicU64::new(0),
+            last_active_ms: AtomicU64::new(now_ms),
+            evict: tokio::sync::Notify::new(),
+        });
+        self.lock().insert(id, state.clone());
+        (id, state)
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    /// Asks the connection idle longest, among those not being handled, to close. `false` if
+    /// every connection is in the middle of a request.
+    fn evict_one(&self) -> bool {
+        let open = self.lock();
+        let victim = open
+            .values()
+            .filter(|c| c.activity.load(Ordering::Relaxed).is_multiple_of(2))
+            .min_by_key(|c| c.last_active_ms.load(Ordering::Relaxed));
+        match victim {
+            Some(c) => {
+                // notify_one stores the wake-up if the task is not waiting yet.
+                c.evict.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// Serves `handler` on `listeners` until `shutdown` turns true, then drains for at most
 /// `limits.drain`.
 pub async fn serve<H, Fut>(
@@ -52,31 +125,52 @@ pub async fn serve<H, Fut>(
     handler: H,
     limits: Limits,
     mut shutdown: watch::Receiver<bool>,
+    evicted: Option<prometheus::IntCounter>,
 ) where
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let registry = Arc::new(Registry::default());
+    let epoch = tokio::time::Instant::now();
+    let now_ms = move || epoch.elapsed().as_millis() as u64;
     let (tx, mut rx) = mpsc::channel::<(TcpStream, SocketAddr, OwnedSemaphorePermit)>(64);
     let mut acceptors = Vec::with_capacity(listeners.len());
     for listener in listeners {
-        let (tx, slots) = (tx.clone(), slots.clone());
+        let (tx, slots, registry, evicted) =
+            (tx.clone(), slots.clone(), registry.clone(), evicted.clone());
         acceptors.push(tokio::spawn(async move {
             loop {
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    return;
-                };
-                match listener.accept().await {
-                    Ok((stream, peer)) => {
-                        if tx.send((stream, peer, permit)).await.is_err() {
-                            return;
-                        }
-                    }
+                let (stream, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
                     }
+                };
+                let permit = match slots.clone().try_acquire_owned() {
+                    Ok(permit) => permit,
+                    Err(tokio::sync::TryAcquireError::Closed) => return,
+                    Err(tokio::sync::TryAcquireError::NoPermits) => {
+                        match make_room(&slots, &registry, evicted.as_ref()).await {
+                            Some(permit) => permit,
+                            None if slots.is_closed() => return,
+                            // Every slot is busy with a request: this client is closed, as a
+                            // full accept queue would have refused it.
+                            None => {
+                                tracing::warn!(
+                                    listener = name,
+                                    "every connection slot is busy; closing a new connection"
+                                );
+                                continue;
+                            }
+                        }
+                    }
+                };
+                if tx.send((stream, peer, permit)).await.is_err() {
+                    return;
                 }
             }
         }));
@@ -90,15 +184,16 @@ pub async fn serve<H, Fut>(
                 let Some((stream, peer, permit)) = accepted else { break };
                 let _ = stream.set_nodelay(true);
                 let handler = handler.clone();
-                // Requests started plus requests answered: odd while one is being handled.
-                let activity = Arc::new(AtomicU64::new(0));
-                let seen = activity.clone();
+                let (id, conn_state) = registry.add(now_ms());
+                let seen = conn_state.clone();
                 let conn = http1::Builder::new()
                     // hyper's own header-read timeout arms and drops a timer on every request;
                     // the watchdog below needs one per connection.
                     .timer(TokioTimer::new())
                     .header_read_timeout(None)
                     .keep_alive(true)
+                    .max_header_size(MAX_HEAD_BYTES)
+                    .max_buf_size(MAX_BUFFER_BYTES)
                     // IMDS answers are small: one copy into the head's buffer and one plain
                     // write beat queueing head and body for a vectored write.
                     .writev(false)
@@ -106,27 +201,34 @@ pub async fn serve<H, Fut>(
                         TokioIo::new(stream),
                         service_fn(move |req| {
                             let handler = handler.clone();
-                            let activity = activity.clone();
-                            activity.fetch_add(1, Ordering::Relaxed);
+                            let conn_state = conn_state.clone();
+                            conn_state.activity.fetch_add(1, Ordering::Relaxed);
+                            conn_state.last_active_ms.store(now_ms(), Ordering::Relaxed);
                             async move {
                                 let response = handler(req).await;
-                                activity.fetch_add(1, Ordering::Relaxed);
+                                conn_state.activity.fetch_add(1, Ordering::Relaxed);
+                                conn_state.last_active_ms.store(now_ms(), Ordering::Relaxed);
                                 Ok::<_, std::convert::Infallible>(response)
                             }
                         }),
                     );
                 let conn = graceful.watch(conn);
                 let span = tracing::debug_span!("conn", listener = name, peer.addr = %peer);
+                let registry = registry.clone();
                 tokio::spawn(
                     async move {
                         tokio::select! {
                             result = conn => if let Err(e) = result {
                                 tracing::debug!(error = %e, "connection ended with an error");
                             },
-                            () = idle_watchdog(&seen, limits.idle) => {
+                            () = idle_watchdog(&seen.activity, limits.idle) => {
                                 tracing::debug!("closing a connection idle or stalled too long");
                             }
+                            () = evicted_while_idle(&seen) => {
+                                tracing::debug!("closing an idle connection to make room for a new one");
+                            }
                         }
+                        registry.remove(id);
                         drop(permit);
                     }
                     .instrument(span),
@@ -142,6 +244,41 @@ pub async fn serve<H, Fut>(
         _ = graceful.shutdown() => tracing::debug!(listener = name, "drained"),
         _ = tokio::time::sleep(limits.drain) => {
             tracing::warn!(listener = name, "drain timed out; closing remaining connections")
+        }
+    }
+}
+
+/// Every slot is held: closes the connection idle longest (again every 50 ms, in case the one
+/// chosen started a request meanwhile) until a slot is free, for at most [`SLOT_WAIT`].
+async fn make_room(
+    slots: &Arc<Semaphore>,
+    registry: &Registry,
+    evicted: Option<&prometheus::IntCounter>,
+) -> Option<OwnedSemaphorePermit> {
+    let deadline = tokio::time::Instant::now() + SLOT_WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if registry.evict_one()
+            && let Some(c) = evicted
+        {
+            c.inc();
+        }
+        let wait = Duration::from_millis(50);
+        match tokio::time::timeout(wait, slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => return Some(permit),
+            Ok(Err(_)) => return None,
+            Err(_) => {}
+        }
+    }
+    None
+}
+
+/// Returns once the connection was chosen for eviction while no request of it was being
+/// handled (a request that started in between keeps it: the choice is checked again).
+async fn evicted_while_idle(state: &ConnState) {
+    loop {
+        state.evict.notified().await;
+        if state.activity.load(Ordering::Relaxed).is_multiple_of(2) {
+            return;
         }
     }
 }
@@ -193,7 +330,7 @@ mod tests {
             idle: IDLE,
             drain: Duration::from_millis(100),
         };
-        tokio::spawn(serve("test", vec![listener], handler, limits, rx));
+        tokio::spawn(serve("test", vec![listener], handler, limits, rx, None));
         (addr, tx)
     }
 
@@ -295,9 +432,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_silent_client_gives_its_slot_back() {
-        // One slot: the silent client holds it until the watchdog closes it, then the next
-        // client is served.
+    async fn a_new_client_takes_the_slot_of_the_one_idle_longest() {
+        // One slot, held by a silent client: the next client is served at once (not after the
+        // idle timeout), and the silent one is closed to make room.
         let (addr, _stop) = start(1, Duration::ZERO).await;
         let mut silent = TcpStream::connect(addr).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -305,9 +442,56 @@ mod tests {
         let mut next = TcpStream::connect(addr).await.unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(10), request(&mut next))
             .await
-            .expect("the second client is served once the first is closed");
+            .expect("the second client is served");
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        assert!(started.elapsed() >= IDLE / 2, "{:?}", started.elapsed());
+        assert!(started.elapsed() < IDLE / 2, "{:?}", started.elapsed());
         assert!(read_to_close(&mut silent).await.is_empty());
+        // Two slots, both idle keep-alive connections that were each used: the one idle
+        // longest goes, the more recent one stays.
+        let (addr, _stop) = start(2, Duration::ZERO).await;
+        let mut older = TcpStream::connect(addr).await.unwrap();
+        request(&mut older).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let mut newer = TcpStream::connect(addr).await.unwrap();
+        request(&mut newer).await;
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        assert!(request(&mut third).await.starts_with("HTTP/1.1 200"));
+        assert!(read_to_close(&mut older).await.is_empty());
+        assert!(request(&mut newer).await.starts_with("HTTP/1.1 200"));
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_request_is_being_handled_is_never_evicted() {
+        // One slot, its request in the handler for 300 ms: the next client waits for it to
+        // be answered (then the now idle connection makes room), and the first answer arrives.
+        let delay = Duration::from_millis(300);
+        let (addr, _stop) = start(1, delay).await;
+        let mut busy = TcpStream::connect(addr).await.unwrap();
+        let first = tokio::spawn(async move { request(&mut busy).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        let mut next = TcpStream::connect(addr).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), request(&mut next))
+            .await
+            .expect("the second client is served once the first was answered");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(first.await.unwrap().starts_with("HTTP/1.1 200"));
+        assert!(
+            started.elapsed() >= delay - Duration::from_millis(60),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_request_heads_are_refused() {
+        let (addr, _stop) = start(8, Duration::ZERO).await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let mut head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+        head.extend(std::iter::repeat_n(b'a', MAX_HEAD_BYTES));
+        head.extend_from_slice(b"\r\n\r\n");
+        let _ = stream.write_all(&head).await;
+        let answer = String::from_utf8_lossy(&read_to_close(&mut stream).await).to_string();
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
     }
 }

@@ -283,7 +283,7 @@ async fn the_boot_provider_is_told_who_asks_and_its_document_is_validated() {
         r#"{"ipv4":["192.0.2.0/24"],"ipv6":["2001:db8:aaaa::/48"],"vpcs":["vpc-0123456789abcdef0"],"vpc_endpoints":["vpce-0123456789abcdef0"]}"#,
     )
     .await;
-    let env = discovery::boot_provider::discover(&http, &provider.url, &identity, &imds)
+    let env = discovery::boot_provider::discover(&http, &provider.url, &identity, &imds, false)
         .await
         .unwrap();
     assert_eq!(ips(&env), set(&["192.0.2.0/24"]));
@@ -312,7 +312,8 @@ async fn the_boot_provider_is_told_who_asks_and_its_document_is_validated() {
         "",
     ] {
         provider.set(|a| a.body = garbage.into());
-        let err = discovery::boot_provider::discover(&http, &provider.url, &identity, &imds).await;
+        let err =
+            discovery::boot_provider::discover(&http, &provider.url, &identity, &imds, false).await;
         assert!(err.is_err(), "{garbage} accepted");
     }
 }

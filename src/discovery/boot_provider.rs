@@ -30,6 +30,7 @@ pub async fn discover(
     url: &str,
     identity: &InstanceIdentity,
     imds: &Imds,
+    allow_wide: bool,
 ) -> Result<Environment, String> {
     let document = imds
         .text("/latest/dynamic/instance-identity/document")
@@ -73,5 +74,5 @@ pub async fn discover(
             ));
         }
     }
-    super::static_environment(&doc).map_err(|e| format!("environment document: {e}"))
+    super::static_environment(&doc, allow_wide).map_err(|e| format!("environment document: {e}"))
 }

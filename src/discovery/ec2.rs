@@ -125,8 +125,12 @@ pub async fn discover_paged(
     for page in pages {
         for nat in page.nat_gateways() {
             for address in nat.nat_gateway_addresses() {
-                if let Some(ip) = address.public_ip() {
-                    env.add_ip(ip);
+                if let Some(ip) = address.public_ip()
+                    && !env.add_address(ip)
+                {
+                    return Err(format!(
+                        "DescribeNatGateways gave {ip:?}, not a single address"
+                    ));
                 }
             }
         }
@@ -155,8 +159,12 @@ pub async fn discover_paged(
         .await
         .map_err(|e| err("DescribeAddresses", e))?;
     for address in out.addresses() {
-        if let Some(ip) = address.public_ip() {
-            env.add_ip(ip);
+        if let Some(ip) = address.public_ip()
+            && !env.add_address(ip)
+        {
+            return Err(format!(
+                "DescribeAddresses gave {ip:?}, not a single address"
+            ));
         }
     }
     Ok(env)

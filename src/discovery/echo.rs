@@ -15,7 +15,7 @@ pub async fn discover(http: &reqwest::Client, urls: &[String]) -> Result<Environ
     for url in urls {
         match ask(http, url).await {
             Ok(ip) => {
-                env.add_ip(&ip.to_string());
+                env.add_address(&ip.to_string());
             }
             Err(e) => errors.push(format!("{url}: {e}")),
         }

@@ -21,8 +21,9 @@ pub async fn discover(imds: &Imds) -> Result<Environment, String> {
             let path = format!("{MACS}{mac}/{field}");
             if let Some(list) = imds.optional_text(&path).await.map_err(|e| e.to_string())? {
                 for ip in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
-                    if !env.add_ip(ip) {
-                        return Err(format!("{path} holds {ip:?}, not an address"));
+                    // IMDS lists addresses here, never prefixes: anything else is refused.
+                    if !env.add_address(ip) {
+                        return Err(format!("{path} holds {ip:?}, not a single address"));
                     }
                 }
             }

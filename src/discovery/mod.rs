@@ -76,20 +76,30 @@ pub async fn run_source(kind: SourceKind, ctx: &Context) -> Result<Environment, 
             _ => Err("the EC2 source is not configured".into()),
         },
         SourceKind::BootProvider => match &ctx.config.boot_provider {
-            Some(url) => boot_provider::discover(&ctx.http, url, &ctx.identity, &ctx.imds).await,
+            Some(url) => {
+                boot_provider::discover(
+                    &ctx.http,
+                    url,
+                    &ctx.identity,
+                    &ctx.imds,
+                    ctx.config.allow_wide_prefixes,
+                )
+                .await
+            }
             None => Err("the boot provider source is not configured".into()),
         },
-        SourceKind::Static => static_environment(&ctx.config.static_env),
+        SourceKind::Static => {
+            static_environment(&ctx.config.static_env, ctx.config.allow_wide_prefixes)
+        }
     }
 }
 
-/// The configured static additions (validated with the config).
-pub fn static_environment(s: &StaticEnvironment) -> Result<Environment, String> {
+/// The configured static additions (validated with the config), or a boot provider's
+/// document: prefixes wider than the caps are refused unless `allow_wide`.
+pub fn static_environment(s: &StaticEnvironment, allow_wide: bool) -> Result<Environment, String> {
     let mut env = Environment::default();
     for ip in s.ipv4.iter().chain(&s.ipv6) {
-        if !env.add_ip(ip) {
-            return Err(format!("{ip} is not an address or CIDR"));
-        }
+        env.add_prefix(ip, allow_wide)?;
     }
     env.vpcs.extend(s.vpcs.iter().cloned());
     env.vpc_endpoints.extend(s.vpc_endpoints.iter().cloned());
