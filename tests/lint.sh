@@ -40,10 +40,11 @@ trap 'rm -rf "$TMP"' EXIT
 stage_units() {
     local u
     mkdir -p "$TMP/units/credlock-lint-app.service.d"
-    for u in credlock.service credlock-firewall.service; do
+    for u in "$REPO"/systemd/*.service "$REPO"/systemd/*.socket "$REPO"/systemd/*.timer; do
+        [[ -e $u ]] || continue
         # The executables are installed by ami/provision.sh, not present on a build machine.
-        sed -E 's#^(Exec[A-Za-z]*=)[-@:+!]*(/usr/bin/credlock|/usr/libexec/credlock/credlock-firewall)#\1/bin/true#' \
-            "$REPO/systemd/$u" >"$TMP/units/$u"
+        sed -E 's#^(Exec[A-Za-z]*=)[-@:+!]*(/usr/bin/credlock|/usr/libexec/credlock/credlock-firewall)( [^ ]*)*#\1/bin/true#' \
+            "$u" >"$TMP/units/${u##*/}"
     done
     cat >"$TMP/units/credlock-lint-app.service" <<'EOF'
 [Unit]
@@ -67,13 +68,16 @@ check_verify() {
         return
     fi
     # SYSTEMD_UNIT_PATH ending in ':' = the temporary directory first, then the normal paths.
-    out=$(cd "$TMP/units" && SYSTEMD_UNIT_PATH="$TMP/units:" systemd-analyze verify \
-        credlock.service credlock-firewall.service credlock-lint-app.service 2>&1)
+    local units=() f
+    for f in "$TMP"/units/*.service "$TMP"/units/*.socket "$TMP"/units/*.timer; do
+        [[ -e $f ]] && units+=("${f##*/}")
+    done
+    out=$(cd "$TMP/units" && SYSTEMD_UNIT_PATH="$TMP/units:" systemd-analyze verify "${units[@]}" 2>&1)
     rc=$?
     # Only complaints about our units count (the host's own units may have warnings).
     out=$(grep -E 'credlock|lint-app|app-after' <<<"$out")
     if [[ $rc == 0 && -z $out ]]; then
-        pass "systemd-analyze verify credlock.service credlock-firewall.service (+ app drop-in)"
+        pass "systemd-analyze verify ${units[*]} (+ app drop-in)"
     else
         fail "systemd-analyze verify (exit $rc)" "$out"
     fi
