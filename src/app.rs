@@ -177,6 +177,8 @@ async fn start_with(
         config.lock.serve_margin,
         known_raw.clone(),
     ));
+    let firewall = FirewallWatch::new(config.firewall_state_file.clone(), config.firewall_required);
+    metrics.firewall_required.set(i64::from(firewall.required));
     let lock_status = Arc::new(ArcSwap::from_pointee(LockStatus::default()));
     let discovery_status = Arc::new(ArcSwap::from_pointee(Vec::new()));
     let admin_state = Arc::new(AdminState::new(
@@ -184,7 +186,7 @@ async fn start_with(
         lock_status.clone(),
         discovery_status.clone(),
         imds_addrs.first().copied().unwrap_or(config.listen[0]),
-        FirewallWatch::new(config.firewall_state_file.clone(), config.firewall_required),
+        firewall,
     ));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

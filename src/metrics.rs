@@ -25,6 +25,7 @@ pub struct Metrics {
     pub policy_packed_percent: IntGauge,
     pub ready: IntGauge,
     pub firewall_enforced: IntGaugeVec,
+    pub firewall_required: IntGauge,
     pub firewall_state: IntGaugeVec,
     /// Resolved once: the request path never hashes a label set (see [`Metrics::answered`]).
     answered_handles: [[IntCounter; 3]; ROUTES.len()],
@@ -238,6 +239,10 @@ impl Metrics {
             "1 while the firewall's last check (at most a minute old) found every process of this address family forced through credlock (strict or boot mode, or IPv6 deliberately off); 0 otherwise.",
             &["family"],
         );
+        let firewall_required = gauge(
+            "credlock_firewall_required",
+            "1 when readiness needs the firewall enforced ([firewall] required, or auto on a host where credlock-firewall ran); 0 for credlock run without a firewall (a demo, a test).",
+        );
         let firewall_state = int_gauge_vec(
             "credlock_firewall_state",
             "The firewall's rules per address family as its last check found them: 1 for the current state (strict, boot, missing, partial, off, unknown), 0 for the others.",
@@ -313,6 +318,7 @@ impl Metrics {
             policy_packed_percent,
             ready,
             firewall_enforced,
+            firewall_required,
             firewall_state,
             answered_handles,
             upstream_handles,
