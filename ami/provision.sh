@@ -21,7 +21,11 @@ readonly BIN=/usr/bin/credlock
 readonly LIBEXEC_DIR=/usr/libexec/credlock
 readonly FIREWALL=$LIBEXEC_DIR/credlock-firewall
 readonly UNIT_DIR=/usr/lib/systemd/system
-readonly UNITS=(credlock-firewall.service credlock.service)
+# credlock-firewall-check: the watchdog that re-applies the rules when something removes them;
+# credlock-firewall-reapply: re-applies them right after nftables/iptables services reload;
+# credlock.socket: credlock's listeners, held by systemd (installed when the source has it).
+UNITS=(credlock-firewall.service credlock-firewall-check.service credlock-firewall-reapply.service
+    credlock.socket credlock.service)
 readonly CONF_DIR=/etc/credlock
 readonly CONF=$CONF_DIR/credlock.toml
 readonly FIREWALL_DEFAULTS=/etc/default/credlock-firewall
@@ -125,7 +129,12 @@ find_binary() {
 do_install() {
     local binary f tmpl_dir defaults_src
     binary=$(find_binary)
+    if [[ ! -f $SOURCE_DIR/systemd/credlock.socket ]]; then
+        UNITS=("${UNITS[@]/credlock.socket/}")
+        read -ra UNITS <<<"${UNITS[*]}"
+    fi
     for f in systemd/credlock.service systemd/credlock-firewall.service systemd/credlock-firewall \
+             systemd/credlock-firewall-check.service systemd/credlock-firewall-reapply.service \
              systemd/credlock.toml; do
         [[ -f $SOURCE_DIR/$f ]] || die "missing $SOURCE_DIR/$f (wrong --source-dir?)"
     done
@@ -204,6 +213,16 @@ do_install() {
         # reboot brings boot mode back). Root, like everyone, is refused until credlock is ready.
         "$FIREWALL" apply || die "'$FIREWALL apply' failed: IMDS is not redirected"
         systemctl reload-or-restart credlock-firewall.service
+        # The watchdog onto the new script; the reapply unit active, so that a reload of
+        # nftables.service propagates to it from now on (its apply keeps the strict rules).
+        systemctl restart credlock-firewall-check.service
+        systemctl reload-or-restart credlock-firewall-reapply.service
+        if [[ " ${UNITS[*]} " == *" credlock.socket "* ]]; then
+            # From now on systemd holds credlock's ports: a running credlock that bound them
+            # itself (an older version) lets go first.
+            systemctl stop credlock.service
+            systemctl restart credlock.socket
+        fi
         if ! systemctl restart credlock.service; then
             journalctl -u credlock.service -n 30 --no-pager >&2 || true
             die "credlock.service did not become ready (IMDS traffic is refused until it does)"
@@ -218,12 +237,16 @@ do_uninstall() {
     if systemd_running; then
         # Stop the proxy first (clients are refused), then remove the rules (clients reach IMDS
         # directly, as before credlock was installed).
-        systemctl disable --now credlock.service >/dev/null 2>&1 || true
+        systemctl disable --now credlock.service credlock.socket >/dev/null 2>&1 || true
+        # The watchdog and the reapply unit before the rules go, or they would put them back.
+        systemctl disable --now credlock-firewall-check.service credlock-firewall-reapply.service \
+            >/dev/null 2>&1 || true
         systemctl disable --now credlock-firewall.service >/dev/null 2>&1 || true
         if [[ -x $FIREWALL ]]; then
             "$FIREWALL" remove || die "'$FIREWALL remove' failed; the rules may still be loaded"
         fi
-        # Its state: the "strict rules loaded in this boot" marker, route_localnet records.
+        # Its state: the lock, the state file, the "strict rules loaded in this boot" and
+        # "removed" markers, route_localnet records.
         rm -rf "$FIREWALL_RUNDIR"
     else
         systemctl disable "${UNITS[@]}" >/dev/null 2>&1 || true

@@ -16,10 +16,16 @@
 #   fd00:c1::2/64                fd00:c1::1 ┘ apps (as clfw-app-<PID>, root)       169.254.169.254:80
 #                                             169.254.0.2/16, fd00:ec2::2/64       [fd00:ec2::254]:80
 #
-# For every backend x container mode: start target/debug/credlock as its own user, check the
+# For every backend x container mode: start target/debug/credlock as its own user inside a cgroup
+# of its own (clfw-<PID>/credlock under the cgroup v2 hierarchy: the stand-in for
+# system.slice/credlock.service, named to the script with CREDLOCK_SERVICE_CGROUP), check the
 # topology without rules (control), load the boot-mode rules (`apply --boot`: root direct, every
-# other uid redirected), tighten them to the strict set (`apply`), then assert the properties
-# listed in tests/root/README-firewall.md, stop credlock (fail closed) and remove the rules.
+# other process redirected), tighten them to the strict set (`apply`), then assert the properties
+# listed in tests/root/README-firewall.md: the exemption (credlock's uid in its cgroup; the same
+# uid elsewhere is redirected; a recreated cgroup is re-pinned by `check`), IPv6 segment routing
+# refused, the lock (an unprivileged user cannot hold, plant or redirect it), the rules coming
+# back after `nft flush ruleset`, a replay of Debian's nftables.service reload/stop/restart and
+# an iptables-restore (`watch` running), the state file; stop credlock (fail closed) and remove.
 # Prints PASS/FAIL per check and "N passed, M failed"; exits 1 on any failure.
 #
 # CREDLOCK_BIN overrides target/debug/credlock. CREDLOCK_FW_TEST_STANDIN=1 (development only)
@@ -78,11 +84,28 @@ BR=br-cl$ID                                 # matches the default CREDLOCK_CONTA
 CRED_USER=clfw-cred-$ID APP_USER=clfw-app-$ID
 IMDS4=169.254.169.254 IMDS6=fd00:ec2::254
 CTL=127.0.0.1:9999 # emulator control, inside the imds namespace
+SR_HOP=fd00:ec2::253 # a segment-routing hop in the imds namespace (seg6_enabled): forwards to IMDS
 ADMIN=127.0.0.1:9169
 IID="i-0123456789abcdef0"
 TMP=$(mktemp -d /tmp/cl-fw-test.XXXXXX)
 chmod 755 "$TMP"
-EMU_PID="" UDP_PID="" SINK_PID="" CREDLOCK_PID="" CREATED_USERS=()
+EMU_PID="" UDP_PID="" SINK_PID="" CREDLOCK_PID="" WATCH_PID="" HOLDER_PID="" CREATED_USERS=()
+# The harness marker: the script honours its test-only variables (CREDLOCK_FIREWALL_RUNDIR,
+# CREDLOCK_SERVICE_CGROUP, ...) only with it, and only outside systemd (no INVOCATION_ID).
+export CREDLOCK_FIREWALL_TEST=1
+unset INVOCATION_ID
+# credlock's stand-in for system.slice/credlock.service: a cgroup two levels down in the cgroup
+# v2 hierarchy (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host).
+CG2=""
+if [[ $(stat -f -c %T /sys/fs/cgroup 2>/dev/null) == cgroup2fs ]]; then
+    CG2=/sys/fs/cgroup
+elif [[ $(stat -f -c %T /sys/fs/cgroup/unified 2>/dev/null) == cgroup2fs ]]; then
+    CG2=/sys/fs/cgroup/unified
+fi
+CG_REL=clfw-$ID/credlock
+CG_DIR=$CG2/$CG_REL
+WATCH_INTERVAL=1 # CREDLOCK_CHECK_INTERVAL of the `watch` started by the tests
+LOCK_WAIT=1      # CREDLOCK_FIREWALL_LOCK_WAIT: how long apply waits for a lock held by root
 
 PASSED=0 FAILED=0 COMBO=""
 pass() {
@@ -101,10 +124,10 @@ expect() { if [[ $3 == "$2" ]]; then pass "$1"; else fail "$1" "expected '$2', g
 cleanup() {
     local pid i
     set +e
-    for pid in "$CREDLOCK_PID" "$SINK_PID" "$UDP_PID" "$EMU_PID"; do
+    for pid in "$CREDLOCK_PID" "$SINK_PID" "$UDP_PID" "$EMU_PID" "$WATCH_PID" "$HOLDER_PID"; do
         [[ -n $pid ]] && kill "$pid" 2>/dev/null
     done
-    for pid in "$CREDLOCK_PID" "$SINK_PID" "$UDP_PID" "$EMU_PID"; do
+    for pid in "$CREDLOCK_PID" "$SINK_PID" "$UDP_PID" "$EMU_PID" "$WATCH_PID" "$HOLDER_PID"; do
         [[ -n $pid ]] || continue
         for i in $(seq 1 50); do
             kill -0 "$pid" 2>/dev/null || break
@@ -120,6 +143,14 @@ cleanup() {
     for u in "${CREATED_USERS[@]}"; do
         userdel "$u" 2>/dev/null
     done
+    if [[ -n $CG2 ]]; then
+        for i in $(seq 1 20); do
+            rmdir "$CG_DIR" 2>/dev/null
+            [[ -d $CG_DIR ]] || break
+            sleep 0.1
+        done
+        rmdir "$CG2/clfw-$ID" 2>/dev/null
+    fi
     rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -129,7 +160,15 @@ in_i() { ip netns exec "$NS_I" "$@"; }
 in_m() { ip netns exec "$NS_M" "$@"; }
 in_c() { ip netns exec "$NS_C" "$@"; }
 as_app() { ip netns exec "$NS_I" runuser -u "$APP_USER" -- "$@"; }
+# credlock's uid outside credlock's cgroup (the test's own cgroup): a "same uid elsewhere".
 as_cred() { ip netns exec "$NS_I" runuser -u "$CRED_USER" -- "$@"; }
+# in_cg COMMAND...: COMMAND joins the test's credlock cgroup first (so do its sockets).
+in_cg() { sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' sh "$CG_DIR" "$@"; }
+# credlock's uid inside credlock's cgroup: what credlock itself is.
+as_cred_cg() {
+    in_cg ip netns exec "$NS_I" setpriv --reuid "$(id -u "$CRED_USER")" --regid "$(id -g "$CRED_USER")" \
+        --clear-groups -- "$@"
+}
 CURL=(curl -sS -g --connect-timeout 3 --max-time 6)
 
 # Sum of credlock_requests_total over all labels (proves a request went through credlock).
@@ -156,6 +195,7 @@ probe() {
     case $who in
     app) as_app "$PY" "$HERE/netns_probe.py" "$@" ;;
     cred) as_cred "$PY" "$HERE/netns_probe.py" "$@" ;;
+    cred_cg) as_cred_cg "$PY" "$HERE/netns_probe.py" "$@" ;;
     root) in_i "$PY" "$HERE/netns_probe.py" "$@" ;;
     container) in_c "$PY" "$HERE/netns_probe.py" "$@" ;;
     esac
@@ -184,6 +224,10 @@ setup_topology() {
         ip -n "$NS_I" -6 addr add fd00:ec2::2/64 dev "$V_I" nodad &&
         ip -n "$NS_M" -6 addr add "$IMDS6/64" dev "$V_M" nodad &&
         ip -n "$NS_I" link set "$V_I" up && ip -n "$NS_M" link set "$V_M" up || return 1
+    # A segment-routing hop next to IMDS: it processes an SRH and forwards to the next segment
+    # (IMDS), as a router that honours segment routing would (control: it really gets there).
+    ip -n "$NS_M" -6 addr add "$SR_HOP/64" dev "$V_M" nodad &&
+        in_m sysctl -qw net.ipv6.conf.all.seg6_enabled=1 "net.ipv6.conf.$V_M.seg6_enabled=1" || return 1
     # The container bridge inside "instance", its own subnets, default routes via the bridge.
     ip -n "$NS_I" link add "$BR" type bridge &&
         ip -n "$NS_I" addr add 10.213.0.1/24 dev "$BR" &&
@@ -270,9 +314,12 @@ start_credlock() {
     local i uid gid cmd
     uid=$(id -u "$CRED_USER") gid=$(id -g "$CRED_USER")
     read -ra cmd <<<"$(credlock_command)"
-    # setpriv execs (no fork), so $! is credlock itself. No route to STS/EC2/checkip here:
-    # credlock holds no locked credentials, but passthrough (instance-id) works.
-    ip netns exec "$NS_I" env -i PATH=/usr/bin:/bin HOME=/ AWS_REGION=us-east-1 \
+    # setpriv execs (no fork), so $! is credlock itself, in its cgroup (in_cg). No route to
+    # STS/EC2/checkip here: credlock holds no locked credentials, but passthrough (instance-id)
+    # works, and only through the exemption (credlock's own requests to IMDS go direct).
+    # (sh -c, not the in_cg function: a function in the background would be a subshell's PID.)
+    sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' sh "$CG_DIR" \
+        ip netns exec "$NS_I" env -i PATH=/usr/bin:/bin HOME=/ AWS_REGION=us-east-1 \
         AWS_ENDPOINT_URL_STS=http://127.0.0.1:9 AWS_ENDPOINT_URL_EC2=http://127.0.0.1:9 \
         setpriv --reuid "$uid" --regid "$gid" --clear-groups -- "${cmd[@]}" \
         >>"$TMP/credlock.log" 2>&1 &
@@ -313,8 +360,94 @@ socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(sys.argv[1].encode(), ("
     grep -q "^$1 " "$TMP/loopback-sink.log"
 }
 
+# srh_probe WHO: an HTTP GET for instance-id to [IMDS6]:80 carrying a segment-routing header
+# (IPV6_RTHDR, type 4, set by the process itself: no privilege needed) whose first segment is
+# SR_HOP, so the packet leaves for SR_HOP and IMDS is only the last segment. Prints
+# "answered:<body>|refused|unreachable|timeout|error:NAME <ms>".
+SRH_PROBE='
+import errno, socket, struct, sys, time
+final, hop = sys.argv[1], sys.argv[2]
+pack = lambda a: socket.inet_pton(socket.AF_INET6, a)
+# segments[0] is replaced by the connect() address (the final destination); the packet is sent
+# to segments[segments_left] = hop.
+srh = struct.pack("!BBBBBBH", 0, 4, 4, 1, 1, 0, 0) + pack(final) + pack(hop)
+start = time.monotonic()
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.settimeout(1.0)
+try:
+    s.setsockopt(socket.IPPROTO_IPV6, getattr(socket, "IPV6_RTHDR", 57), srh)
+    s.connect((final, 80))
+    s.sendall(b"GET /latest/meta-data/instance-id HTTP/1.0\r\nHost: x\r\nX-Clfw-Probe: srh\r\n\r\n")
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    result = "answered:" + (data.split(b"\r\n\r\n", 1)[-1].decode(errors="replace").strip() or "-")
+except OSError as err:
+    if isinstance(err, socket.timeout):
+        result = "timeout"
+    elif err.errno in (errno.ECONNREFUSED, errno.ECONNRESET):
+        result = "refused"
+    elif err.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES, errno.EPERM):
+        result = "unreachable"
+    else:
+        result = "error:" + errno.errorcode.get(err.errno or 0, str(err.errno))
+print(result, int((time.monotonic() - start) * 1000))
+'
+srh_probe() {
+    case $1 in
+    app) as_app "$PY" -c "$SRH_PROBE" "$IMDS6" "$SR_HOP" ;;
+    root) in_i "$PY" -c "$SRH_PROBE" "$IMDS6" "$SR_HOP" ;;
+    container) in_c "$PY" -c "$SRH_PROBE" "$IMDS6" "$SR_HOP" ;;
+    esac
+}
+# Requests the upstream got from srh_probe (its X-Clfw-Probe header), from anyone.
+emulator_srh_requests() {
+    in_m curl -s --max-time 3 "http://$CTL/requests" | "$PY" -c '
+import json, sys
+print(sum(1 for r in json.load(sys.stdin) if any(h[0].lower() == "x-clfw-probe" for h in r["headers"])))'
+}
+# expect_srh_blocked NAME WHO: the segment-routed request gets no answer and the upstream sees
+# nothing (the sender may see a timeout: the kernel cannot match the ICMP error to its socket).
+expect_srh_blocked() {
+    local out before after
+    before=$(emulator_srh_requests)
+    out=$(srh_probe "$2" 2>&1)
+    after=$(emulator_srh_requests)
+    if [[ $out != answered:* && $before == "$after" ]]; then
+        pass "$1 (${out% *}, upstream saw nothing)"
+    else
+        fail "$1" "got '$out', upstream requests $before -> $after"
+    fi
+}
+
 # ---- firewall helpers --------------------------------------------------------------------------
-fw() { in_i "$FW" "$@" --backend "${BACKEND%-legacy}"; }
+# The script runs with nsenter (not `ip netns exec`, which mounts a fresh /sys without
+# /sys/fs/cgroup): it needs the cgroup hierarchy to pin credlock's cgroup.
+fw() { nsenter --net="/run/netns/$NS_I" -- "$FW" "$@" --backend "${BACKEND%-legacy}"; }
+# state_field KEY: a value of the state file written by apply/remove/check.
+state_field() { sed -n "s/^$1=//p" "$CREDLOCK_FIREWALL_RUNDIR/state" 2>/dev/null; }
+# state_summary: "backend ipv4 ipv6 fresh|stale|none" (fresh: checked within the last 10 s).
+state_summary() {
+    local checked age
+    checked=$(state_field checked)
+    if [[ -z $checked ]]; then
+        age=none
+    elif (($(date +%s) - checked <= 10)); then
+        age=fresh
+    else
+        age=stale
+    fi
+    echo "$(state_field backend) $(state_field ipv4) $(state_field ipv6) $age"
+}
+# owner_mode PATH: "uid:octal-mode:type" (type: f regular, d directory, l symlink, - none).
+owner_mode() {
+    local t=-
+    if [[ -L $1 ]]; then t=l; elif [[ -f $1 ]]; then t=f; elif [[ -d $1 ]]; then t=d; fi
+    if [[ $t == - ]]; then echo "-"; else echo "$(stat -c %u:%a -- "$1"):$t"; fi
+}
 
 # Rules of credlock currently loaded (lines mentioning an IMDS address, plus iptables jumps).
 live_rule_count() {
@@ -353,7 +486,8 @@ add_unrelated_rule() {
     if [[ $BACKEND == nft ]]; then
         in_i nft add table inet clfw_unrelated
     else
-        in_i iptables -w -A OUTPUT -d 192.0.2.1/32 -m comment --comment clfw-unrelated -j ACCEPT
+        in_i iptables -w -C OUTPUT -d 192.0.2.1/32 -m comment --comment clfw-unrelated -j ACCEPT 2>/dev/null ||
+            in_i iptables -w -A OUTPUT -d 192.0.2.1/32 -m comment --comment clfw-unrelated -j ACCEPT
     fi
 }
 unrelated_rule_present() {
@@ -370,6 +504,279 @@ del_unrelated_rule() {
         in_i iptables -w -D OUTPUT -d 192.0.2.1/32 -m comment --comment clfw-unrelated -j ACCEPT 2>/dev/null
     fi
     return 0
+}
+
+# Removing credlock's rules the way routine operations do. The replay of Debian's
+# nftables.service: ExecReload= and ExecStart= are `nft -f /etc/nftables.conf` (the default file
+# starts with `flush ruleset`), ExecStop= is `nft flush ruleset`. iptables-restore: a full
+# restore of the ruleset saved before credlock's rules were loaded (netfilter-persistent start,
+# RHEL's iptables.service).
+write_debian_nftables_conf() {
+    cat >"$TMP/nftables.conf" <<'EOF'
+#!/usr/sbin/nft -f
+
+flush ruleset
+
+table inet filter {
+	chain input {
+		type filter hook input priority filter;
+	}
+	chain forward {
+		type filter hook forward priority filter;
+	}
+	chain output {
+		type filter hook output priority filter;
+	}
+}
+EOF
+}
+routine_op() {
+    case $1 in
+    "nft flush ruleset") in_i nft flush ruleset ;;
+    "nftables.service reload (nft -f nftables.conf)") in_i nft -f "$TMP/nftables.conf" ;;
+    "nftables.service stop (nft flush ruleset)") in_i nft flush ruleset ;;
+    "nftables.service restart (stop + start)") in_i nft flush ruleset && in_i nft -f "$TMP/nftables.conf" ;;
+    "iptables-restore of a saved ruleset") in_i iptables-restore -w <"$TMP/saved4" && in_i ip6tables-restore -w <"$TMP/saved6" ;;
+    esac
+}
+# Does OP remove this backend's rules? (iptables-nft keeps its tables in nftables; nft's own
+# table is not touched by iptables-restore; legacy iptables is not touched by nft.)
+op_removes() {
+    case $BACKEND/$1 in
+    nft/iptables-restore* | iptables-legacy/n*) return 1 ;;
+    *) return 0 ;;
+    esac
+}
+# wait_strict SECONDS: poll status until the strict rules are in place; prints the time taken
+# ("N ms") or "not within N s".
+wait_strict() {
+    local start now
+    start=$(date +%s%N)
+    while :; do
+        now=$(date +%s%N)
+        if [[ $(status_line --strict | cut -d' ' -f1) == 0 ]]; then
+            echo "$(((now - start) / 1000000)) ms"
+            return 0
+        fi
+        if (((now - start) / 1000000000 >= $1)); then
+            echo "not within $1 s"
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+start_watch() {
+    CREDLOCK_CHECK_INTERVAL=$WATCH_INTERVAL nsenter --net="/run/netns/$NS_I" -- \
+        "$FW" watch --backend "${BACKEND%-legacy}" >>"$TMP/watch.log" 2>&1 &
+    WATCH_PID=$!
+}
+stop_watch() {
+    [[ -n $WATCH_PID ]] || return 0
+    kill "$WATCH_PID" 2>/dev/null
+    wait "$WATCH_PID" 2>/dev/null
+    WATCH_PID=""
+    sleep 0.5 # a check it started may still be finishing (at most one, bounded)
+}
+warnings_logged() { grep -c "WARNING: credlock's rules are NOT in place" "$TMP/watch.log" 2>/dev/null || true; }
+
+# hold_lock app|root FILE: a process that opens FILE read-only (enough for flock) and holds an
+# exclusive lock on it until release_lock (one process: setpriv and python exec, no fork).
+hold_lock() {
+    local -a who=()
+    if [[ $1 == app ]]; then
+        who=(setpriv --reuid "$(id -u "$APP_USER")" --regid "$(id -g "$APP_USER")" --clear-groups --)
+    fi
+    "${who[@]}" "$PY" -c 'import fcntl, sys, time
+f = open(sys.argv[1], "rb")
+fcntl.flock(f, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(30)' "$2" >"$TMP/holder.out" 2>&1 &
+    HOLDER_PID=$!
+    for _ in $(seq 1 30); do
+        grep -q held "$TMP/holder.out" && return 0
+        sleep 0.1
+    done
+    fail "the lock holder ($1) holds $2" "$(cat "$TMP/holder.out")"
+}
+release_lock() {
+    [[ -n $HOLDER_PID ]] || return 0
+    kill "$HOLDER_PID" 2>/dev/null
+    wait "$HOLDER_PID" 2>/dev/null
+    HOLDER_PID=""
+}
+
+# -- the lock: root's alone; nothing an unprivileged user does can block or redirect apply.
+lock_checks() {
+    local out rc t0 ms lock=$CREDLOCK_FIREWALL_RUNDIR/lock planted
+    expect "run directory root 0755, lock root 0600, state root 0644" \
+        "0:755:d 0:600:f 0:644:f" \
+        "$(owner_mode "$CREDLOCK_FIREWALL_RUNDIR") $(owner_mode "$lock") $(owner_mode "$CREDLOCK_FIREWALL_RUNDIR/state")"
+    if as_app flock -n "$lock" true 2>/dev/null; then
+        fail "app user cannot open (and so cannot hold) the lock"
+    else
+        pass "app user cannot open (and so cannot hold) the lock"
+    fi
+    if as_app sh -c "ln -s /tmp/x '$CREDLOCK_FIREWALL_RUNDIR/lock.x' || : >'$CREDLOCK_FIREWALL_RUNDIR/lock.y'" 2>/dev/null ||
+        [[ -e $CREDLOCK_FIREWALL_RUNDIR/lock.x || -e $CREDLOCK_FIREWALL_RUNDIR/lock.y ]]; then
+        fail "app user cannot create a file or symlink in the run directory"
+    else
+        pass "app user cannot create a file or symlink in the run directory"
+    fi
+    # The old attack: a lock file in world-writable /run/lock, pre-created and held by a user.
+    : >"$TMP/user-lock"
+    chown "$APP_USER" "$TMP/user-lock"
+    hold_lock app "$TMP/user-lock"
+    t0=$(date +%s%N)
+    out=$(CREDLOCK_FIREWALL_LOCK=$TMP/user-lock fw apply 2>&1)
+    rc=$? ms=$((($(date +%s%N) - t0) / 1000000))
+    if [[ $rc == 0 && $ms -lt 1500 && $out == *"CREDLOCK_FIREWALL_LOCK ignored"* ]]; then
+        pass "a user holding a pre-created lock at the old path (CREDLOCK_FIREWALL_LOCK) does not delay apply ($ms ms)"
+    else
+        fail "a user holding a pre-created lock at the old path does not delay apply" "rc=$rc, $ms ms: $out"
+    fi
+    # Planted in the run directory (only root can: as if by an earlier bug), held by the user:
+    # replaced, never followed, never waited for.
+    : >"$TMP/victim"
+    chown "$APP_USER" "$TMP/victim"
+    rm -f "$lock"
+    ln -s "$TMP/victim" "$lock"
+    t0=$(date +%s%N)
+    out=$(fw apply 2>&1)
+    rc=$? ms=$((($(date +%s%N) - t0) / 1000000))
+    expect "a symlink planted as the lock: apply exits 0 at once, the target is untouched, the lock is root's 0600 again" \
+        "0 fast 0:600:f $(id -u "$APP_USER"):644:f" \
+        "$rc $([[ $ms -lt 1500 ]] && echo fast || echo "${ms}ms") $(owner_mode "$lock") $(owner_mode "$TMP/victim")"
+    release_lock
+    rm -f "$lock"
+    : >"$lock"
+    chown "$APP_USER" "$lock"
+    chmod 0644 "$lock"
+    hold_lock app "$lock"
+    t0=$(date +%s%N)
+    out=$(fw apply 2>&1)
+    rc=$? ms=$((($(date +%s%N) - t0) / 1000000))
+    expect "a lock file owned and held by the app user: apply exits 0 at once and replaces it" \
+        "0 fast 0:600:f" "$rc $([[ $ms -lt 1500 ]] && echo fast || echo "${ms}ms") $(owner_mode "$lock")"
+    release_lock
+    # A whole run directory planted (owned by the app user, no strict marker: a try to get boot
+    # mode back, and a held lock): moved aside, and this boot counts as strict.
+    planted=$TMP/run-planted
+    mkdir -p "$planted"
+    chown "$APP_USER" "$planted"
+    : >"$planted/lock"
+    chown "$APP_USER" "$planted/lock"
+    hold_lock app "$planted/lock"
+    t0=$(date +%s%N)
+    out=$(CREDLOCK_FIREWALL_RUNDIR=$planted CREDLOCK_BOOT_EXEMPT_ROOT=yes fw apply --boot 2>&1)
+    rc=$? ms=$((($(date +%s%N) - t0) / 1000000))
+    expect "a run directory planted by the app user: apply --boot exits 0 at once, loads strict, the directory is root's again" \
+        "0 fast 0 0:755:d yes" \
+        "$rc $([[ $ms -lt 1500 ]] && echo fast || echo "${ms}ms") $(status_line --strict | cut -d' ' -f1) $(owner_mode "$planted") $([[ -e $planted/strict-loaded ]] && echo yes || echo no)"
+    release_lock
+    # Root holding the lock (a hung apply): apply goes on after CREDLOCK_FIREWALL_LOCK_WAIT and
+    # the rules are in place; remove fails and removes nothing (fail closed both ways).
+    hold_lock root "$lock"
+    out=$(fw apply 2>&1)
+    rc=$?
+    expect "root holding the lock: apply goes on after ${LOCK_WAIT} s (exit 0, strict in place)" "0 0" \
+        "$rc $(status_line --strict | cut -d' ' -f1)"
+    out=$(fw remove 2>&1)
+    rc=$?
+    expect "root holding the lock: remove fails (1) and the strict rules stay" "1 0" \
+        "$rc $(status_line --strict | cut -d' ' -f1)"
+    release_lock
+}
+
+# -- routine operations: with `watch` running, each is followed by the rules coming back.
+survive_checks() {
+    local op ms warned before out
+    write_debian_nftables_conf
+    : >"$TMP/watch.log"
+    start_watch
+    sleep 0.5
+    for op in "nft flush ruleset" "nftables.service reload (nft -f nftables.conf)" \
+        "nftables.service stop (nft flush ruleset)" "nftables.service restart (stop + start)" \
+        "iptables-restore of a saved ruleset"; do
+        warned=$(warnings_logged)
+        # Under the firewall's lock, so that no check runs between the operation and the look
+        # at what it did (the watch waits for the lock, at most CREDLOCK_FIREWALL_LOCK_WAIT).
+        exec 8>>"$CREDLOCK_FIREWALL_RUNDIR/lock"
+        flock 8
+        if routine_op "$op" >"$TMP/op.log" 2>&1; then
+            out=$(status_line --strict)
+        else
+            out="the operation failed: $(tr '\n' ' ' <"$TMP/op.log")"
+        fi
+        flock -u 8
+        exec 8>&-
+        if op_removes "$op"; then
+            expect "$op: removes credlock's rules" "3 mode: none" "$out"
+        else
+            expect "$op: leaves credlock's rules alone" "0 mode: strict" "$out"
+        fi
+        if ms=$(wait_strict $((WATCH_INTERVAL + 3))); then
+            pass "$op: the strict rules are back within $((WATCH_INTERVAL + 3)) s (check every $WATCH_INTERVAL s): $ms"
+        else
+            fail "$op: the strict rules are back within $((WATCH_INTERVAL + 3)) s (check every $WATCH_INTERVAL s)" "$ms"
+        fi
+        if op_removes "$op"; then
+            # The watch prints a pass's log when the pass has ended: just after the re-apply.
+            for _ in 1 2 3 4 5 6 7 8 9 10; do
+                (($(warnings_logged) > warned)) && break
+                sleep 0.2
+            done
+            expect "$op: the check logged a WARNING" 1 "$(($(warnings_logged) - warned))"
+        fi
+        expect "$op: state file afterwards: strict, fresh" "${BACKEND%-legacy} strict strict fresh" "$(state_summary)"
+    done
+    before=$(credlock_requests)
+    out=$(as_app "${CURL[@]}" "http://$IMDS4/latest/meta-data/instance-id" 2>&1)
+    out+=" "$(as_app "${CURL[@]}" "http://[$IMDS6]/latest/meta-data/instance-id" 2>&1)
+    expect "after all that: the app user is redirected to credlock (v4, v6)" "$IID $IID +2" "$out +$(($(credlock_requests) - before))"
+    # remove on purpose: the check reports it (state file "missing", kept fresh), puts nothing back.
+    warned=$(warnings_logged)
+    fw remove >/dev/null 2>&1
+    sleep 1
+    before=$(state_field checked)
+    sleep $((WATCH_INTERVAL + 1))
+    expect "remove with the watch running: the rules stay out (status 3), no re-apply logged" "3 mode: none +0" \
+        "$(status_line) +$(($(warnings_logged) - warned))"
+    expect "remove with the watch running: the check keeps the state file fresh, saying missing" \
+        "${BACKEND%-legacy} missing missing fresh newer" \
+        "$(state_summary) $([[ $(state_field checked) -gt $before ]] && echo newer || echo "not rewritten")"
+    fw apply >/dev/null 2>&1
+    sleep $((WATCH_INTERVAL + 1))
+    expect "apply after remove: strict again, state file strict" "0 ${BACKEND%-legacy} strict strict fresh" \
+        "$(status_line --strict | cut -d' ' -f1) $(state_summary)"
+    stop_watch
+    add_unrelated_rule # a flush took it too
+}
+
+# -- credlock restarts: systemd makes a new cgroup (new id); the exemption follows it.
+repin_checks() {
+    local out before id1 id2
+    id1=$(stat -c %i "$CG_DIR")
+    stop_credlock
+    rmdir "$CG_DIR" && mkdir "$CG_DIR"
+    id2=$(stat -c %i "$CG_DIR")
+    expect "the test cgroup was recreated (new id)" yes "$([[ $id1 != "$id2" ]] && echo yes || echo "no ($id1 $id2)")"
+    # The loaded exemption names the old cgroup: a process of credlock's uid in the new one is
+    # not exempt (redirected, and credlock is down: refused). Fail closed.
+    expect_fast_refusal "stale exemption: credlock's uid in the recreated cgroup is not let through" cred_cg tcp "$IMDS4" 80
+    expect "stale exemption: status reports the rules as not matching (3)" 3 "$(status_line | cut -d' ' -f1)"
+    out=$(fw check 2>&1)
+    expect "check re-pins the exemption to the new cgroup (exit 0, logged, strict)" "0 yes 0" \
+        "$? $([[ $out == *"cgroup changed"* ]] && echo yes || echo "no: $out") $(status_line --strict | cut -d' ' -f1)"
+    out=$(as_cred_cg "${CURL[@]}" "http://$IMDS4/latest/meta-data/instance-id" 2>&1)
+    expect "after re-pinning: credlock's uid in the new cgroup reaches the upstream directly" "$IID" "$out"
+    if ! start_credlock; then
+        fail "credlock starts again in the recreated cgroup"
+        return
+    fi
+    before=$(credlock_requests)
+    out=$(as_app "${CURL[@]}" "http://[$IMDS6]/latest/meta-data/instance-id" 2>&1)
+    expect "credlock restarted in the new cgroup: the app user gets answers through it" "$IID +1" \
+        "$out +$(($(credlock_requests) - before))"
 }
 
 # ---- the checks --------------------------------------------------------------------------------
@@ -399,7 +806,7 @@ run_combo() {
 run_checks() {
     local out rc before after n1 n2 expected token
     export CREDLOCK_FIREWALL_CONFIG=$FW_DEFAULTS CREDLOCK_USER=$CRED_USER CREDLOCK_CONTAINERS=$MODE
-    export CREDLOCK_FIREWALL_RUNDIR=$TMP/run CREDLOCK_FIREWALL_LOCK=$TMP/fw.lock
+    export CREDLOCK_FIREWALL_RUNDIR=$TMP/run CREDLOCK_SERVICE_CGROUP=$CG_REL CREDLOCK_FIREWALL_LOCK_WAIT=$LOCK_WAIT
     if ! start_credlock; then
         fail "credlock starts as $CRED_USER and listens on 127.0.0.1:8169, [::1]:8169, $ADMIN"
         return
@@ -427,6 +834,14 @@ run_checks() {
     out=$(in_c "${CURL[@]}" "http://[$IMDS6]/latest/meta-data/instance-id" 2>&1)
     expect "control: without rules the container reaches the upstream directly (IPv6)" "$IID" "$out"
     expect "control: the upstream saw those two from the container's own addresses" 2 "$(emulator_requests_from_container)"
+    # IPv6 segment routing: IMDS as the last segment, the packet addressed to a hop that honours
+    # it. Without the rules it gets there (for an unprivileged user and a container alike).
+    before=$(emulator_srh_requests)
+    out=$(srh_probe app 2>&1)
+    expect "control: without rules an unprivileged IPV6_RTHDR (segment routing) request reaches the upstream" \
+        "answered:$IID +1" "${out% *} +$(($(emulator_srh_requests) - before))"
+    out=$(srh_probe container 2>&1)
+    expect "control: without rules a segment-routed request from the container reaches the upstream" "answered:$IID" "${out% *}"
     if [[ $MODE == redirect ]]; then
         # What route_localnet=1 alone opens (CVE-2020-8558); apply must close it again.
         in_i sysctl -qw "net.ipv4.conf.$BR.route_localnet=1"
@@ -444,6 +859,8 @@ run_checks() {
     #    direct access to IMDS port 80 (cloud-init reads IMDS as root before credlock runs);
     #    every other uid is redirected from the first moment, containers as always.
     add_unrelated_rule
+    # What an iptables-restore of "the saved ruleset" puts back later: everything but credlock's.
+    in_i iptables-save >"$TMP/saved4" && in_i ip6tables-save >"$TMP/saved6"
     rm -f "$TMP/run/strict-loaded" # a new boot (/run is empty after a reboot)
     export CREDLOCK_BOOT_EXEMPT_ROOT=yes
     out=$(fw apply --boot 2>&1)
@@ -488,6 +905,20 @@ run_checks() {
     fi
     expect_fast_refusal "boot mode: container [$IMDS6]:80 refused" container tcp "$IMDS6" 80
     expect "boot mode: upstream saw no request from the container's own addresses" 0 "$(emulator_requests_from_container)"
+    before=$(credlock_requests)
+    out=$(as_cred "${CURL[@]}" "http://$IMDS4/latest/meta-data/instance-id" 2>&1)
+    expect "boot mode: credlock's uid outside credlock's cgroup is redirected to credlock" "$IID +1" \
+        "$out +$(($(credlock_requests) - before))"
+    expect_srh_blocked "boot mode: app user's segment-routed request to IMDS never reaches it" app
+    expect_srh_blocked "boot mode: root's segment-routed request never reaches IMDS (root's exemption is port 80 only)" root
+    expect "boot mode: state file written by apply" "${BACKEND%-legacy} boot boot fresh" "$(state_summary)"
+    # Removed by hand before credlock was ready: check puts back the boot-mode rules (this boot's
+    # mode), not strict ones, and not nothing.
+    if [[ $BACKEND == nft ]]; then in_i nft flush ruleset; else routine_op "iptables-restore of a saved ruleset"; fi
+    out=$(fw check 2>&1)
+    expect "boot mode: rules removed by hand, check re-applies boot mode (exit 0, 'mode: boot', state boot)" \
+        "0 0 mode: boot ${BACKEND%-legacy} boot boot fresh" "$? $(status_line) $(state_summary)"
+    add_unrelated_rule
 
     # -- 6. apply (strict: what credlock.service's ExecStartPost= loads once credlock is ready),
     #    twice, and count. It replaces the boot-mode set in one transaction.
@@ -550,16 +981,31 @@ run_checks() {
     expect "boto3 InstanceMetadataFetcher, IPv6 endpoint mode, IMDSv2, via credlock" \
         "http://[fd00:ec2::254]/ v2 $IID +2" "$out +$((after - before))"
 
-    # -- 3. credlock's own user reaches the real upstream directly.
+    # -- 3. credlock's own traffic (its uid in its cgroup) reaches the real upstream directly;
+    #    the same uid anywhere else (a host-network container whose user has that number) is
+    #    redirected like everyone.
+    before=$(credlock_requests)
+    out=$(as_cred_cg "${CURL[@]}" "http://$IMDS4/latest/meta-data/instance-id" 2>&1)
+    out+=" "$(as_cred_cg "${CURL[@]}" "http://[$IMDS6]/latest/meta-data/instance-id" 2>&1)
+    after=$(credlock_requests)
+    expect "credlock's uid in credlock's cgroup reaches the upstream directly (v4, v6), not itself" "$IID $IID +0" "$out +$((after - before))"
+    out=$(probe cred_cg tcp "$IMDS4" 8080)
+    expect "credlock's uid in credlock's cgroup reaches other IMDS ports (8080 is open upstream)" connected "${out%% *}"
+    out=$(probe cred_cg udp "$IMDS4" 5353)
+    expect "credlock's uid in credlock's cgroup reaches IMDS over UDP (echo on 5353)" reply "${out%% *}"
     before=$(credlock_requests)
     out=$(as_cred "${CURL[@]}" "http://$IMDS4/latest/meta-data/instance-id" 2>&1)
     out+=" "$(as_cred "${CURL[@]}" "http://[$IMDS6]/latest/meta-data/instance-id" 2>&1)
     after=$(credlock_requests)
-    expect "credlock user reaches the upstream directly (v4, v6), not itself" "$IID $IID +0" "$out +$((after - before))"
-    out=$(probe cred tcp "$IMDS4" 8080)
-    expect "credlock user reaches other IMDS ports (8080 is open upstream)" connected "${out%% *}"
-    out=$(probe cred udp "$IMDS4" 5353)
-    expect "credlock user reaches IMDS over UDP (echo on 5353)" reply "${out%% *}"
+    expect "credlock's uid OUTSIDE credlock's cgroup is redirected to credlock (v4, v6)" "$IID $IID +2" "$out +$((after - before))"
+    expect_fast_refusal "credlock's uid outside credlock's cgroup: $IMDS4:8080 refused" cred tcp "$IMDS4" 8080
+    expect_fast_refusal "credlock's uid outside credlock's cgroup: UDP $IMDS4:5353 refused" cred udp "$IMDS4" 5353
+
+    # -- 3b. IPv6 segment routing (IMDS hidden as the last segment) never reaches the upstream.
+    # (root: see boot mode, where root is refused although it is exempt for IMDS port 80)
+    expect_srh_blocked "app user: segment-routed request to IMDS never reaches it" app
+    expect_srh_blocked "container: forwarded segment-routed request to IMDS never reaches it" container
+    expect "strict mode: state file written by apply" "${BACKEND%-legacy} strict strict fresh" "$(state_summary)"
 
     # -- 4. other ports / protocols from the app user: refused, not dropped.
     expect_fast_refusal "app user: $IMDS4:8080 refused" app tcp "$IMDS4" 8080
@@ -593,6 +1039,12 @@ run_checks() {
     in_c "${CURL[@]}" "http://$IMDS4/latest/meta-data/instance-id" >/dev/null 2>&1
     in_c "${CURL[@]}" "http://[$IMDS6]/latest/meta-data/instance-id" >/dev/null 2>&1
     expect "upstream saw no request from the container's own addresses" 0 "$(emulator_requests_from_container)"
+
+    # -- 9. the lock; 10. routine operations and the watch (independent of the container mode:
+    #    once per backend); 11. a credlock restart (new cgroup).
+    lock_checks
+    if [[ $MODE == refuse || $MODES != *refuse* ]]; then survive_checks; fi
+    repin_checks
 
     # -- 7. stopping credlock: the rules stay, connections are refused (fail closed).
     stop_credlock
@@ -645,6 +1097,11 @@ done
 [[ -f $EMULATOR ]] || { fail "IMDS emulator exists" "$EMULATOR missing" && echo "$PASSED passed, $FAILED failed" && exit 1; }
 [[ -d $SITE/botocore ]] || { fail "venv with botocore" "$SITE missing (tests/setup.sh)" && echo "$PASSED passed, $FAILED failed" && exit 1; }
 
+if [[ -z $CG2 ]] || ! mkdir -p "$CG_DIR"; then
+    fail "a cgroup v2 hierarchy (/sys/fs/cgroup or /sys/fs/cgroup/unified) for credlock's test cgroup" "found '$CG2'"
+    echo "$PASSED passed, $FAILED failed"
+    exit 1
+fi
 if ! setup_users || ! setup_topology || ! start_emulator; then
     fail "test topology (namespaces, users, emulator) set up"
     echo "$PASSED passed, $FAILED failed"
@@ -680,6 +1137,40 @@ out=$(CREDLOCK_FIREWALL_CONFIG=$FW_DEFAULTS CREDLOCK_USER=$CRED_USER CREDLOCK_BO
 expect "CREDLOCK_BOOT_EXEMPT_ROOT=maybe is a configuration error (78)" 78 "$?"
 out=$("$FW" status --boot 2>&1)
 expect "status --boot is a usage error (2)" 2 "$?"
+
+# What marks credlock's own traffic (CREDLOCK_EXEMPT), as render shows it.
+exempt_render() {
+    CREDLOCK_FIREWALL_CONFIG=$FW_DEFAULTS CREDLOCK_USER=$CRED_USER CREDLOCK_SERVICE_CGROUP=$CG_REL \
+        "$@" "$FW" render --backend nft 2>&1
+}
+cg_nft_path=${CG_DIR#/sys/fs/cgroup/}
+out=$(exempt_render env CREDLOCK_EXEMPT=auto)
+expect "CREDLOCK_EXEMPT=auto with cgroup v2: uid AND cgroup ($cg_nft_path, level 2, its id in the comment)" yes \
+    "$(grep -q "meta skuid $(id -u "$CRED_USER") socket cgroupv2 level 2 \"$cg_nft_path\" counter accept comment \"credlock.service (cgroup id $(stat -c %i "$CG_DIR")): direct\"" <<<"$out" && echo yes || echo "no: $out")"
+out=$(exempt_render env CREDLOCK_EXEMPT=uid)
+expect "CREDLOCK_EXEMPT=uid: the uid alone" "yes 0" \
+    "$(grep -q "meta skuid $(id -u "$CRED_USER") counter accept" <<<"$out" && echo yes || echo no) $(grep -c cgroupv2 <<<"$out")"
+out=$(exempt_render env CREDLOCK_EXEMPT=sometimes)
+expect "CREDLOCK_EXEMPT=sometimes is a configuration error (78)" 78 "$?"
+out=$(exempt_render env CREDLOCK_SERVICE_CGROUP=clfw-$ID/absent)
+expect "credlock's cgroup absent (not running, early boot): nothing is exempt" "yes 0" \
+    "$(grep -q '^# exempt: nothing' <<<"$out" && echo yes || echo no) $(grep -c 'skuid [0-9]* .*accept' <<<"$out")"
+
+# Test-only variables are honoured only with the harness marker, and never under systemd.
+for how in "-u CREDLOCK_FIREWALL_TEST" "INVOCATION_ID=clfw-test"; do
+    read -ra how_args <<<"$how"
+    out=$(exempt_render env "${how_args[@]}" CREDLOCK_FIREWALL_RUNDIR="$TMP/elsewhere" CREDLOCK_FIREWALL_CLOUD_INIT=/bin/true)
+    expect "test-only variables ignored, with warnings ($how)" "yes yes yes" \
+        "$([[ $out == *"CREDLOCK_FIREWALL_RUNDIR ignored"* ]] && echo yes || echo no) $([[ $out == *"CREDLOCK_SERVICE_CGROUP ignored"* ]] && echo yes || echo no) $([[ $out == *"# exempt: "*"system.slice/credlock.service"* ]] && echo yes || echo no)"
+done
+missing=""
+for unit in credlock.service credlock-firewall.service credlock-firewall-check.service credlock-firewall-reapply.service; do
+    for knob in CREDLOCK_FIREWALL_TEST CREDLOCK_FIREWALL_RUNDIR CREDLOCK_FIREWALL_LOCK CREDLOCK_FIREWALL_CLOUD_INIT \
+        CREDLOCK_SERVICE_CGROUP CREDLOCK_FIREWALL_LOCK_WAIT; do
+        grep -Eq "^UnsetEnvironment=(.* )?$knob( |$)" "$ROOT/systemd/$unit" || missing+=" $unit:$knob"
+    done
+done
+expect "every unit that runs the firewall script clears its test-only variables (UnsetEnvironment=)" "" "$missing"
 
 for backend in $BACKENDS; do
     for mode in $MODES; do
