@@ -46,6 +46,7 @@ suite clippy cargo clippy --all-targets -- -D warnings
 suite cargo-test cargo test --all-targets
 suite emulator python -m pytest -q tests/support
 suite sdk-e2e python -m pytest -q tests/e2e
+suite adversarial python -m pytest -q tests/adversarial
 suite lint tests/lint.sh
 suite fuzz tests/fuzz.sh 30
 suite prometheus tests/root/prometheus_e2e_test.sh
