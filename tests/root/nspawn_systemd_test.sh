@@ -1,8 +1,9 @@
 #!/bin/bash
 # credlock under a real systemd: boot a Debian bookworm container (systemd-nspawn) in its own
 # network namespace, install credlock with ami/provision.sh, and check the units for real:
-# boot ordering, Type=notify readiness, the firewall redirect, locked credentials for an
-# application, the watchdog, fail-closed on stop, and a clean uninstall. Root only.
+# boot ordering, socket activation, Type=notify readiness, the firewall redirect, locked
+# credentials for an application, the watchdog, fail-closed on stop, and a clean uninstall.
+# Root only.
 #
 # cloud-init is simulated: a fake /usr/bin/cloud-init (tests/root/nspawn_fake_cloud_init.sh) run
 # by units with the names and ordering of Debian's cloud-init-local, cloud-init and cloud-final
@@ -11,6 +12,20 @@
 # problem boot mode solves), then the real boot with the shipped defaults (auto: the boot-mode
 # rules let cloud-init's early stages read IMDS directly as root; credlock's ExecStartPost=
 # loads the strict rules once it is READY, so cloud-final and root get locked credentials).
+#
+# Issues 14 and 20 (local attackers and busy operators), in the real boot:
+#  - an unprivileged user's process (test-lock-holder.service, tests/root/nspawn_lock_holder.sh)
+#    takes or plants every firewall lock it can before credlock starts: the instance must still
+#    leave boot mode (strict rules from credlock's ExecStartPost=, no restart);
+#  - Debian's nftables.service is enabled; `systemctl reload/restart nftables` (its
+#    /etc/nftables.conf starts with `flush ruleset`) must leave credlock's table in place;
+#  - rules deleted by hand come back (the firewall's periodic check), and removed ones show in
+#    credlock's firewall metrics, /status and /readyz;
+#  - kill -9 credlock while the app user tries non-stop to bind 127.0.0.1:8169, [::1]:8169 and
+#    127.0.0.1:9169 (tests/root/nspawn_squatter.sh: plain, SO_REUSEADDR, SO_REUSEPORT,
+#    v4-mapped): every bind fails (credlock.socket holds them), credlock comes back and serves;
+#  - processes with credlock's uid outside credlock.service (setpriv from another cgroup,
+#    systemd-run --scope) are redirected like everyone: locked, not raw, credentials.
 #
 #   sudo tests/root/nspawn_systemd_test.sh
 #
@@ -155,6 +170,10 @@ cexec() {
         env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"
 }
 
+# quiet COMMAND...: run it with its output discarded.
+# shellcheck disable=SC2317 # called through check
+quiet() { "$@" >/dev/null 2>&1; }
+
 # ckill SIGNAL PID: signal a process by its pid inside the container (bash's kill: the minbase
 # root has no procps). Never pid 0 or 1 (a process group or the container's init).
 ckill() {
@@ -177,23 +196,52 @@ dump_journal() {
     printf -- '----\n'
 }
 
+# The IMDSv2 credential fetch (token, role name, credentials) against the URL base in $1.
+# shellcheck disable=SC2016 # expanded by the inner sh
+readonly CREDS_SCRIPT='
+    b=$1
+    t=$(curl -sS --max-time 5 -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 60" "$b/latest/api/token") || exit $?
+    r=$(curl -sS --fail --max-time 5 -H "X-aws-ec2-metadata-token: $t" "$b/latest/meta-data/iam/security-credentials/") || exit $?
+    curl -sS --fail --max-time 5 -H "X-aws-ec2-metadata-token: $t" "$b/latest/meta-data/iam/security-credentials/$r"
+'
+
+# creds_via URL_BASE OUTFILE COMMAND...: the credential fetch run under COMMAND (runuser,
+# setpriv, systemd-run ...) inside the container; prints curl's exit code.
+creds_via() {
+    local base=$1 out=$2
+    shift 2
+    cexec "$@" /bin/sh -c "$CREDS_SCRIPT" sh "$base" >"$out" 2>"$out.err"
+    echo $?
+}
+
 # curl_as USER URL_BASE OUTFILE: IMDSv2 credential fetch as USER; prints curl's exit code.
 curl_as() {
-    local user=$1 base=$2 out=$3
-    # shellcheck disable=SC2016 # expanded by the inner sh
-    cexec runuser -u "$user" -- sh -c '
-        b=$1
-        t=$(curl -sS --max-time 5 -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 60" "$b/latest/api/token") || exit $?
-        r=$(curl -sS --fail --max-time 5 -H "X-aws-ec2-metadata-token: $t" "$b/latest/meta-data/iam/security-credentials/") || exit $?
-        curl -sS --fail --max-time 5 -H "X-aws-ec2-metadata-token: $t" "$b/latest/meta-data/iam/security-credentials/$r"
-    ' sh "$base" >"$out" 2>"$out.err"
-    echo $?
+    creds_via "$2" "$3" runuser -u "$1" --
 }
 
 # shellcheck disable=SC2317 # called through check
 fw_status() { cexec /usr/libexec/credlock/credlock-firewall status >>"$WORK/firewall-status.log" 2>&1; }
 # shellcheck disable=SC2317 # called through check
 fw_strict() { cexec /usr/libexec/credlock/credlock-firewall status --strict >>"$WORK/firewall-status.log" 2>&1; }
+# fw_status_within NAME: `credlock-firewall status` says the rules are in place, at once or
+# within HAND_BOUND s. (The exemption names credlock.service's cgroup by id: when credlock
+# stops, status reports the loaded rules as stale until the periodic check re-pins them; they
+# keep redirecting everyone meanwhile, which the connection-refused checks show.)
+fw_status_within() {
+    local name=$1 t0 first
+    t0=$(date +%s%N)
+    if fw_status; then
+        pass "$name"
+        return
+    fi
+    first=$(cexec /usr/libexec/credlock/credlock-firewall status 2>&1 | tr '\n' ' ' | head -c 300)
+    if wait_until "$HAND_BOUND" fw_status; then
+        pass "$name (status in place $(ms_since "$t0") ms later; at first: $first)"
+    else
+        fail "$name" "not in place within $HAND_BOUND s: $first"
+    fi
+}
+
 # The mode the loaded rules are in: strict, boot or none.
 fw_mode() {
     cexec /usr/libexec/credlock/credlock-firewall status 2>/dev/null | sed -n 's/^mode: \([a-z]*\).*/\1/p'
@@ -336,6 +384,9 @@ make_rootfs() {
     [[ -f $REPO/README.md ]] && cp "$REPO/README.md" "$src/"
     install -m 0755 "$BIN" "$src/credlock"
     install -m 0755 "$HERE/nspawn_example_app.sh" "$ROOT/usr/local/bin/credlock-example-app"
+    install -m 0755 "$HERE/nspawn_squatter.sh" "$ROOT/usr/local/bin/credlock-squatter"
+    install -m 0755 "$HERE/nspawn_lock_holder.sh" "$ROOT/usr/local/bin/credlock-lock-holder"
+    install -m 0755 "$HERE/nspawn_imds_probe.sh" "$ROOT/usr/local/bin/credlock-imds-probe"
 }
 
 # ami/provision.sh install inside the (not yet booted) root, the way an image build runs it:
@@ -394,6 +445,12 @@ EOF
     ln -sf /etc/systemd/system/credlock-example-app.service \
         "$ROOT/etc/systemd/system/multi-user.target.wants/credlock-example-app.service"
     install_fake_cloud_init
+    # Debian's nftables.service, enabled as on an instance whose administrator uses nftables: at
+    # boot (before credlock-firewall) and on every reload/restart it loads /etc/nftables.conf,
+    # whose first command is `flush ruleset` (issue 20).
+    mkdir -p "$ROOT/etc/systemd/system/sysinit.target.wants"
+    ln -sf /usr/lib/systemd/system/nftables.service \
+        "$ROOT/etc/systemd/system/sysinit.target.wants/nftables.service"
     # No login prompt on the (read-only) console.
     ln -sf /dev/null "$ROOT/etc/systemd/system/console-getty.service"
 }
@@ -610,6 +667,38 @@ control_boot() {
     log "control boot done; booting with the shipped defaults"
 }
 
+# Issue 20: an unprivileged user's process, started in the real boot after the boot-mode rules and
+# before credlock, takes every firewall lock it can (the issue's old 0644 /run/lock file, and
+# whatever lock path the installed credlock-firewall names) and holds it for LOCK_HOLD seconds,
+# through credlock's ExecStartPost= apply. Not in the control boot.
+readonly LOCK_HOLDER=test-lock-holder.service LOCK_HOLD=150
+install_lock_holder() {
+    local paths
+    # The issue's old lock (a world-writable /run/lock lets a user plant it even when nothing
+    # uses it any more), the new one in the run directory, and any other lock path the firewall
+    # script names.
+    paths=$( { printf '%s\n' /run/lock/credlock-firewall.lock /run/credlock-firewall/lock
+        grep -oE '/run/[A-Za-z0-9_./-]*(\.lock|/lock)\b' "$ROOT/usr/libexec/credlock/credlock-firewall"; } |
+        sort -u | tr '\n' ' ')
+    log "the lock holder will try: $paths"
+    cat >"$ROOT/etc/systemd/system/$LOCK_HOLDER" <<EOF
+[Unit]
+Description=credlock test: an unprivileged user holding the firewall lock(s) before credlock starts
+After=credlock-firewall.service
+Before=credlock.service
+
+[Service]
+Type=forking
+User=$APP_USER
+ExecStart=/usr/local/bin/credlock-lock-holder $LOCK_HOLD $paths
+TimeoutStartSec=20
+
+[Install]
+WantedBy=multi-user.target
+EOF
+    ln -sf "/etc/systemd/system/$LOCK_HOLDER" "$ROOT/etc/systemd/system/multi-user.target.wants/$LOCK_HOLDER"
+}
+
 # ---------------------------------------------------------------------------------------------
 # Checks
 
@@ -624,6 +713,16 @@ check_boot_order() {
 
     check "credlock-firewall.service is active (exited)" is_active credlock-firewall.service
     check "credlock.service is active" is_active credlock.service
+    local sock_active listen
+    sock_active=$(prop credlock.socket ActiveEnterTimestampMonotonic)
+    listen=$(prop credlock.socket Listen | tr '\n' ' ')
+    if is_active credlock.socket && [[ $listen == *"127.0.0.1:8169"* && $listen == *"[::1]:8169"* &&
+        $listen == *"127.0.0.1:9169"* ]] && [[ $sock_active =~ ^[0-9]+$ ]] && ((sock_active > 0 && sock_active <= cl_start)); then
+        pass "credlock.socket held 127.0.0.1:8169, [::1]:8169 and 127.0.0.1:9169 before credlock started (+$(((cl_start - sock_active) / 1000)) ms)"
+    else
+        fail "credlock.socket held 127.0.0.1:8169, [::1]:8169 and 127.0.0.1:9169 before credlock started" \
+            "$(prop credlock.socket LoadState)/$(prop credlock.socket ActiveState), active at '$sock_active', credlock exec $cl_start, Listen: $listen"
+    fi
     local pid
     pid=$(prop credlock.service MainPID)
     if [[ $pid =~ ^[0-9]+$ ]] && ((pid > 1)); then
@@ -722,6 +821,38 @@ check_cloud_init() {
     locked_creds "cloud-final (user-data scripts, root) gets locked credentials" "$ROOT$CI_DIR/final.root.json"
 }
 
+# Issue 20: the user process holding (or planting) the firewall lock since before credlock started
+# must not keep the instance in boot mode: credlock's ExecStartPost= still loads the strict rules
+# at once, and credlock does not fail its start.
+check_lock_holder() {
+    local hlog h_active cl_start cl_active mode n journal what
+    hlog=$(cexec journalctl -b -u "$LOCK_HOLDER" --no-pager -q -o cat | grep '^lock-holder:')
+    h_active=$(prop "$LOCK_HOLDER" ActiveEnterTimestampMonotonic)
+    cl_start=$(prop credlock.service ExecMainStartTimestampMonotonic)
+    cl_active=$(prop credlock.service ActiveEnterTimestampMonotonic)
+    what=$(grep -v 'holding' <<<"$hlog" | sed 's/^lock-holder: //' | tr '\n' ';')
+    log "lock holder: $(tr '\n' ';' <<<"$hlog")"
+    if is_active "$LOCK_HOLDER" && [[ $h_active =~ ^[0-9]+$ ]] && ((h_active > 0 && h_active <= cl_start)) &&
+        grep -q 'holding' <<<"$hlog"; then
+        pass "lock holder ($APP_USER) started $(((cl_start - h_active) / 1000)) ms before credlock and still runs: $what"
+    else
+        fail "lock holder ($APP_USER) started before credlock and still runs" \
+            "$(prop "$LOCK_HOLDER" ActiveState), active at $h_active, credlock exec $cl_start: $(tr '\n' ';' <<<"$hlog")"
+    fi
+    mode=$(fw_mode)
+    n=$(prop credlock.service NRestarts)
+    journal=$(cexec journalctl -b -u credlock.service --no-pager -q -o cat)
+    if [[ $mode == strict && $n == 0 ]] && is_active credlock.service &&
+        grep -q 'credlock-firewall: applied (.*strict mode)' <<<"$journal"; then
+        pass "a user holding the firewall lock(s) since before credlock did not keep the instance in boot mode (strict rules from ExecStartPost=, credlock READY $(((cl_active - cl_start) / 1000)) ms after exec, no restart)"
+    else
+        fail "a user holding the firewall lock(s) since before credlock did not keep the instance in boot mode" \
+            "mode '$mode', credlock $(prop credlock.service ActiveState), NRestarts $n; $(grep -iE 'lock|firewall' <<<"$journal" | tail -n 3 | tr '\n' ' ')"
+    fi
+    # Done: the later checks (reloads, restarts) run without it.
+    cexec systemctl stop "$LOCK_HOLDER"
+}
+
 check_firewall() {
     local rules
     check "credlock-firewall status: rules in place" fw_status
@@ -757,16 +888,295 @@ check_credentials() {
     locked_creds "root via 169.254.169.254 gets locked credentials (strict mode)" "$WORK/root4.json"
     curl_as root "http://[$IMDS6]" "$WORK/root6.json" >/dev/null
     locked_creds "root via [fd00:ec2::254] gets locked credentials (strict mode)" "$WORK/root6.json"
-    # Only credlock's own uid is exempt from the redirect.
-    curl_as credlock "http://$IMDS4" "$WORK/credlock4.json" >/dev/null
-    raw_creds "the credlock user reaches the real IMDS directly" "$WORK/credlock4.json"
+    # Only credlock's service is exempt from the redirect, not every process with its uid.
+    same_uid_redirected "credlock's uid outside its service (setpriv from another cgroup) via 169.254.169.254 is redirected: locked credentials" \
+        "http://$IMDS4" "$WORK/sameuid-setpriv4.json" setpriv --reuid=credlock --regid=credlock --clear-groups --
+    same_uid_redirected "credlock's uid outside its service (setpriv from another cgroup) via [fd00:ec2::254] is redirected: locked credentials" \
+        "http://[$IMDS6]" "$WORK/sameuid-setpriv6.json" setpriv --reuid=credlock --regid=credlock --clear-groups --
+    same_uid_redirected "credlock's uid outside its service (systemd-run --scope --uid=credlock) via 169.254.169.254 is redirected: locked credentials" \
+        "http://$IMDS4" "$WORK/sameuid-scope4.json" systemd-run --quiet --scope --uid=credlock --gid=credlock --
+}
+
+# Issue 14: credlock's direct IMDS access belongs to its service, not to its uid number. A process
+# with credlock's uid outside credlock.service (another unit or scope; on a real host a
+# host-network container whose image user has the same number) is redirected like any other
+# process, so it gets the locked set. (credlock itself serving locked credentials, at boot and
+# after every restart, shows that its own service still reaches the real IMDS.)
+# same_uid_redirected LABEL URL_BASE OUTFILE COMMAND...
+same_uid_redirected() {
+    local label=$1 base=$2 out=$3 want svc_cg info uid cg
+    shift 3
+    want=$(cexec id -u credlock)
+    svc_cg=$(prop credlock.service ControlGroup)
+    # shellcheck disable=SC2016 # expanded by the inner sh
+    info=$(cexec "$@" /bin/sh -c 'id -u; grep -m1 "^0::" /proc/self/cgroup' 2>&1)
+    uid=$(sed -n 1p <<<"$info")
+    cg=$(sed -n 2p <<<"$info")
+    cg=${cg#0::}
+    if [[ -z $want || $uid != "$want" ]]; then
+        fail "$label" "the process runs as uid '$uid', credlock's uid is '$want': $(tr '\n' ' ' <<<"$info")"
+        return
+    fi
+    if [[ -n $svc_cg && ($cg == "$svc_cg" || $cg == "$svc_cg"/*) ]]; then
+        fail "$label" "the process is in credlock's own cgroup $cg"
+        return
+    fi
+    creds_via "$base" "$out" "$@" >/dev/null
+    locked_creds "$label (uid $uid, cgroup ${cg:-?}; credlock.service: $svc_cg)" "$out"
+}
+
+# ---- Issue 20: the rules survive nftables.service, and a removal by hand is noticed ----------
+
+# Bounds, seconds. The firewall's check runs every CREDLOCK_CHECK_INTERVAL s (default 5) and
+# states its own bound as that + about 1 s; a loaded 2-core machine gets the rest.
+readonly FW_BACK_BOUND=15 # reload/restart of nftables.service -> credlock's table back
+readonly HAND_BOUND=20    # rules removed by hand -> re-applied, or reported by credlock
+
+# ms_since START_NS: milliseconds since a `date +%s%N` value.
+ms_since() { echo $((($(date +%s%N) - $1) / 1000000)); }
+
+# The firewall lines of credlock's /metrics (credlock_firewall_*), "" when it does not answer.
+fw_metrics() {
+    cexec curl -sS --max-time 3 http://127.0.0.1:9169/metrics 2>/dev/null | grep '^credlock_firewall'
+}
+
+# fw_metric_family FAMILY [METRICS]: what credlock's firewall gauges say of FAMILY (ipv4|ipv6):
+# "STATE ENFORCED" from credlock_firewall_state{family,state} (the state whose series is 1) and
+# credlock_firewall_enforced{family} (1|0), "-" for a missing part; "absent" when neither exists.
+fw_metric_family() {
+    local fam=$1 m=${2-} en st
+    [[ $# -ge 2 ]] || m=$(fw_metrics)
+    en=$(awk -v f="family=\"$fam\"" '$1 ~ /^credlock_firewall_enforced\{/ && index($1, f) { print $2; exit }' <<<"$m")
+    st=$(awk -v f="family=\"$fam\"" '$1 ~ /^credlock_firewall_state\{/ && index($1, f) && $2 == 1 {
+            if (match($1, /state="[^"]*"/)) { print substr($1, RSTART + 7, RLENGTH - 8); exit } }' <<<"$m")
+    if [[ -z $en && -z $st ]]; then echo absent; else echo "${st:--} ${en:--}"; fi
+}
+
+# fw_applies_since EPOCH: "UNIT: MESSAGE" for each firewall apply logged by a credlock unit
+# (credlock-firewall*, credlock.service's ExecStartPre=/ExecStartPost=) since EPOCH.
+fw_applies_since() {
+    cexec journalctl --since "@$1" -u 'credlock*' --no-pager -q -o json 2>/dev/null |
+        /usr/bin/python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        e = json.loads(line)
+    except ValueError:
+        continue
+    m = e.get("MESSAGE")
+    if isinstance(m, str) and m.startswith("credlock-firewall:") and "appl" in m:
+        print("%s: %s" % (e.get("_SYSTEMD_UNIT", "?"), m))'
+}
+
+# An unprivileged user asking IMDS for credentials non-stop (tests/root/nspawn_imds_probe.sh,
+# each request bounded to 1 s like the SDKs), while something happens to credlock or its rules.
+readonly PROBE_DIR=/run/credlock-nspawn-probe # inside the container
+PROBE_PID=""
+
+# start_probe OUTFILE: returns once the probe runs.
+start_probe() {
+    local out=$1
+    cexec /bin/sh -c "rm -rf $PROBE_DIR && mkdir -m 0755 $PROBE_DIR" || return 1
+    CEXEC_TIMEOUT=90 cexec runuser -u "$APP_USER" -- /usr/local/bin/credlock-imds-probe "$PROBE_DIR" \
+        >"$out" 2>&1 &
+    PROBE_PID=$!
+    wait_until 10 grep -q '^started' "$out"
+}
+
+# stop_probe OUTFILE LABEL: PASS if no answer the probe got carried one of the emulator's (raw)
+# AccessKeyIds.
+stop_probe() {
+    local out=$1 label=$2 raw ok nraw errs
+    cexec touch "$PROBE_DIR/stop"
+    wait "$PROBE_PID"
+    PROBE_PID=""
+    cexec rm -rf "$PROBE_DIR"
+    raw=$(emulator_key_ids)
+    ok=$(grep -c '^ok ' "$out")
+    nraw=0
+    if [[ -n $raw ]]; then
+        nraw=$(awk '$1 == "ok" { print $2 }' "$out" | grep -cxF -f <(printf '%s\n' "$raw"))
+    fi
+    errs=$(awk '$1 == "err" { print $2 "/exit" $3 }' "$out" | sort | uniq -c |
+        awk '{ printf "%s%s x%s", sep, $2, $1; sep = ", " }')
+    if [[ -z $raw ]]; then
+        fail "$label" "could not read the emulator's credentials from GET /state"
+    elif ((nraw == 0 && ok > 0)); then
+        pass "$label ($ok answers, all locked; failed tries: ${errs:-none})"
+    elif ((nraw > 0)); then
+        fail "$label" "$nraw of $ok answers carried the emulator's raw AccessKeyId; failed tries: ${errs:-none}"
+    else
+        fail "$label" "no answer at all: $(tail -c 200 "$out" | tr '\n' ' ')"
+    fi
+}
+
+# Debian's nftables.service (enabled in the image) reloads and restarts with `flush ruleset`
+# first; credlock's table must be there again at once (ReloadPropagatedFrom=/PartOf= on
+# credlock-firewall.service), at the latest within FW_BACK_BOUND s, strict, and serving.
+check_nftables() {
+    local fw_start nft_active op since t0 ms at_once pid0 pid1 fwlog
+    nft_active=$(prop nftables.service ActiveEnterTimestampMonotonic)
+    fw_start=$(prop credlock-firewall.service ExecMainStartTimestampMonotonic)
+    if is_active nftables.service && cexec test -f /etc/nftables.conf &&
+        [[ $(cexec grep -m1 -v '^#\|^$' /etc/nftables.conf) == "flush ruleset" ]] &&
+        ((nft_active > 0 && nft_active <= fw_start)); then
+        pass "nftables.service (Debian's, /etc/nftables.conf starts with 'flush ruleset') ran at boot before credlock-firewall (+$(((fw_start - nft_active) / 1000)) ms)"
+    else
+        fail "nftables.service (Debian's) ran at boot before credlock-firewall" \
+            "$(prop nftables.service ActiveState), active at $nft_active, firewall exec at $fw_start"
+    fi
+    for op in reload restart; do
+        since=$(date +%s)
+        pid0=$(prop credlock.service MainPID)
+        start_probe "$WORK/probe-nft-$op.out" || fail "systemctl $op nftables: the IMDS probe (app user) starts"
+        sleep 0.5
+        t0=$(date +%s%N)
+        if ! cexec systemctl "$op" nftables.service; then
+            fail "systemctl $op nftables" "$(prop nftables.service ActiveState)"
+            [[ -z $PROBE_PID ]] || stop_probe "$WORK/probe-nft-$op.out" "systemctl $op nftables (failed)"
+            continue
+        fi
+        at_once=no
+        if quiet cexec nft list table inet credlock; then at_once=yes; fi
+        log "systemctl $op nftables returned after $(ms_since "$t0") ms; table inet credlock present then: $at_once"
+        if fw_strict || wait_until "$FW_BACK_BOUND" fw_strict; then
+            ms=$(ms_since "$t0")
+            pass "systemctl $op nftables: credlock's table is in place, strict, $ms ms after the $op began (bound ${FW_BACK_BOUND} s; present when systemctl returned: $at_once)"
+        else
+            fail "systemctl $op nftables: credlock's table is back, strict, within ${FW_BACK_BOUND} s" \
+                "$(cexec nft list tables 2>&1 | tr '\n' ' ')"
+        fi
+        sleep 0.5
+        if [[ -n $PROBE_PID ]]; then
+            stop_probe "$WORK/probe-nft-$op.out" \
+                "systemctl $op nftables: an unprivileged user requesting credentials non-stop through the $op never got raw ones"
+        fi
+        check "systemctl $op nftables: /etc/nftables.conf was loaded (table inet filter exists)" \
+            quiet cexec nft list table inet filter
+        fwlog=$(fw_applies_since "$since")
+        if grep -q 'applied' <<<"$fwlog"; then
+            pass "systemctl $op nftables: the rules were re-applied by $(grep 'applied' <<<"$fwlog" | cut -d: -f1 | sort -u | tr '\n' ' ')"
+        else
+            fail "systemctl $op nftables: the rules were re-applied by a credlock unit" \
+                "no apply in the journal since the $op: $(cexec journalctl --since "@$since" -u 'credlock*' --no-pager -q -o cat | tr '\n' ' ' | head -c 300)"
+        fi
+        wait_until 30 is_active credlock.service
+        pid1=$(prop credlock.service MainPID)
+        log "credlock.service across the $op: pid $pid0 -> $pid1, $(prop credlock.service ActiveState)"
+        curl_as "$APP_USER" "http://$IMDS4" "$WORK/nft-$op-4.json" >/dev/null
+        locked_creds "after systemctl $op nftables the app user gets locked credentials via 169.254.169.254" "$WORK/nft-$op-4.json"
+        curl_as "$APP_USER" "http://[$IMDS6]" "$WORK/nft-$op-6.json" >/dev/null
+        locked_creds "after systemctl $op nftables the app user gets locked credentials via [fd00:ec2::254]" "$WORK/nft-$op-6.json"
+    done
+}
+
+# fw_observe LIMIT_S STOP: poll every ~0.3 s for at most LIMIT_S seconds what credlock says of
+# the firewall (metrics, /readyz) and whether the rules are in place (status --strict), until
+# STOP holds: "back" (rules strict again and the metric strict 1 again after that) or "reported"
+# (the metric ipv4 not strict, or enforced 0, and /readyz not 200). Sets OBS_METRIC (ms when the
+# metric first said so, and what), OBS_READY (ms, /readyz code), OBS_BACK (ms, rules strict),
+# OBS_ENFORCED (ms, metric strict 1 after OBS_BACK), OBS_LAST (last metric lines).
+fw_observe() {
+    local limit=$1 stop=$2 t0 ms m v4 code
+    OBS_METRIC="" OBS_READY="" OBS_BACK="" OBS_ENFORCED="" OBS_LAST=""
+    t0=$(date +%s%N)
+    while (($(ms_since "$t0") < limit * 1000)); do
+        m=$(fw_metrics)
+        OBS_LAST=$m
+        v4=$(fw_metric_family ipv4 "$m")
+        ms=$(ms_since "$t0")
+        if [[ -z $OBS_METRIC && $v4 != absent && ($v4 == *" 0" || $v4 != "strict "*) ]]; then
+            OBS_METRIC="$ms ms: ipv4 '$v4', ipv6 '$(fw_metric_family ipv6 "$m")'"
+        fi
+        if [[ -n $OBS_BACK && -z $OBS_ENFORCED && $v4 == "strict 1" ]]; then OBS_ENFORCED=$ms; fi
+        if [[ -z $OBS_READY ]]; then
+            code=$(cexec curl -s -o /dev/null -w '%{http_code}' --max-time 2 http://127.0.0.1:9169/readyz)
+            [[ $code == 200 ]] || OBS_READY="$ms ms: $code"
+        fi
+        if [[ -z $OBS_BACK ]] && fw_strict; then OBS_BACK=$ms; fi
+        case $stop in
+        back) [[ -n $OBS_BACK && -n $OBS_ENFORCED ]] && return 0 ;;
+        reported) [[ -n $OBS_METRIC && -n $OBS_READY ]] && return 0 ;;
+        esac
+        sleep 0.2
+    done
+    return 1
+}
+
+# Issue 20: rules removed by hand.
+#  1. `nft delete table inet credlock`: the firewall's periodic check puts them back within
+#     HAND_BOUND s (its own bound: CREDLOCK_CHECK_INTERVAL + about 1 s), and credlock's metric
+#     says strict again. (What credlock's metric showed meanwhile is logged: the check writes
+#     the state file after it re-applied, so a removal it repairs may never show as "missing".)
+#  2. `credlock-firewall remove` (removed on purpose: the check reports, does not re-apply):
+#     the metric shows ipv4 missing / enforced 0 and /readyz is not 200 within HAND_BOUND s;
+#     `credlock-firewall apply` brings both back.
+check_hand_removal() {
+    local m v4 v6 st ready=""
+    m=$(fw_metrics)
+    v4=$(fw_metric_family ipv4 "$m")
+    v6=$(fw_metric_family ipv6 "$m")
+    log "firewall metrics before: $(tr '\n' ';' <<<"$m")"
+    if [[ $v4 == "strict 1" && $v6 == "strict 1" ]]; then
+        pass "credlock's firewall metrics: ipv4 and ipv6 strict, enforced 1"
+    else
+        fail "credlock's firewall metrics: ipv4 and ipv6 strict, enforced 1" \
+            "ipv4 '$v4', ipv6 '$v6': $(tr '\n' ' ' <<<"$m" | head -c 400)"
+    fi
+    st=$(cexec curl -sS --max-time 3 http://127.0.0.1:9169/status)
+    if /usr/bin/python3 -c 'import json,sys; f=json.loads(sys.argv[1])["firewall"]; sys.exit(0 if f.get("enforced") is True and f.get("ipv4") == "strict" else 1)' "$st" 2>/dev/null; then
+        pass "admin /status: firewall enforced, ipv4 strict"
+    else
+        fail "admin /status: firewall enforced, ipv4 strict" "$(head -c 300 <<<"$st")"
+    fi
+
+    if ! cexec nft delete table inet credlock; then
+        fail "nft delete table inet credlock (by hand)" "$(cexec nft list tables 2>&1 | tr '\n' ' ')"
+    else
+        fw_observe "$HAND_BOUND" back
+        log "after 'nft delete table inet credlock': rules strict again at ${OBS_BACK:-never} ms, metric strict 1 again at ${OBS_ENFORCED:-never} ms; meanwhile metric not strict: ${OBS_METRIC:-never seen}; /readyz not 200: ${OBS_READY:-never seen}"
+        if [[ -n $OBS_BACK ]]; then
+            pass "rules deleted by hand (nft delete table inet credlock) are re-applied, strict, after $OBS_BACK ms (bound $HAND_BOUND s)"
+        else
+            fail "rules deleted by hand (nft delete table inet credlock) are re-applied within $HAND_BOUND s" \
+                "$(cexec nft list tables 2>&1 | tr '\n' ' ')"
+        fi
+        if [[ -n $OBS_ENFORCED ]]; then
+            pass "after the re-apply credlock's firewall metric says ipv4 strict, enforced 1 ($OBS_ENFORCED ms after the delete)"
+        else
+            fail "after the re-apply credlock's firewall metric says ipv4 strict, enforced 1" "$(tr '\n' ' ' <<<"$OBS_LAST" | head -c 300)"
+        fi
+        curl_as "$APP_USER" "http://$IMDS4" "$WORK/hand-deleted.json" >/dev/null
+        locked_creds "after the re-apply the app user gets locked credentials" "$WORK/hand-deleted.json"
+    fi
+
+    if ! cexec /usr/libexec/credlock/credlock-firewall remove >"$WORK/fw-remove.log" 2>&1; then
+        fail "credlock-firewall remove (by hand)" "$(tail -c 300 "$WORK/fw-remove.log")"
+        return
+    fi
+    if fw_observe "$HAND_BOUND" reported; then
+        pass "rules removed by hand (credlock-firewall remove): credlock's metric says so (${OBS_METRIC}) and /readyz is not ready (${OBS_READY})"
+    else
+        fail "rules removed by hand (credlock-firewall remove): credlock's metric says so and /readyz is not ready within $HAND_BOUND s" \
+            "metric: ${OBS_METRIC:-not seen} ($(tr '\n' ' ' <<<"$OBS_LAST" | head -c 300)); /readyz: ${OBS_READY:-200 throughout}; rules: $(fw_mode)"
+    fi
+    if ! cexec /usr/libexec/credlock/credlock-firewall apply >"$WORK/fw-apply.log" 2>&1; then
+        fail "credlock-firewall apply (after the remove)" "$(tail -c 300 "$WORK/fw-apply.log")"
+        return
+    fi
+    if fw_observe "$HAND_BOUND" back && ready=$(cexec curl -s -o /dev/null -w '%{http_code}' --max-time 5 http://127.0.0.1:9169/readyz) &&
+        [[ $ready == 200 ]]; then
+        pass "credlock-firewall apply: credlock's metric says ipv4 strict, enforced 1 again ($OBS_ENFORCED ms) and /readyz is 200"
+    else
+        fail "credlock-firewall apply: credlock's metric says ipv4 strict, enforced 1 again and /readyz is 200" \
+            "rules strict at ${OBS_BACK:-never} ms, metric: $(tr '\n' ' ' <<<"$OBS_LAST" | head -c 300), /readyz ${ready:-?}"
+    fi
 }
 
 check_watchdog() {
     local pid n t
     if ! is_active credlock.service; then
         fail "watchdog: a hung credlock is killed and restarted" "credlock.service is not active"
-        fail "kill -9: credlock is restarted" "credlock.service is not active"
         return
     fi
     pid=$(prop credlock.service MainPID)
@@ -788,40 +1198,174 @@ check_watchdog() {
     else
         fail "watchdog: systemd logged the watchdog timeout"
     fi
+}
 
+# Issue 14, port squatting. The addresses the firewall redirects IMDS traffic to, and the admin
+# port: no other user may ever bind them, not even while credlock is down.
+readonly SQUAT_DIR=/run/credlock-nspawn-squat # inside the container
+readonly SQUAT_TARGETS=(127.0.0.1:8169 "[::1]:8169" 127.0.0.1:9169)
+readonly SQUAT_MIN=20 # attempts per address and way while credlock is down, or the check is void
+SQUAT_PID=""
+
+# start_squatter OUTFILE: the app user starts binding SQUAT_TARGETS over and over
+# (tests/root/nspawn_squatter.sh); returns once it runs.
+start_squatter() {
+    local out=$1
+    cexec /bin/sh -c "rm -rf $SQUAT_DIR && mkdir -m 0755 $SQUAT_DIR" || return 1
+    CEXEC_TIMEOUT=90 cexec runuser -u "$APP_USER" -- /usr/local/bin/credlock-squatter \
+        "$SQUAT_DIR" "${SQUAT_TARGETS[@]}" >"$out" 2>&1 &
+    SQUAT_PID=$!
+    wait_until 10 grep -q '^started' "$out"
+}
+
+# squat_window_open: from now on the squatter's attempts count as "while credlock is down".
+squat_window_open() { cexec touch "$SQUAT_DIR/window"; }
+
+# stop_squatter OUTFILE LABEL: stop it and judge: nothing bound, and every address tried in every
+# way at least SQUAT_MIN times inside the window.
+stop_squatter() {
+    local out=$1 label=$2 rc total win bound minwin errs
+    cexec touch "$SQUAT_DIR/stop"
+    wait "$SQUAT_PID"
+    rc=$?
+    SQUAT_PID=""
+    read -r total win bound < <(awk '$1 == "total" { print $3, $5, $7 }' "$out")
+    minwin=$(awk '$3 == "attempts" { print $6 }' "$out" | sort -n | head -n1)
+    errs=$(awk '$3 == "attempts" { print $10 }' "$out" | sort | uniq -c |
+        awk '{ printf "%s%s x%s", sep, $2, $1; sep = ", " }')
+    if [[ $rc == 0 && $minwin =~ ^[0-9]+$ ]] && ((minwin >= SQUAT_MIN)); then
+        pass "$label (${SQUAT_TARGETS[*]}: $win tries in the window, at least $minwin per address and way: plain, SO_REUSEADDR, SO_REUSEPORT, v4-mapped; $total in all; last errors: $errs)"
+    elif [[ ${bound:-0} =~ ^[0-9]+$ ]] && ((${bound:-0} > 0)); then
+        fail "$label" "the user bound $bound times: $(grep '^BOUND' "$out" | cut -d' ' -f2- | tr '\n' ';')"
+    else
+        fail "$label" "squatter exit $rc, ${win:-?} tries in the window (fewest per way: '${minwin}', need $SQUAT_MIN): $(tail -c 300 "$out" | tr '\n' ' ')"
+    fi
+    cexec rm -rf "$SQUAT_DIR"
+}
+
+# not_raw NAME FILE: FILE holds no credentials of the emulator's (an error or the locked set).
+not_raw() {
+    local name=$1 file=$2 key what
+    key=$(json_field "$file" AccessKeyId)
+    if [[ -z $key ]]; then
+        what="no credentials: $(head -c 120 "$file" 2>/dev/null | tr '\n' ' ') $(head -c 120 "$file.err" 2>/dev/null | tr '\n' ' ')"
+    elif grep -qxF -- "$key" <<<"$(emulator_key_ids)"; then
+        fail "$name" "got the emulator's raw AccessKeyId $key"
+        return
+    else
+        what="locked credentials (AccessKeyId ${key:0:8}...)"
+    fi
+    pass "$name: $what"
+}
+
+# Issue 14: kill -9; an unprivileged user tries all the while to bind every redirect target and
+# the admin port and must fail; credlock comes back and serves locked credentials; a process
+# with credlock's uid outside the (new) service is still redirected.
+check_kill9() {
+    local pid n t out=$WORK/squat-kill9.out during rc ms
+    if ! is_active credlock.service; then
+        fail "kill -9: credlock is restarted" "credlock.service is not active"
+        fail "kill -9: an unprivileged user cannot bind the redirect targets or the admin port" "credlock.service is not active"
+        return
+    fi
+    if ! start_squatter "$out"; then
+        fail "kill -9: the squatter (app user) starts" "$(tail -c 300 "$out")"
+    fi
+    start_probe "$WORK/probe-kill9.out" || fail "kill -9: the IMDS probe (app user) starts"
     pid=$(prop credlock.service MainPID)
     n=$(prop credlock.service NRestarts)
     t=$SECONDS
     ckill KILL "$pid"
+    squat_window_open
+    # An application asking for credentials while credlock is down.
+    (
+        s=$(date +%s%N)
+        r=$(curl_as "$APP_USER" "http://$IMDS4" "$WORK/during-restart.json")
+        printf '%s %s\n' "$r" "$((($(date +%s%N) - s) / 1000000))" >"$WORK/during-restart.rc"
+    ) &
+    during=$!
     if wait_until 30 restarted credlock.service "$n" "$pid"; then
         pass "kill -9: credlock is restarted ($((SECONDS - t)) s, NRestarts $n -> $(prop credlock.service NRestarts))"
     else
         fail "kill -9: credlock is restarted" "$(prop credlock.service ActiveState), NRestarts $(prop credlock.service NRestarts)"
     fi
+    if [[ -n $SQUAT_PID ]]; then
+        stop_squatter "$out" "kill -9: from the kill until credlock was READY again, an unprivileged user could not bind the redirect targets or the admin port"
+    fi
+    if [[ -n $PROBE_PID ]]; then
+        stop_probe "$WORK/probe-kill9.out" \
+            "kill -9: an unprivileged user requesting credentials non-stop through the crash and restart never got raw ones"
+    fi
+    wait "$during"
+    read -r rc ms <"$WORK/during-restart.rc"
+    not_raw "kill -9: an app request sent right after the kill got no raw credentials (curl exit $rc after $ms ms)" \
+        "$WORK/during-restart.json"
     curl_as "$APP_USER" "http://$IMDS4" "$WORK/after-restart.json" >/dev/null
     locked_creds "after the restarts the app user gets locked credentials" "$WORK/after-restart.json"
+    curl_as "$APP_USER" "http://[$IMDS6]" "$WORK/after-restart6.json" >/dev/null
+    locked_creds "after the restarts the app user gets locked credentials via [fd00:ec2::254]" "$WORK/after-restart6.json"
+    local ready
+    ready=$(cexec curl -s -o /dev/null -w '%{http_code}' --max-time 5 http://127.0.0.1:9169/readyz)
+    if [[ $ready == 200 ]]; then pass "after the restarts admin /readyz is 200"; else fail "after the restarts admin /readyz is 200" "got $ready"; fi
     check "after the restarts the rules are still strict" fw_strict
+    same_uid_redirected "after the restarts, credlock's uid outside its service (systemd-run --scope) is still redirected: locked credentials" \
+        "http://$IMDS4" "$WORK/sameuid-after-restart.json" systemd-run --quiet --scope --uid=credlock --gid=credlock --
 }
 
+# Stopping credlock. credlock.service alone: credlock.socket keeps the ports (no user can bind
+# them), and the next connection starts credlock again. Both stopped (an operator, on purpose):
+# the redirect meets a closed port, connection refused. The rules stay throughout.
 check_fail_closed() {
-    local rc4 rc6
-    if cexec systemctl stop credlock.service; then
-        pass "systemctl stop credlock"
+    local rc4 rc6 t0 ms out=$WORK/squat-stopped.out
+    local err
+    if err=$(cexec systemctl stop credlock.service 2>&1); then
+        pass "systemctl stop credlock${err:+ (systemctl: $(tr '\n' ' ' <<<"$err"))}"
     else
-        fail "systemctl stop credlock"
+        fail "systemctl stop credlock" "$err"
+    fi
+    if is_active credlock.socket && ! is_active credlock.service; then
+        pass "credlock.service stopped, credlock.socket still listening"
+    else
+        fail "credlock.service stopped, credlock.socket still listening" \
+            "credlock.socket $(prop credlock.socket LoadState)/$(prop credlock.socket ActiveState), credlock.service $(prop credlock.service ActiveState)"
+    fi
+    if start_squatter "$out"; then
+        squat_window_open
+        sleep 1.5
+        stop_squatter "$out" "credlock.service stopped: an unprivileged user cannot bind the redirect targets or the admin port"
+    else
+        fail "credlock.service stopped: the squatter (app user) starts" "$(tail -c 300 "$out")"
+    fi
+    check "credlock.service stopped: it stayed stopped while the squatter ran (nothing connected)" \
+        test "$(prop credlock.service ActiveState)" != active
+    # A client now: its connection waits in credlock.socket's backlog and starts credlock.
+    t0=$(date +%s%N)
+    rc4=$(curl_as "$APP_USER" "http://$IMDS4" "$WORK/stopped4.json")
+    ms=$(ms_since "$t0")
+    not_raw "credlock.service stopped: an app request gets no raw credentials (curl exit $rc4 after $ms ms)" "$WORK/stopped4.json"
+    if wait_until 30 is_active credlock.service; then
+        pass "credlock.service stopped: the app's connection started it again (socket activation)"
+    else
+        fail "credlock.service stopped: the app's connection started it again (socket activation)" \
+            "credlock.service $(prop credlock.service ActiveState)/$(prop credlock.service SubState)"
+    fi
+    if cexec systemctl stop credlock.socket credlock.service; then
+        pass "systemctl stop credlock.socket credlock.service"
+    else
+        fail "systemctl stop credlock.socket credlock.service"
     fi
     rc4=$(curl_as "$APP_USER" "http://$IMDS4" "$WORK/stopped4.json")
     rc6=$(curl_as "$APP_USER" "http://[$IMDS6]" "$WORK/stopped6.json")
     # curl exit 7: failed to connect (connection refused).
     if [[ $rc4 == 7 && $rc6 == 7 ]]; then
-        pass "credlock stopped: app user gets connection refused (v4 and v6)"
+        pass "credlock and its socket stopped: app user gets connection refused (v4 and v6)"
     else
-        fail "credlock stopped: app user gets connection refused (v4 and v6)" "curl exit $rc4/$rc6: $(head -c 200 "$WORK/stopped4.json")"
+        fail "credlock and its socket stopped: app user gets connection refused (v4 and v6)" "curl exit $rc4/$rc6: $(head -c 200 "$WORK/stopped4.json")"
     fi
-    check "credlock stopped: the firewall rules stay" fw_status
+    fw_status_within "credlock stopped: the firewall rules stay"
     # No ExecStop= in credlock-firewall.service: stopping the unit itself keeps the rules too.
     cexec systemctl stop credlock-firewall.service
-    check "credlock-firewall.service stopped: the rules stay" fw_status
+    fw_status_within "credlock-firewall.service stopped: the rules stay"
     rc4=$(curl_as "$APP_USER" "http://$IMDS4" "$WORK/fwstopped4.json")
     if [[ $rc4 == 7 ]]; then
         pass "credlock-firewall.service stopped: app user still gets connection refused"
@@ -851,6 +1395,11 @@ check_uninstalled() {
         /etc/systemd/system/sysinit.target.wants/credlock-firewall.service; do
         [[ -e $ROOT$p || -L $ROOT$p ]] && left+=("$p")
     done
+    # Any other unit file or enablement link of credlock's (credlock.socket, firewall check units).
+    while IFS= read -r p; do
+        left+=("${p#"$ROOT"}")
+    done < <(find "$ROOT/usr/lib/systemd/system" "$ROOT/etc/systemd/system" -name 'credlock*' \
+        ! -name 'credlock-example-app*' ! -path '*/credlock-example-app.service.d*' 2>/dev/null)
     if ((${#left[@]} == 0)); then pass "$label: files removed"; else fail "$label: files removed" "left: ${left[*]}"; fi
     if cexec getent passwd credlock >/dev/null || cexec getent group credlock >/dev/null; then
         fail "$label: user and group credlock removed"
@@ -864,8 +1413,19 @@ check_uninstalled() {
     else
         pass "$label: firewall rules removed"
     fi
-    check "$label: units unknown to systemd" \
-        test "$(prop credlock.service LoadState)/$(prop credlock-firewall.service LoadState)" = not-found/not-found
+    local u known=() units=()
+    # The units of the copy installed (the repo may have changed since).
+    for u in "$ROOT$SRC_IN"/systemd/*.service "$ROOT$SRC_IN"/systemd/*.socket "$ROOT$SRC_IN"/systemd/*.timer; do
+        [[ -f $u ]] || continue
+        u=$(basename "$u")
+        units+=("$u")
+        [[ $(prop "$u" LoadState) == not-found ]] || known+=("$u: $(prop "$u" LoadState)/$(prop "$u" ActiveState)")
+    done
+    if ((${#known[@]} == 0)); then
+        pass "$label: units unknown to systemd (${units[*]})"
+    else
+        fail "$label: units unknown to systemd" "${known[*]}"
+    fi
     curl_as "$APP_USER" "http://$IMDS4" "$WORK/uninstalled.json" >/dev/null
     raw_creds "$label: the app user reaches IMDS directly again" "$WORK/uninstalled.json"
 }
@@ -904,6 +1464,8 @@ EOF
     done
     check "online install: credlock-firewall active" is_active credlock-firewall.service
     check "online install: credlock active" is_active credlock.service
+    check "online install: credlock.socket active" is_active credlock.socket
+    check "online install: credlock-firewall-check active" is_active credlock-firewall-check.service
     check "online install: the strict rules are loaded" fw_strict
     check "online install: the existing credlock.toml was kept" \
         cmp -s "$WORK/config-before" "$ROOT/etc/credlock/credlock.toml"
@@ -934,12 +1496,17 @@ main() {
     setup_network
     start_servers
     control_boot
+    install_lock_holder
     boot_container
     check_boot_order
     check_cloud_init
+    check_lock_holder
     check_firewall
     check_credentials
+    check_nftables
+    check_hand_removal
     check_watchdog
+    check_kill9
     check_fail_closed
     check_uninstall
     check_online_install
