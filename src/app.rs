@@ -47,6 +47,7 @@ pub struct Running {
     /// Why the admin listener could not be had (it is then not served; IMDS is). Under
     /// systemd the socket unit holds it from boot, so only `credlock run` by hand can meet this.
     pub admin_error: Option<String>,
+    pub metrics: Arc<Metrics>,
     /// Turns true once a locked set is held (then systemd is told READY=1).
     pub ready: watch::Receiver<bool>,
     pub shutdown: watch::Sender<bool>,
@@ -166,6 +167,7 @@ async fn start_with(
         .collect();
 
     let metrics = Arc::new(Metrics::new());
+    let metrics_handle = metrics.clone();
     let store = Arc::new(CredentialStore::default());
     let upstream = UpstreamClient::new(&config.upstream, config.upstream_timeout);
     let known_raw = Arc::new(KnownRaw::default());
@@ -202,7 +204,7 @@ async fn start_with(
             drain: config.drain_timeout,
         },
         shutdown_rx.clone(),
-        Some(metrics.evicted.with_label_values(&["imds"])),
+        Some(metrics.connections("imds")),
     ));
     let admin_server = tokio::spawn(server::serve(
         "admin",
@@ -214,7 +216,7 @@ async fn start_with(
             drain: Duration::from_millis(500),
         },
         shutdown_rx.clone(),
-        Some(metrics.evicted.with_label_values(&["admin"])),
+        Some(metrics.connections("admin")),
     ));
     tracing::info!(imds = ?imds_addrs, admin = %admin_addr, upstream = %config.upstream.authority, "serving");
 
@@ -248,6 +250,7 @@ async fn start_with(
         imds_addrs,
         admin_addr,
         admin_error,
+        metrics: metrics_handle,
         ready: ready_rx,
         shutdown: shutdown_tx,
         task,

@@ -14,6 +14,7 @@ pub struct Metrics {
     pub refused: IntCounterVec,
     pub answers_refused: IntCounterVec,
     pub evicted: IntCounterVec,
+    pub open_connections: IntGaugeVec,
     pub refreshes: IntCounterVec,
     pub remaining_seconds: Gauge,
     pub assume_role_duration: Histogram,
@@ -239,6 +240,11 @@ impl Metrics {
             "1 while the firewall's last check (at most a minute old) found every process of this address family forced through credlock (strict or boot mode, or IPv6 deliberately off); 0 otherwise.",
             &["family"],
         );
+        let open_connections = int_gauge_vec(
+            "credlock_open_connections",
+            "Client connections open now, by listener.",
+            &["listener"],
+        );
         let firewall_required = gauge(
             "credlock_firewall_required",
             "1 when readiness needs the firewall enforced ([firewall] required, or auto on a host where credlock-firewall ran); 0 for credlock run without a firewall (a demo, a test).",
@@ -291,6 +297,7 @@ impl Metrics {
         }
         for listener in ["imds", "admin"] {
             evicted.with_label_values(&[listener]);
+            open_connections.with_label_values(&[listener]);
         }
         for code in crate::sts::StsErrorCode::ALL {
             sts_errors.with_label_values(&[code.label()]);
@@ -307,6 +314,7 @@ impl Metrics {
             refused,
             answers_refused,
             evicted,
+            open_connections,
             refreshes,
             remaining_seconds,
             assume_role_duration,
@@ -322,6 +330,14 @@ impl Metrics {
             firewall_state,
             answered_handles,
             upstream_handles,
+        }
+    }
+
+    /// The connection series of one listener (`imds` or `admin`).
+    pub fn connections(&self, listener: &str) -> crate::server::ConnectionMetrics {
+        crate::server::ConnectionMetrics {
+            evicted: self.evicted.with_label_values(&[listener]),
+            open: self.open_connections.with_label_values(&[listener]),
         }
     }
 

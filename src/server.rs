@@ -117,6 +117,15 @@ impl Registry {
     }
 }
 
+/// The per-listener connection series [`serve`] keeps.
+#[derive(Clone)]
+pub struct ConnectionMetrics {
+    /// Connections closed to make room (`credlock_connections_evicted_total`).
+    pub evicted: prometheus::IntCounter,
+    /// Connections open now (`credlock_open_connections`).
+    pub open: prometheus::IntGauge,
+}
+
 /// Serves `handler` on `listeners` until `shutdown` turns true, then drains for at most
 /// `limits.drain`.
 pub async fn serve<H, Fut>(
@@ -125,7 +134,7 @@ pub async fn serve<H, Fut>(
     handler: H,
     limits: Limits,
     mut shutdown: watch::Receiver<bool>,
-    evicted: Option<prometheus::IntCounter>,
+    counters: Option<ConnectionMetrics>,
 ) where
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
@@ -137,8 +146,8 @@ pub async fn serve<H, Fut>(
     let (tx, mut rx) = mpsc::channel::<(TcpStream, SocketAddr, OwnedSemaphorePermit)>(64);
     let mut acceptors = Vec::with_capacity(listeners.len());
     for listener in listeners {
-        let (tx, slots, registry, evicted) =
-            (tx.clone(), slots.clone(), registry.clone(), evicted.clone());
+        let evicted = counters.as_ref().map(|c| c.evicted.clone());
+        let (tx, slots, registry) = (tx.clone(), slots.clone(), registry.clone());
         acceptors.push(tokio::spawn(async move {
             loop {
                 let (stream, peer) = match listener.accept().await {
@@ -185,6 +194,10 @@ pub async fn serve<H, Fut>(
                 let _ = stream.set_nodelay(true);
                 let handler = handler.clone();
                 let (id, conn_state) = registry.add(now_ms());
+                let open = counters.as_ref().map(|c| c.open.clone());
+                if let Some(g) = &open {
+                    g.inc();
+                }
                 let seen = conn_state.clone();
                 let conn = http1::Builder::new()
                     // hyper's own header-read timeout arms and drops a timer on every request;
@@ -229,6 +242,9 @@ pub async fn serve<H, Fut>(
                             }
                         }
                         registry.remove(id);
+                        if let Some(g) = &open {
+                            g.dec();
+                        }
                         drop(permit);
                     }
                     .instrument(span),
