@@ -269,8 +269,14 @@ where
             code: StsErrorCode::Timeout,
             message: "connection timed out".into(),
         },
+        // A connection that could not be made or broke (refused, reset, DNS, TLS handshake):
+        // the endpoint is unreachable, and the advice says where to look.
         SdkError::DispatchFailure(d) => StsError {
-            code: StsErrorCode::Other,
+            code: if d.is_io() {
+                StsErrorCode::Unreachable
+            } else {
+                StsErrorCode::Other
+            },
             message: format!(
                 "cannot reach STS: {:?}",
                 d.as_connector_error().map(|e| e.to_string())
@@ -300,6 +306,21 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_failure_is_unreachable_and_a_timeout_is_a_timeout() {
+        use aws_sdk_sts::config::http::HttpResponse as Response;
+        use aws_sdk_sts::error::ConnectorError;
+        use aws_sdk_sts::operation::assume_role::AssumeRoleError;
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let err: SdkError<AssumeRoleError, Response> =
+            SdkError::dispatch_failure(ConnectorError::io(Box::new(refused)));
+        assert_eq!(classify(err).code, StsErrorCode::Unreachable);
+        let slow = std::io::Error::from(std::io::ErrorKind::TimedOut);
+        let err: SdkError<AssumeRoleError, Response> =
+            SdkError::dispatch_failure(ConnectorError::timeout(Box::new(slow)));
+        assert_eq!(classify(err).code, StsErrorCode::Timeout);
+    }
 
     #[test]
     fn aws_codes_map_to_the_closed_label_set() {
