@@ -167,7 +167,7 @@ async fn readyz(state: &AdminState) -> Result<String, String> {
         .ok_or("not ready: no role locked yet\n")?;
     let mut headers = HeaderMap::new();
     headers.insert(
-        "x-aws-ec2-metadata-token-ttl-seconds",
+        crate::route::TOKEN_TTL_HEADER,
         HeaderValue::from_static("60"),
     );
     let token = state
@@ -185,7 +185,7 @@ async fn readyz(state: &AdminState) -> Result<String, String> {
     let mut value = HeaderValue::from_maybe_shared(token.body)
         .map_err(|_| "not ready: the upstream token is not a header value\n".to_string())?;
     value.set_sensitive(true);
-    headers.insert("x-aws-ec2-metadata-token", value);
+    headers.insert(crate::route::TOKEN_HEADER, value);
     let path = format!("/latest/meta-data/iam/security-credentials/{role}");
     let answer = state
         .self_client

@@ -101,7 +101,7 @@ impl Imds {
         }
         let mut headers = HeaderMap::new();
         headers.insert(
-            "x-aws-ec2-metadata-token-ttl-seconds",
+            crate::route::TOKEN_TTL_HEADER,
             HeaderValue::from(TOKEN_TTL_SECONDS),
         );
         let response = self
@@ -125,7 +125,7 @@ impl Imds {
     pub async fn get(&self, path: &str) -> Result<Bytes, ImdsError> {
         for renew in [false, true] {
             let mut headers = HeaderMap::new();
-            headers.insert("x-aws-ec2-metadata-token", self.token(renew).await?);
+            headers.insert(crate::route::TOKEN_HEADER, self.token(renew).await?);
             let response = self.upstream.send(Method::GET, path, headers).await?;
             match response.status {
                 StatusCode::OK => return Ok(response.body),

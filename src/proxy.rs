@@ -17,10 +17,8 @@ use crate::credentials::{
     self, AnswerRefusal, CredentialStore, KnownRaw, LockedCredentials, Secret, Verdict,
 };
 use crate::metrics::{Metrics, RefusalReason, RouteLabel};
-use crate::route::{self, Refusal, Route};
+use crate::route::{self, Refusal, Route, TOKEN_HEADER};
 use crate::upstream::{UpstreamClient, UpstreamError, UpstreamResponse, strip_hop_by_hop};
-
-const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 
 /// The only request headers forwarded on a credential route. IMDS reads the session token;
 /// the others change nothing it answers. Everything else (`Range`, `If-*`, `Accept-Encoding`,

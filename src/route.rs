@@ -16,6 +16,10 @@ pub const MAX_TARGET_LEN: usize = 1024;
 
 /// The only path IMDS issues session tokens on (a PUT to a dated version gets 403 upstream).
 pub const TOKEN_PATH: &str = "/latest/api/token";
+/// The IMDSv2 session token request header (every metadata request carries it) and the TTL
+/// header of the token PUT ("Use IMDSv2", EC2 User Guide). The one place these names are spelt.
+pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+pub const TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 
 /// Any path containing this (case-insensitively) must be one of the known credential forms.
 const CREDENTIALS_MARKER: &str = "credentials";
