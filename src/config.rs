@@ -52,11 +52,7 @@ pub struct Config {
     pub firewall_required: Option<bool>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Upstream {
-    /// `host:port` as written into the Host header and used to connect.
-    pub authority: http::uri::Authority,
-}
+pub use crate::upstream::Upstream;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {

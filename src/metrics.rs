@@ -299,6 +299,7 @@ impl Metrics {
             evicted.with_label_values(&[listener]);
             open_connections.with_label_values(&[listener]);
         }
+        #[cfg(feature = "daemon")]
         for code in crate::sts::StsErrorCode::ALL {
             sts_errors.with_label_values(&[code.label()]);
         }

@@ -21,7 +21,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
-use crate::config::Upstream;
 use crate::http1::{self, Framing, HeaderSpan, Parsed};
 
 pub use crate::http1::MAX_RESPONSE_BYTES;
@@ -80,6 +79,13 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Read buffer of a connection; grows as a response needs.
 const READ_BUFFER: usize = 4096;
+
+/// Where the upstream IMDS is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `host:port` as written into the Host header and used to connect.
+    pub authority: http::uri::Authority,
+}
 
 /// Cheap to clone: the pool is shared.
 #[derive(Clone)]

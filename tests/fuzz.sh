@@ -8,7 +8,7 @@ command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 export RUSTC_BOOTSTRAP=1
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-for target in classify rewrite upstream_codec; do
+for target in classify rewrite upstream_codec pipeline; do
   echo "fuzz: $target for ${seconds}s"
   if ! cargo fuzz run "$target" -- -max_total_time="$seconds" -max_len=2048 >"$log" 2>&1; then
     tail -60 "$log"

@@ -11,7 +11,9 @@ fuzz_target!(|data: &[u8]| {
         Some(x) => x,
         None => return,
     };
-    let Ok(target) = std::str::from_utf8(rest) else { return };
+    let Ok(target) = std::str::from_utf8(rest) else {
+        return;
+    };
     let method = match method_byte % 4 {
         0 => http::Method::GET,
         1 => http::Method::HEAD,
@@ -30,7 +32,10 @@ fuzz_target!(|data: &[u8]| {
             assert!(!path.contains("//"));
             // Only the identity-role tree may mention credentials on its way through.
             if path.contains("credentials") {
-                assert!(path.contains("/meta-data/identity-credentials"), "{forwarded}");
+                assert!(
+                    path.contains("/meta-data/identity-credentials"),
+                    "{forwarded}"
+                );
             }
         }
         Route::Credentials { path, role, .. } => {
