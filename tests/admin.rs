@@ -144,3 +144,123 @@ async fn status_and_metrics_never_show_a_credential_or_token() {
     assert_eq!(v["discovery"][0]["source"], "imds");
     let _ = running.shutdown.send(true);
 }
+
+fn loopback_config(
+    emu: &Emulator,
+    moto: &Moto,
+    listen: &str,
+    admin: &str,
+    extra: &str,
+) -> credlock::config::Config {
+    let text = format!(
+        "[server]\nlisten = [\"{listen}\"]\nadmin_listen = \"{admin}\"\nupstream = \"{}\"\n\
+         [discovery.echo]\nenabled = false\n[lock]\nsts_endpoint = \"{}\"\n{extra}",
+        emu.url(),
+        moto.url
+    );
+    credlock::config::from_toml(&text, &credlock::config::Overrides::default()).unwrap()
+}
+
+/// Socket activation (credlock.socket): the listeners systemd passes are the ones served, and a
+/// passed listener the configuration does not name is a startup error, not a socket left
+/// queueing connections nobody answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn inherited_listeners_are_served_and_an_unknown_one_is_refused() {
+    let emu = Emulator::start(&[]);
+    let moto = Moto::start();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    let cfg = loopback_config(&emu, &moto, &addr.to_string(), "127.0.0.1:0", "");
+    let running = credlock::app::start_inherited(cfg, vec![held])
+        .await
+        .unwrap();
+    assert_eq!(running.imds_addrs, vec![addr]);
+    let r = reqwest::get(format!("http://{addr}/latest/meta-data/instance-id"))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let _ = running.shutdown.send(true);
+
+    let stray = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let cfg = loopback_config(&emu, &moto, "127.0.0.1:0", "127.0.0.1:0", "");
+    match credlock::app::start_inherited(cfg, vec![stray]).await {
+        Err(e) => assert!(e.to_string().contains("neither server.listen"), "{e}"),
+        Ok(_) => panic!("an unknown inherited listener was accepted"),
+    }
+}
+
+/// Another process holding the admin port (squatted before credlock started) costs the admin
+/// listener, never the IMDS proxy every application depends on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_taken_admin_port_does_not_stop_the_imds_proxy() {
+    let emu = Emulator::start(&[]);
+    let moto = Moto::start();
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = squatter.local_addr().unwrap().to_string();
+    let cfg = loopback_config(&emu, &moto, "127.0.0.1:0", &taken, "");
+    let running = credlock::app::start(cfg).await.unwrap();
+    assert!(running.admin_error.is_some());
+    let base = format!("http://{}", running.imds_addrs[0]);
+    let r = reqwest::get(format!("{base}/latest/meta-data/instance-id"))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let _ = running.shutdown.send(true);
+}
+
+/// The firewall's state file drives /readyz, /status and the firewall gauges: rules missing is
+/// not ready, whatever the credentials; strict is.
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_follows_the_firewall_state_file() {
+    let emu = Emulator::start(&[]);
+    let moto = Moto::start();
+    let dir = std::env::temp_dir().join(format!("credlock-fw-admin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("state");
+    let write = |v4: &str| {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        std::fs::write(
+            &file,
+            format!("checked={now}\nbackend=nft\nipv4={v4}\nipv6=strict\n"),
+        )
+        .unwrap();
+    };
+    write("missing");
+    let extra = format!("[firewall]\nstate_file = \"{}\"\n", file.display());
+    let cfg = loopback_config(&emu, &moto, "127.0.0.1:0", "127.0.0.1:0", &extra);
+    let running = credlock::app::start(cfg).await.unwrap();
+    wait_ready(&running).await;
+    let admin = format!("http://{}", running.admin_addr);
+    let (code, body) = status(&admin, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("firewall is not enforced") && body.contains("ipv4 missing"),
+        "{body}"
+    );
+    let (_, metrics) = status(&admin, "/metrics").await;
+    assert!(
+        metrics.contains("credlock_firewall_enforced{family=\"ipv4\"} 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("credlock_firewall_state{family=\"ipv4\",state=\"missing\"} 1"));
+    assert!(metrics.contains("credlock_firewall_required 1"));
+    write("strict");
+    eventually("ready once the rules are back", async || {
+        status(&admin, "/readyz").await.0 == 200
+    })
+    .await;
+    let (_, s) = status(&admin, "/status").await;
+    let s: serde_json::Value = serde_json::from_str(&s).unwrap();
+    assert_eq!(s["firewall"]["enforced"], true);
+    assert_eq!(s["firewall"]["ipv4"], "strict");
+    let (_, metrics) = status(&admin, "/metrics").await;
+    assert!(
+        metrics.contains("credlock_firewall_enforced{family=\"ipv4\"} 1"),
+        "{metrics}"
+    );
+    let _ = running.shutdown.send(true);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
