@@ -33,6 +33,10 @@ readonly FIREWALL_RUNDIR=/run/credlock-firewall
 readonly ENV_FILE=/etc/default/credlock
 readonly SHARE_DIR=/usr/share/credlock
 readonly DOC_DIR=/usr/share/doc/credlock
+# The nftables.service drop-in: its reload/stop/restart load credlock's table in the same nft
+# transaction as the operator's ruleset (systemd/nftables-credlock*.conf).
+readonly NFT_DROPIN_DIR=$UNIT_DIR/nftables.service.d
+readonly NFT_DROPIN=$NFT_DROPIN_DIR/credlock.conf
 
 log() { printf 'provision: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -111,6 +115,33 @@ firewall_defaults_source() {
 #CREDLOCK_BOOT_EXEMPT_ROOT=auto
 EOF
     printf '%s\n' "$out"
+}
+
+# The drop-in matching the installed nftables.service's commands: Debian's (`nft -f
+# /etc/nftables.conf`) or the RHEL family's (`nft -f /etc/sysconfig/nftables.conf`, reload
+# `flush ruleset; include ...`). Prints its path under SOURCE_DIR, or nothing (no nftables.service,
+# or commands this script does not know: then only the reapply unit and the watchdog cover it).
+nftables_dropin_source() {
+    local unit="" u start reload
+    for u in /etc/systemd/system/nftables.service /usr/lib/systemd/system/nftables.service \
+        /lib/systemd/system/nftables.service; do
+        if [[ -f $u ]]; then unit=$u; break; fi
+    done
+    [[ -n $unit ]] || return 0
+    start=$(sed -n 's/^ExecStart=[-@:+!]*//p' "$unit" | tail -n 1)
+    reload=$(sed -n 's/^ExecReload=[-@:+!]*//p' "$unit" | tail -n 1)
+    case "$start|$reload" in
+    "/usr/sbin/nft -f /etc/nftables.conf|/usr/sbin/nft -f /etc/nftables.conf" | \
+        "/sbin/nft -f /etc/nftables.conf|/sbin/nft -f /etc/nftables.conf")
+        printf '%s\n' "$SOURCE_DIR/systemd/nftables-credlock.conf"
+        ;;
+    "/"*"/nft -f /etc/sysconfig/nftables.conf|/"*"/nft 'flush ruleset; include \"/etc/sysconfig/nftables.conf\";'")
+        printf '%s\n' "$SOURCE_DIR/systemd/nftables-credlock-rhel.conf"
+        ;;
+    *)
+        log "warning: $unit runs commands this script does not know (ExecStart=$start, ExecReload=$reload): no nftables.service drop-in; its reloads leave a moment without credlock's rules (credlock-firewall-reapply.service and the watchdog put them back)"
+        ;;
+    esac
 }
 
 find_binary() {
@@ -196,6 +227,16 @@ do_install() {
     for f in "${UNITS[@]}"; do
         install -D -m 0644 "$SOURCE_DIR/systemd/$f" "$UNIT_DIR/$f"
     done
+    # nftables.service loads its ruleset and credlock's table in one transaction (no window at
+    # its reload, stop or restart). Installed whether nftables.service is enabled or not.
+    f=$(nftables_dropin_source)
+    if [[ -n $f && -f $f ]]; then
+        install -d -m 0755 "$NFT_DROPIN_DIR"
+        install -m 0644 "$f" "$NFT_DROPIN"
+        log "installed $NFT_DROPIN ($(basename "$f"))"
+    else
+        rm -f "$NFT_DROPIN"
+    fi
     if systemd_running; then
         systemctl daemon-reload
     fi
@@ -234,6 +275,13 @@ do_install() {
 
 do_uninstall() {
     local f
+    # First of all the nftables.service drop-in: it runs the firewall script, which goes below;
+    # without it nftables.service runs its own commands again (their reload flushes everything).
+    rm -f "$NFT_DROPIN"
+    rmdir "$NFT_DROPIN_DIR" 2>/dev/null || true
+    if systemd_running; then
+        systemctl daemon-reload
+    fi
     if systemd_running; then
         # Stop the proxy first (clients are refused), then remove the rules (clients reach IMDS
         # directly, as before credlock was installed).

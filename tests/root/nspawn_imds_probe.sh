@@ -13,21 +13,27 @@ b=${2:-http://169.254.169.254}
 end=$(($(date +%s) + 60))
 echo started
 while [ ! -e "$dir/stop" ] && [ "$(date +%s)" -lt "$end" ]; do
-    if ! t=$(curl -sS --max-time 1 -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 60" \
-        "$b/latest/api/token" 2>/dev/null); then
-        echo "err token $?"
+    t=$(curl -sS --max-time 1 -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 60" \
+        "$b/latest/api/token" 2>/dev/null)
+    rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "err token $rc"
         sleep 0.05
         continue
     fi
-    if ! r=$(curl -s --fail --max-time 1 -H "X-aws-ec2-metadata-token: $t" \
-        "$b/latest/meta-data/iam/security-credentials/" 2>/dev/null); then
-        echo "err role $?"
+    r=$(curl -s --fail --max-time 1 -H "X-aws-ec2-metadata-token: $t" \
+        "$b/latest/meta-data/iam/security-credentials/" 2>/dev/null)
+    rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "err role $rc"
         sleep 0.05
         continue
     fi
-    if ! c=$(curl -s --fail --max-time 1 -H "X-aws-ec2-metadata-token: $t" \
-        "$b/latest/meta-data/iam/security-credentials/$r" 2>/dev/null); then
-        echo "err creds $?"
+    c=$(curl -s --fail --max-time 1 -H "X-aws-ec2-metadata-token: $t" \
+        "$b/latest/meta-data/iam/security-credentials/$r" 2>/dev/null)
+    rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "err creds $rc"
         sleep 0.05
         continue
     fi

@@ -17,10 +17,12 @@
 #  - an unprivileged user's process (test-lock-holder.service, tests/root/nspawn_lock_holder.sh)
 #    takes or plants every firewall lock it can before credlock starts: the instance must still
 #    leave boot mode (strict rules from credlock's ExecStartPost=, no restart);
-#  - Debian's nftables.service is enabled; `systemctl reload/restart nftables` (its
-#    /etc/nftables.conf starts with `flush ruleset`) must leave credlock's table in place;
+#  - Debian's nftables.service is enabled; `systemctl reload/restart/stop/start nftables` (its
+#    /etc/nftables.conf starts with `flush ruleset`) must leave credlock's table in place, and
+#    the app user asking IMDS for credentials non-stop meanwhile (tests/root/nspawn_imds_probe.sh)
+#    must never get raw ones (the same probe runs through the kill -9 below);
 #  - rules deleted by hand come back (the firewall's periodic check), and removed ones show in
-#    credlock's firewall metrics, /status and /readyz;
+#    credlock's firewall metrics and /readyz, and fire the shipped alert rule (promtool);
 #  - kill -9 credlock while the app user tries non-stop to bind 127.0.0.1:8169, [::1]:8169 and
 #    127.0.0.1:9169 (tests/root/nspawn_squatter.sh: plain, SO_REUSEADDR, SO_REUSEPORT,
 #    v4-mapped): every bind fails (credlock.socket holds them), credlock comes back and serves;
@@ -359,9 +361,11 @@ preflight() {
     local pkgs=()
     command -v debootstrap >/dev/null 2>&1 || pkgs+=(debootstrap)
     command -v systemd-nspawn >/dev/null 2>&1 || pkgs+=(systemd-container)
+    command -v promtool >/dev/null 2>&1 || pkgs+=(prometheus) # promtool: the firewall alert
     if ((${#pkgs[@]} > 0)); then
         log "apt-get install ${pkgs[*]}"
-        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${pkgs[@]}" >/dev/null ||
+        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
+            --no-install-recommends "${pkgs[@]}" >/dev/null ||
             fatal "preflight" "apt-get install ${pkgs[*]} failed"
     fi
     pass "preflight (binary $BIN)"
@@ -929,7 +933,7 @@ same_uid_redirected() {
 
 # Bounds, seconds. The firewall's check runs every CREDLOCK_CHECK_INTERVAL s (default 5) and
 # states its own bound as that + about 1 s; a loaded 2-core machine gets the rest.
-readonly FW_BACK_BOUND=15 # reload/restart of nftables.service -> credlock's table back
+readonly FW_BACK_BOUND=15 # reload/restart/stop/start of nftables.service -> credlock's table back
 readonly HAND_BOUND=20    # rules removed by hand -> re-applied, or reported by credlock
 
 # ms_since START_NS: milliseconds since a `date +%s%N` value.
@@ -952,10 +956,14 @@ fw_metric_family() {
     if [[ -z $en && -z $st ]]; then echo absent; else echo "${st:--} ${en:--}"; fi
 }
 
-# fw_applies_since EPOCH: "UNIT: MESSAGE" for each firewall apply logged by a credlock unit
-# (credlock-firewall*, credlock.service's ExecStartPre=/ExecStartPost=) since EPOCH.
+# journal_cursor: the cursor of the container journal's last entry (for journal_since).
+journal_cursor() { cexec journalctl -n 1 --show-cursor -q -o cat | sed -n 's/^-- cursor: //p'; }
+
+# fw_applies_since CURSOR: "UNIT: MESSAGE" for each firewall apply or load logged after CURSOR
+# by credlock's units (credlock-firewall*, credlock.service's ExecStartPre=/ExecStartPost=) or by
+# nftables.service (whose commands credlock-firewall may wrap).
 fw_applies_since() {
-    cexec journalctl --since "@$1" -u 'credlock*' --no-pager -q -o json 2>/dev/null |
+    cexec journalctl --after-cursor "$1" -u 'credlock*' -u nftables.service --no-pager -q -o json 2>/dev/null |
         /usr/bin/python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -964,7 +972,8 @@ for line in sys.stdin:
     except ValueError:
         continue
     m = e.get("MESSAGE")
-    if isinstance(m, str) and m.startswith("credlock-firewall:") and "appl" in m:
+    if isinstance(m, str) and m.startswith("credlock-firewall:") and (
+            "applied" in m or "in one transaction" in m):
         print("%s: %s" % (e.get("_SYSTEMD_UNIT", "?"), m))'
 }
 
@@ -1010,11 +1019,13 @@ stop_probe() {
     fi
 }
 
-# Debian's nftables.service (enabled in the image) reloads and restarts with `flush ruleset`
-# first; credlock's table must be there again at once (ReloadPropagatedFrom=/PartOf= on
-# credlock-firewall.service), at the latest within FW_BACK_BOUND s, strict, and serving.
+# Debian's nftables.service (enabled in the image) loads /etc/nftables.conf, whose first command
+# is `flush ruleset`, on start, reload and restart, and flushes the whole ruleset on stop. After
+# each of them credlock's table must be in place, strict: at once, at the latest within
+# FW_BACK_BOUND s; and the app user asking for credentials non-stop meanwhile must never get
+# raw ones.
 check_nftables() {
-    local fw_start nft_active op since t0 ms at_once pid0 pid1 fwlog
+    local fw_start nft_active op cursor t0 ms at_once pid0 pid1 fwlog
     nft_active=$(prop nftables.service ActiveEnterTimestampMonotonic)
     fw_start=$(prop credlock-firewall.service ExecMainStartTimestampMonotonic)
     if is_active nftables.service && cexec test -f /etc/nftables.conf &&
@@ -1025,8 +1036,8 @@ check_nftables() {
         fail "nftables.service (Debian's) ran at boot before credlock-firewall" \
             "$(prop nftables.service ActiveState), active at $nft_active, firewall exec at $fw_start"
     fi
-    for op in reload restart; do
-        since=$(date +%s)
+    for op in reload restart stop start; do
+        cursor=$(journal_cursor)
         pid0=$(prop credlock.service MainPID)
         start_probe "$WORK/probe-nft-$op.out" || fail "systemctl $op nftables: the IMDS probe (app user) starts"
         sleep 0.5
@@ -1051,14 +1062,21 @@ check_nftables() {
             stop_probe "$WORK/probe-nft-$op.out" \
                 "systemctl $op nftables: an unprivileged user requesting credentials non-stop through the $op never got raw ones"
         fi
-        check "systemctl $op nftables: /etc/nftables.conf was loaded (table inet filter exists)" \
-            quiet cexec nft list table inet filter
-        fwlog=$(fw_applies_since "$since")
-        if grep -q 'applied' <<<"$fwlog"; then
-            pass "systemctl $op nftables: the rules were re-applied by $(grep 'applied' <<<"$fwlog" | cut -d: -f1 | sort -u | tr '\n' ' ')"
+        # The operation really happened: nftables.conf's own table is there, or gone after a stop.
+        if [[ $op == stop ]]; then
+            check "systemctl stop nftables: the ruleset was flushed (nftables.conf's table inet filter is gone)" \
+                test "$(cexec nft list tables 2>/dev/null | grep -c 'inet filter')" = 0
         else
-            fail "systemctl $op nftables: the rules were re-applied by a credlock unit" \
-                "no apply in the journal since the $op: $(cexec journalctl --since "@$since" -u 'credlock*' --no-pager -q -o cat | tr '\n' ' ' | head -c 300)"
+            check "systemctl $op nftables: /etc/nftables.conf was loaded (table inet filter exists)" \
+                quiet cexec nft list table inet filter
+        fi
+        fwlog=$(fw_applies_since "$cursor")
+        log "firewall applies/loads after the $op: $(cut -c1-160 <<<"$fwlog" | tr '\n' ';')"
+        if [[ -n $fwlog ]]; then
+            pass "systemctl $op nftables: credlock's rules were loaded again by $(cut -d: -f1 <<<"$fwlog" | sort -u | tr '\n' ' ')"
+        else
+            fail "systemctl $op nftables: credlock's rules were loaded again by a unit" \
+                "no apply or load in the journal since the $op: $(cexec journalctl --after-cursor "$cursor" -u 'credlock*' -u nftables.service --no-pager -q -o cat | tr '\n' ' ' | head -c 300)"
         fi
         wait_until 30 is_active credlock.service
         pid1=$(prop credlock.service MainPID)
@@ -1103,17 +1121,65 @@ fw_observe() {
     return 1
 }
 
+# alert_check LABEL METRICS FAMILIES: feed credlock_firewall_enforced/_required as scraped
+# (METRICS, exposition lines) for 5 minutes to the shipped alert rules (promtool test rules on
+# ami/monitoring/credlock-alerts.yml as installed) and expect CredlockFirewallNotEnforced to be
+# firing after 3 minutes for exactly FAMILIES ("ipv4 ipv6", or "" for none).
+alert_check() {
+    local label=$1 metrics=$2 families=$3 dir=$WORK/promtool name value series="" samples="" fam
+    local rules=$ROOT$SRC_IN/ami/monitoring/credlock-alerts.yml
+    mkdir -p "$dir"
+    while read -r name value; do
+        [[ $name == credlock_firewall_enforced* || $name == credlock_firewall_required* ]] || continue
+        if [[ $name == *"{"* ]]; then
+            name="${name%%\{*}{job=\"credlock\",instance=\"nspawn\",${name#*\{}"
+        else
+            name="$name{job=\"credlock\",instance=\"nspawn\"}"
+        fi
+        series+="      - series: '$name'"$'\n'"        values: '${value}x20'"$'\n'
+    done <<<"$metrics"
+    for fam in $families; do
+        samples+="          - labels: '{family=\"$fam\"}'"$'\n'"            value: 1"$'\n'
+    done
+    if [[ -z $series ]]; then
+        fail "$label" "no credlock_firewall_enforced/_required series in the scrape"
+        return
+    fi
+    local exp=" []"
+    if [[ -n $samples ]]; then exp=$'\n'${samples%$'\n'}; fi
+    cat >"$dir/test.yml" <<EOF
+rule_files:
+  - $rules
+evaluation_interval: 15s
+tests:
+  - interval: 15s
+    input_series:
+$series    promql_expr_test:
+      - expr: 'count by (family) (ALERTS{alertname="CredlockFirewallNotEnforced",alertstate="firing"})'
+        eval_time: 3m
+        exp_samples:$exp
+EOF
+    if promtool test rules "$dir/test.yml" >"$dir/out" 2>&1; then
+        pass "$label"
+    else
+        fail "$label" "$(tr '\n' ' ' <"$dir/out" | head -c 400)"
+    fi
+}
+
 # Issue 20: rules removed by hand.
 #  1. `nft delete table inet credlock`: the firewall's periodic check puts them back within
 #     HAND_BOUND s (its own bound: CREDLOCK_CHECK_INTERVAL + about 1 s), and credlock's metric
 #     says strict again. (What credlock's metric showed meanwhile is logged: the check writes
 #     the state file after it re-applied, so a removal it repairs may never show as "missing".)
 #  2. `credlock-firewall remove` (removed on purpose: the check reports, does not re-apply):
-#     the metric shows ipv4 missing / enforced 0 and /readyz is not 200 within HAND_BOUND s;
-#     `credlock-firewall apply` brings both back.
+#     the metric shows ipv4 missing / enforced 0 and /readyz is not 200 within HAND_BOUND s,
+#     and those scraped gauges fire CredlockFirewallNotEnforced under the shipped alert rules
+#     (promtool; the gauges from before the removal fire nothing); `credlock-firewall apply`
+#     brings metric and readiness back.
 check_hand_removal() {
-    local m v4 v6 st ready=""
+    local m v4 v6 st ready="" before
     m=$(fw_metrics)
+    before=$m
     v4=$(fw_metric_family ipv4 "$m")
     v6=$(fw_metric_family ipv6 "$m")
     log "firewall metrics before: $(tr '\n' ';' <<<"$m")"
@@ -1156,6 +1222,10 @@ check_hand_removal() {
     fi
     if fw_observe "$HAND_BOUND" reported; then
         pass "rules removed by hand (credlock-firewall remove): credlock's metric says so (${OBS_METRIC}) and /readyz is not ready (${OBS_READY})"
+        alert_check "rules removed by hand: the scraped metrics fire the CredlockFirewallNotEnforced alert for ipv4 and ipv6 (promtool, shipped rules)" \
+            "$OBS_LAST" "ipv4 ipv6"
+        alert_check "rules in place: the metrics scraped before the removal fire no CredlockFirewallNotEnforced alert (promtool, shipped rules)" \
+            "$before" ""
     else
         fail "rules removed by hand (credlock-firewall remove): credlock's metric says so and /readyz is not ready within $HAND_BOUND s" \
             "metric: ${OBS_METRIC:-not seen} ($(tr '\n' ' ' <<<"$OBS_LAST" | head -c 300)); /readyz: ${OBS_READY:-200 throughout}; rules: $(fw_mode)"
@@ -1487,6 +1557,14 @@ main() {
     trap on_exit EXIT
     trap 'exit 130' INT TERM
     preflight
+    # One run at a time on a machine (the machine, namespace and state names are fixed): a
+    # second run waits here instead of tearing down the first one's container as "leftovers".
+    exec 8>/run/credlock-nspawn-test.lock
+    if ! flock -w 900 8; then
+        fail "another run of this suite holds /run/credlock-nspawn-test.lock (waited 15 min)"
+        trap - EXIT # its container is not ours to tear down
+        summary
+    fi
     mkdir -p "$STATE"
     teardown # leftovers of an interrupted run
     mkdir -p "$STATE"
