@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Body as _;
 use hyper::body::Incoming;
@@ -25,6 +25,14 @@ use crate::upstream::{UpstreamClient, UpstreamError, UpstreamResponse, strip_hop
 /// `Accept`, ...) could ask an upstream for another representation of the raw document, so it
 /// is dropped: an allow list, not a block list, fails closed on headers nobody thought of.
 const CREDENTIAL_REQUEST_HEADERS: [&str; 3] = [TOKEN_HEADER, "user-agent", "x-forwarded-for"];
+
+fn credential_request_header(name: &HeaderName) -> bool {
+    CREDENTIAL_REQUEST_HEADERS.contains(&name.as_str())
+}
+
+fn any_header(_: &HeaderName) -> bool {
+    true
+}
 
 /// What the upstream showed about its token mode (for `/status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,7 +141,7 @@ pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<
             };
             forward(&state, label, method.clone(), target, parts.headers).await
         }
-        Route::Credentials { path, .. } => credentials(&state, path, &parts.headers).await,
+        Route::Credentials { path, .. } => credentials(&state, path, parts.headers).await,
     };
     let response = respond(outcome, method == Method::HEAD);
     state.metrics.answered(label, response.status());
@@ -166,11 +174,15 @@ async fn exchange(
     method: Method,
     target: &str,
     mut headers: HeaderMap,
+    keep: fn(&HeaderName) -> bool,
 ) -> Result<UpstreamResponse, Outcome> {
     strip_hop_by_hop(&mut headers);
     let tokenless_get = method == Method::GET && !headers.contains_key(TOKEN_HEADER);
     let started = Instant::now();
-    let result = state.upstream.send(method, target, headers).await;
+    let result = state
+        .upstream
+        .send_only(method, target, &headers, keep)
+        .await;
     state
         .metrics
         .upstream_round_trip(label, started.elapsed().as_secs_f64());
@@ -214,7 +226,7 @@ async fn forward(
     target: &str,
     headers: HeaderMap,
 ) -> Outcome {
-    match exchange(state, label, method, target, headers).await {
+    match exchange(state, label, method, target, headers, any_header).await {
         Ok(response) => Outcome::Upstream(response),
         Err(outcome) => outcome,
     }
@@ -224,7 +236,7 @@ async fn forward(
 /// is served only as [`credentials::judge`] allows (the documented success shape, locked, or a
 /// secret-free documented error), never as it came. HEAD is forwarded as GET so the rewritten
 /// length is known.
-async fn credentials(state: &ProxyState, path: &str, client_headers: &HeaderMap) -> Outcome {
+async fn credentials(state: &ProxyState, path: &str, client_headers: HeaderMap) -> Outcome {
     let Some(locked) = state.store.servable(state.clock.now(), state.serve_margin) else {
         state.metrics.refused(RefusalReason::NoLockedCredentials);
         return Outcome::Local(
@@ -232,17 +244,19 @@ async fn credentials(state: &ProxyState, path: &str, client_headers: &HeaderMap)
             "credlock: no locked credentials available yet\n",
         );
     };
-    let mut headers = HeaderMap::with_capacity(CREDENTIAL_REQUEST_HEADERS.len());
-    for name in CREDENTIAL_REQUEST_HEADERS {
-        for value in client_headers.get_all(name) {
-            headers.append(name, value.clone());
-        }
-    }
-    let mut response =
-        match exchange(state, RouteLabel::Credentials, Method::GET, path, headers).await {
-            Ok(r) => r,
-            Err(outcome) => return outcome,
-        };
+    let mut response = match exchange(
+        state,
+        RouteLabel::Credentials,
+        Method::GET,
+        path,
+        client_headers,
+        credential_request_header,
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(outcome) => return outcome,
+    };
     let known = state.known_raw.load();
     match state
         .rewrites

@@ -87,6 +87,13 @@ pub struct Upstream {
     pub authority: http::uri::Authority,
 }
 
+/// A request's headers and the allow list they are written through.
+#[derive(Clone, Copy)]
+struct Headers<'a> {
+    map: &'a HeaderMap,
+    keep: fn(&HeaderName) -> bool,
+}
+
 /// Cheap to clone: the pool is shared.
 #[derive(Clone)]
 pub struct UpstreamClient {
@@ -186,6 +193,19 @@ impl UpstreamClient {
         path_and_query: &str,
         headers: HeaderMap,
     ) -> Result<UpstreamResponse, UpstreamError> {
+        self.send_only(method, path_and_query, &headers, |_| true)
+            .await
+    }
+
+    /// [`UpstreamClient::send`] with only the headers `keep` accepts (an allow list, applied
+    /// while the request is written: nothing is copied).
+    pub async fn send_only(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: &HeaderMap,
+        keep: fn(&HeaderName) -> bool,
+    ) -> Result<UpstreamResponse, UpstreamError> {
         // The target comes from a parsed request line; this keeps the request line whole
         // whoever the caller is.
         if !path_and_query.starts_with('/')
@@ -193,6 +213,7 @@ impl UpstreamClient {
         {
             return Err(UpstreamError::Protocol);
         }
+        let headers = Headers { map: headers, keep };
         self.inner.exchange(&method, path_and_query, &headers).await
     }
 }
@@ -202,7 +223,7 @@ impl Pool {
         &self,
         method: &Method,
         target: &str,
-        headers: &HeaderMap,
+        headers: &Headers<'_>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         // One deadline for the whole exchange, the retry on a new connection included.
         let deadline = tokio::time::Instant::now() + self.timeout;
@@ -253,7 +274,7 @@ impl Pool {
         pooled: Pooled,
         method: &Method,
         target: &str,
-        headers: &HeaderMap,
+        headers: &Headers<'_>,
     ) -> Result<UpstreamResponse, Failure> {
         let Pooled {
             mut conn,
@@ -276,7 +297,7 @@ impl Pool {
         conn: &mut Conn,
         method: &Method,
         target: &str,
-        headers: &HeaderMap,
+        headers: &Headers<'_>,
     ) -> Result<Answer, Failure> {
         encode_request(&mut conn.write, &self.host_line, method, target, headers);
         if let Err(e) = conn.stream.write_all(&conn.write).await {
@@ -355,7 +376,7 @@ fn encode_request(
     host_line: &[u8],
     method: &Method,
     target: &str,
-    headers: &HeaderMap,
+    headers: &Headers<'_>,
 ) {
     out.clear();
     out.extend_from_slice(method.as_str().as_bytes());
@@ -363,10 +384,11 @@ fn encode_request(
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     out.extend_from_slice(host_line);
-    for (name, value) in headers {
+    for (name, value) in headers.map {
         if name == header::HOST
             || name == header::CONTENT_LENGTH
             || name == header::TRANSFER_ENCODING
+            || !(headers.keep)(name)
         {
             continue;
         }
