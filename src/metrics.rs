@@ -283,7 +283,7 @@ impl Metrics {
             RouteLabel::Passthrough,
         ]
         .map(|route| upstream_duration.with_label_values(&[route.as_str()]));
-        for kind in ["connect", "timeout", "protocol"] {
+        for kind in crate::upstream::UpstreamError::LABELS {
             upstream_errors.with_label_values(&[kind]);
         }
         for result in ["success", "failure"] {

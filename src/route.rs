@@ -57,15 +57,6 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// The closed set of reasons used as a metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Refusal::BadTarget => "bad_target",
-            Refusal::UnknownCredentialPath => "unknown_credential_path",
-            Refusal::Method => "method",
-        }
-    }
-
     pub fn status(self) -> http::StatusCode {
         match self {
             Refusal::BadTarget => http::StatusCode::BAD_REQUEST,

@@ -36,6 +36,9 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Every value [`UpstreamError::label`] can give (series created before the first error).
+    pub const LABELS: [&'static str; 3] = ["connect", "timeout", "protocol"];
+
     /// The closed label set for `credlock_upstream_errors_total`.
     pub fn label(&self) -> &'static str {
         match self {
@@ -558,6 +561,17 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_error_label_is_in_the_precreated_set() {
+        for e in [
+            UpstreamError::Connect,
+            UpstreamError::Timeout(Duration::ZERO),
+            UpstreamError::Protocol,
+        ] {
+            assert!(UpstreamError::LABELS.contains(&e.label()), "{e:?}");
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_go_end_to_end_headers_stay() {
