@@ -818,6 +818,39 @@ hammer_stop() {
     HAMMER=$("$PY" -c 'import json,sys; c=json.load(open(sys.argv[1])); print(c["raw"], c["answer"], c["refused"], c["error"], " ".join(c["raw_at"]))' \
         "$TMP/hammer.out" 2>/dev/null) || HAMMER="? ? ? ? $(head -c 300 "$TMP/hammer.out")"
 }
+# A stale conntrack entry: credlock's connection to IMDS ends without conntrack seeing it (here:
+# its RST is not tracked; in the hammer below an RST from the server did it about once in 25,000
+# connections), the entry stays ESTABLISHED with credlock's null NAT binding, and the app user
+# binds the freed port and connects with the same tuple. Conntrack "ignores" that SYN and lets
+# it pass with the old entry: no DNAT, and `ct state new` does not match.
+stale_conntrack_checks() {
+    local host port pid out entry i
+    for host in "$IMDS4" "$IMDS6"; do
+        port=$((41000 + RANDOM % 2000))
+        rm -f "$TMP/stale.go"
+        as_cred_cg "$PY" "$HERE/netns_stale_ct.py" hold "$host" "$port" "$TMP/stale.go" >"$TMP/stale.out" 2>&1 &
+        pid=$!
+        for i in $(seq 1 50); do
+            grep -q connected "$TMP/stale.out" && break
+            sleep 0.1
+        done
+        in_i nft -f - <<EOF
+table inet clfw_stale_$ID {
+    chain out { type filter hook output priority raw; tcp sport $port notrack; }
+    chain pre { type filter hook prerouting priority raw; tcp dport $port notrack; }
+}
+EOF
+        touch "$TMP/stale.go"
+        wait "$pid"
+        in_i nft delete table inet "clfw_stale_$ID"
+        # The setup must have worked, or the check below proves nothing.
+        entry=$(in_i grep -c "ESTABLISHED .*sport=$port dport=80 " /proc/net/nf_conntrack)
+        out=$(as_app "$PY" "$HERE/netns_stale_ct.py" reuse "$host" "$port")
+        expect "stale conntrack entry ($host, credlock's closed connection, state ESTABLISHED): the app user reusing its tuple is refused, never answered by IMDS" \
+            "connected closed 1 refused" "$(tr '\n' ' ' <"$TMP/stale.out")$entry $out"
+    done
+}
+
 # The drop-in's commands, run the way systemd runs them for nftables.service.
 dropin_op() {
     case $1 in
@@ -885,16 +918,14 @@ atomic_reload_checks() {
     expect "drop-in: the operator's table inet filter loaded; credlock's nft table: $([[ $BACKEND == nft ]] && echo 1 || echo 0)" \
         "yes $([[ $BACKEND == nft ]] && echo 1 || echo 0)" \
         "$(in_i nft list table inet filter >/dev/null 2>&1 && echo yes || echo no) $(in_i nft list tables | grep -c '^table inet credlock$')"
-    # Measured: the window is gone but for rare single connections: nft backend 0-7, iptables
-    # backend (credlock's nft table bridges the transaction, then its iptables-nft chains are
-    # restored and the table goes) 1-4 raw answers in ~70000-125000 over the 32 operations, cause
-    # not identified (each operation alone, 20-40 times, gave none). A residual documented in
-    # systemd/README.md: at most 1 in 10000 (+5) passes, and is printed; the control's rate is
-    # about 1 in 3.
-    if [[ $raw =~ ^[0-9]+$ && $answer =~ ^[0-9]+$ && $refused == 0 && $err == 0 ]] && ((answer > 50 && raw <= answer / 10000 + 5)); then
-        pass "drop-in: an unprivileged user hammering IMDS during $((rounds * 4)) nftables.service operations: $raw raw (residual; Debian's commands: thousands), $answer via credlock, 0 refused, 0 errors in $ms ms"
+    # No raw answer at all. The rare single raw answers measured earlier (4-5 in 100,000, with or
+    # without these operations) were SYNs reusing a stale conntrack entry (stale_conntrack_checks);
+    # the rules now refuse those: a few connections of a hammering user are refused (measured
+    # 12-20 in 95,000), none is answered by IMDS.
+    if [[ $raw =~ ^[0-9]+$ && $answer =~ ^[0-9]+$ && $err == 0 ]] && ((answer > 50 && raw == 0 && refused <= answer / 2000 + 5)); then
+        pass "drop-in: an unprivileged user hammering IMDS during $((rounds * 4)) nftables.service operations: 0 raw (Debian's commands: thousands), $answer via credlock, $refused refused (stale conntrack entries), 0 errors in $ms ms"
     else
-        fail "drop-in: at most a residual handful of raw answers, never refused" \
+        fail "drop-in: no raw answer, at most 1 in 2,000 (+5) refused" \
             "raw=$raw answer=$answer refused=$refused error=$err in $ms ms; raw at: $raw_at"
     fi
     if ((${raw:-0} > 0)); then echo "INFO [$COMBO] drop-in: RAW answers at: $raw_at"; fi
@@ -1176,6 +1207,7 @@ run_checks() {
     # (root: see boot mode, where root is refused although it is exempt for IMDS port 80)
     expect_srh_blocked "app user: segment-routed request to IMDS never reaches it" app
     expect_srh_blocked "container: forwarded segment-routed request to IMDS never reaches it" container
+    stale_conntrack_checks
     expect "strict mode: state file written by apply" "${BACKEND%-legacy} strict strict fresh" "$(state_summary)"
 
     # -- 4. other ports / protocols from the app user: refused, not dropped.
