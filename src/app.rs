@@ -56,6 +56,78 @@ pub struct Running {
 
 /// Loads the session policy template: the configured file, else the installed one, else the
 /// copy compiled in.
+/// The per-process access policy, when rules exist: the gate and the per-connection
+/// identification it needs. With no rules, neither exists and connections are not identified.
+fn access_control(
+    cfg: &crate::access::AccessConfig,
+    metrics: &Arc<Metrics>,
+) -> Option<(Arc<crate::gate::AccessControl>, server::Identify)> {
+    use crate::access::{Identity, Policy};
+    use crate::peer::{GroupCache, Identifier, SystemDirectory};
+    // The configuration was validated at load: compile cannot fail here but for a name that
+    // resolves differently now, which is a warning, not an error, at run time.
+    let (policy, warnings) = match Policy::compile(cfg, &SystemDirectory, false) {
+        Ok(compiled) => compiled,
+        Err(e) => {
+            tracing::error!(error = %e, "access policy refused at start: every connection is unidentified and denied");
+            return None;
+        }
+    };
+    for warning in &warnings {
+        tracing::warn!(%warning, "access policy");
+    }
+    if policy.is_empty() {
+        return None;
+    }
+    tracing::info!(rules = ?policy.rule_names(), "access policy: callers are identified per connection");
+    let groups = Arc::new(GroupCache::default());
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|text| {
+            let path = text.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
+            Some((nix::unistd::getuid().as_raw(), path))
+        });
+    let access = Arc::new(crate::gate::AccessControl::new(
+        policy,
+        Box::new(move |uid| groups.groups_of(uid)),
+        own,
+    ));
+    // Names that did not resolve (a user created after the image was baked) are tried again.
+    let refreshed = Arc::downgrade(&access);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(access) = refreshed.upgrade() else {
+                return;
+            };
+            let mut policy = Policy::clone(&access.policy.load());
+            for warning in policy.refresh(&SystemDirectory) {
+                tracing::warn!(%warning, "access policy");
+            }
+            access.policy.store(Arc::new(policy));
+        }
+    });
+    let identifier = Identifier::new();
+    if !identifier.has_cgroups() {
+        tracing::error!(
+            "access policy: no cgroup v2 hierarchy in /proc/self/mountinfo: no caller can be identified, every connection is unidentified"
+        );
+    }
+    let counts = metrics.identified.clone();
+    let identify: server::Identify = Arc::new(move |stream| {
+        let who = identifier.identify(stream);
+        let result = match &who {
+            Identity::Identified(_) => "identified",
+            Identity::Unidentified(reason) => reason.label(),
+        };
+        counts.with_label_values(&[result]).inc();
+        who
+    });
+    Some((access, identify))
+}
+
 pub fn load_template(config: &Config) -> Result<serde_json::Value, StartError> {
     let text = match &config.policy_template {
         Some(path) => std::fs::read_to_string(path)
@@ -171,14 +243,19 @@ async fn start_with(
     let store = Arc::new(CredentialStore::default());
     let upstream = UpstreamClient::new(&config.upstream, config.upstream_timeout);
     let known_raw = Arc::new(KnownRaw::default());
-    let proxy_state = Arc::new(ProxyState::new(
+    let mut proxy_state = ProxyState::new(
         upstream,
         store.clone(),
         metrics.clone(),
         clock.clone(),
         config.lock.serve_margin,
         known_raw.clone(),
-    ));
+    );
+    let identify = access_control(&config.access, &metrics).map(|(access, identify)| {
+        proxy_state.access = Some(access);
+        identify
+    });
+    let proxy_state = Arc::new(proxy_state);
     let firewall = FirewallWatch::new(config.firewall_state_file.clone(), config.firewall_required);
     metrics.firewall_required.set(i64::from(firewall.required));
     let lock_status = Arc::new(ArcSwap::from_pointee(LockStatus::default()));
@@ -205,6 +282,7 @@ async fn start_with(
         },
         shutdown_rx.clone(),
         Some(metrics.connections("imds")),
+        identify,
     ));
     let admin_server = tokio::spawn(server::serve(
         "admin",
@@ -217,6 +295,7 @@ async fn start_with(
         },
         shutdown_rx.clone(),
         Some(metrics.connections("admin")),
+        None,
     ));
     tracing::info!(imds = ?imds_addrs, admin = %admin_addr, upstream = %config.upstream.authority, "serving");
 

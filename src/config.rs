@@ -50,6 +50,8 @@ pub struct Config {
     /// Whether readiness needs the firewall enforced; `None`: auto (see
     /// [`crate::firewall::FirewallWatch::new`]).
     pub firewall_required: Option<bool>,
+    /// The per-process access policy (`[[access.rule]]`), validated; empty: no policy.
+    pub access: crate::access::AccessConfig,
 }
 
 pub use crate::upstream::Upstream;
@@ -121,6 +123,7 @@ struct FileConfig {
     discovery: DiscoverySection,
     policy: PolicySection,
     firewall: FirewallSection,
+    access: crate::access::AccessConfig,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -359,7 +362,44 @@ fn validate(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
             .state_file
             .unwrap_or_else(|| PathBuf::from(crate::firewall::DEFAULT_STATE_FILE)),
         firewall_required: file.firewall.required,
+        access: validate_access(file.access)?,
     })
+}
+
+/// The rules' shape (names, globs, prefixes, ARNs) is checked here, with names resolved as at
+/// run time: a user or group that does not exist yet is not an error here (see
+/// [`check_access_names`]).
+fn validate_access(
+    access: crate::access::AccessConfig,
+) -> Result<crate::access::AccessConfig, ConfigError> {
+    if let Some((i, rule)) = access
+        .rules
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.role.is_some())
+    {
+        return Err(invalid(
+            &format!("access.rule[{i}].role"),
+            rule.role.as_deref().unwrap_or_default(),
+            "a per-class role is not supported yet: remove it (the class gets the instance role's locked set)",
+        ));
+    }
+    crate::access::Policy::compile(&access, &crate::peer::SystemDirectory, false)
+        .map_err(access_error)?;
+    Ok(access)
+}
+
+/// `check-config`: every user and group name in the rules must resolve now.
+pub fn check_access_names(access: &crate::access::AccessConfig) -> Result<(), ConfigError> {
+    crate::access::Policy::compile(access, &crate::peer::SystemDirectory, true)
+        .map(|_| ())
+        .map_err(access_error)
+}
+
+fn access_error(e: crate::access::AccessError) -> ConfigError {
+    match e {
+        crate::access::AccessError::Invalid { key, value, why } => ConfigError { key, value, why },
+    }
 }
 
 fn validate_lock(lock: LockSection) -> Result<LockConfig, ConfigError> {

@@ -11,8 +11,11 @@
 //! - [`credentials`]: the locked set, its store, and the credential-body rewrite.
 //! - [`server`]: listeners, limits, graceful drain.
 //! - [`metrics`], [`admin`]: Prometheus metrics and the admin listener.
+//! - [`access`]: who may get what (the per-process access policy, pure); [`peer`]: who is
+//!   calling (socket lookup through sock_diag).
 #![forbid(unsafe_code)]
 
+pub mod access;
 #[cfg(feature = "daemon")]
 pub mod admin;
 #[cfg(feature = "daemon")]
@@ -26,12 +29,16 @@ pub mod discovery;
 pub mod environment;
 #[cfg(feature = "proxy")]
 pub mod firewall;
+#[cfg(feature = "proxy")]
+pub mod gate;
 pub mod http1;
 pub mod identity;
 #[cfg(feature = "daemon")]
 pub mod imds;
 #[cfg(feature = "proxy")]
 pub mod metrics;
+#[cfg(feature = "daemon")]
+pub mod peer;
 pub mod policy;
 #[cfg(feature = "proxy")]
 pub mod proxy;

@@ -113,6 +113,10 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(_) => run(config, inherited).await,
             Command::CheckConfig(_) => {
+                if let Err(e) = config::check_access_names(&config.access) {
+                    eprintln!("credlock: invalid configuration: {e}");
+                    return ExitCode::from(EXIT_CONFIG as u8);
+                }
                 println!(
                     "configuration OK: listen {:?}, admin {}, upstream http://{}, sources {:?}",
                     config.listen,

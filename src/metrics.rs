@@ -28,6 +28,11 @@ pub struct Metrics {
     pub firewall_enforced: IntGaugeVec,
     pub firewall_required: IntGauge,
     pub firewall_state: IntGaugeVec,
+    /// Per-process access decisions (`credlock_access_decisions_total{rule, decision}`): rule
+    /// names come from the validated configuration, a closed set.
+    pub access_decisions: IntCounterVec,
+    /// Connections by how their caller was identified (`credlock_connections_identified_total`).
+    pub identified: IntCounterVec,
     /// Resolved once: the request path never hashes a label set (see [`Metrics::answered`]).
     answered_handles: [[IntCounter; 3]; ROUTES.len()],
     /// Every route but `refused`, which never reaches the upstream.
@@ -142,6 +147,16 @@ impl Metrics {
         let refreshes = counter(
             "credlock_credential_refreshes_total",
             "Attempts to obtain a locked credential set, by result.",
+            &["result"],
+        );
+        let access_decisions = counter(
+            "credlock_access_decisions_total",
+            "Requests judged by the per-process access policy, by rule (its configured name; '(none)': no rule matched, '(unidentified)': an unidentified caller with no rule for it) and decision (allowed, denied, token_required).",
+            &["rule", "decision"],
+        );
+        let identified = counter(
+            "credlock_connections_identified_total",
+            "Client connections by identification result (identified, or the reason they were not).",
             &["result"],
         );
         let sts_errors = counter(
@@ -295,6 +310,10 @@ impl Metrics {
         for reason in crate::credentials::AnswerRefusal::ALL {
             answers_refused.with_label_values(&[reason.label()]);
         }
+        identified.with_label_values(&["identified"]);
+        for reason in crate::access::Unidentified::ALL {
+            identified.with_label_values(&[reason.label()]);
+        }
         for listener in ["imds", "admin"] {
             evicted.with_label_values(&[listener]);
             open_connections.with_label_values(&[listener]);
@@ -328,6 +347,8 @@ impl Metrics {
             ready,
             firewall_enforced,
             firewall_required,
+            access_decisions,
+            identified,
             firewall_state,
             answered_handles,
             upstream_handles,

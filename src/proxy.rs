@@ -12,10 +12,12 @@ use http_body_util::Full;
 use hyper::body::Body as _;
 use hyper::body::Incoming;
 
+use crate::access::Identity;
 use crate::clock::Clock;
 use crate::credentials::{
     self, AnswerRefusal, CredentialStore, KnownRaw, LockedCredentials, Secret, Verdict,
 };
+use crate::gate::AccessControl;
 use crate::metrics::{Metrics, RefusalReason, RouteLabel};
 use crate::route::{self, Refusal, Route, TOKEN_HEADER};
 use crate::upstream::{UpstreamClient, UpstreamError, UpstreamResponse, strip_hop_by_hop};
@@ -53,6 +55,8 @@ pub struct ProxyState {
     pub serve_margin: Duration,
     /// The raw values credlock read from the instance role itself: no answer may carry them.
     pub known_raw: Arc<KnownRaw>,
+    /// The per-process access policy; `None`: no rules, every caller as before.
+    pub access: Option<Arc<AccessControl>>,
     token_mode: AtomicU8,
     rewrites: RewriteCache,
 }
@@ -73,6 +77,7 @@ impl ProxyState {
             clock,
             serve_margin,
             known_raw,
+            access: None,
             token_mode: AtomicU8::new(TokenMode::Unknown as u8),
             rewrites: RewriteCache::default(),
         }
@@ -132,6 +137,19 @@ pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<
     }
     drop(body);
 
+    // Who may get what: decided before anything reaches the upstream.
+    let who = parts.extensions.get::<Arc<Identity>>().cloned();
+    if let Some(access) = &state.access {
+        let has_token = parts.headers.contains_key(TOKEN_HEADER);
+        if let Some((status, text)) =
+            access.check(&state.metrics, who.as_deref(), &route, has_token)
+        {
+            let response = respond(Outcome::Local(status, text), method == Method::HEAD);
+            state.metrics.answered(label, response.status());
+            return response;
+        }
+    }
+
     let outcome = match route {
         Route::Refused(reason) => refuse(&state, reason),
         Route::Token | Route::RoleListing { .. } | Route::Passthrough { .. } => {
@@ -141,7 +159,9 @@ pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<
             };
             forward(&state, label, method.clone(), target, parts.headers).await
         }
-        Route::Credentials { path, .. } => credentials(&state, path, parts.headers).await,
+        Route::Credentials { path, .. } => {
+            credentials(&state, path, parts.headers, who.as_deref()).await
+        }
     };
     let response = respond(outcome, method == Method::HEAD);
     state.metrics.answered(label, response.status());
@@ -236,7 +256,12 @@ async fn forward(
 /// is served only as [`credentials::judge`] allows (the documented success shape, locked, or a
 /// secret-free documented error), never as it came. HEAD is forwarded as GET so the rewritten
 /// length is known.
-async fn credentials(state: &ProxyState, path: &str, client_headers: HeaderMap) -> Outcome {
+async fn credentials(
+    state: &ProxyState,
+    path: &str,
+    client_headers: HeaderMap,
+    who: Option<&Identity>,
+) -> Outcome {
     let Some(locked) = state.store.servable(state.clock.now(), state.serve_margin) else {
         state.metrics.refused(RefusalReason::NoLockedCredentials);
         return Outcome::Local(
@@ -263,6 +288,9 @@ async fn credentials(state: &ProxyState, path: &str, client_headers: HeaderMap) 
         .judge(response.status, &response.body, &locked, &known)
     {
         Judged::Locked(body) => {
+            if let Some(access) = &state.access {
+                access.served(who, &locked.access_key_id);
+            }
             response.body = body;
             response.headers.remove(header::CONTENT_LENGTH);
             Outcome::Upstream(response)

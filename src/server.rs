@@ -35,6 +35,10 @@ pub struct Limits {
     pub drain: Duration,
 }
 
+/// Finds who is behind an accepted connection (`peer::Identifier`), once per connection; its
+/// answer travels in every request's extensions as an `Arc<Identity>`.
+pub type Identify = Arc<dyn Fn(&TcpStream) -> crate::access::Identity + Send + Sync>;
+
 /// Binds every address; the first failure is returned with the address that failed.
 pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, (SocketAddr, std::io::Error)> {
     let mut listeners = Vec::with_capacity(addrs.len());
@@ -135,6 +139,7 @@ pub async fn serve<H, Fut>(
     limits: Limits,
     mut shutdown: watch::Receiver<bool>,
     counters: Option<ConnectionMetrics>,
+    identify: Option<Identify>,
 ) where
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
@@ -192,6 +197,8 @@ pub async fn serve<H, Fut>(
             accepted = rx.recv() => {
                 let Some((stream, peer, permit)) = accepted else { break };
                 let _ = stream.set_nodelay(true);
+                // While the client waits for its first answer its socket is there to be found.
+                let who = identify.as_ref().map(|identify| Arc::new(identify(&stream)));
                 let handler = handler.clone();
                 let (id, conn_state) = registry.add(now_ms());
                 let open = counters.as_ref().map(|c| c.open.clone());
@@ -212,7 +219,10 @@ pub async fn serve<H, Fut>(
                     .writev(false)
                     .serve_connection(
                         TokioIo::new(stream),
-                        service_fn(move |req| {
+                        service_fn(move |mut req: Request<Incoming>| {
+                            if let Some(who) = &who {
+                                req.extensions_mut().insert(who.clone());
+                            }
                             let handler = handler.clone();
                             let conn_state = conn_state.clone();
                             conn_state.activity.fetch_add(1, Ordering::Relaxed);
@@ -346,7 +356,15 @@ mod tests {
             idle: IDLE,
             drain: Duration::from_millis(100),
         };
-        tokio::spawn(serve("test", vec![listener], handler, limits, rx, None));
+        tokio::spawn(serve(
+            "test",
+            vec![listener],
+            handler,
+            limits,
+            rx,
+            None,
+            None,
+        ));
         (addr, tx)
     }
 

@@ -75,6 +75,7 @@ fn harness() -> &'static Harness {
                 limits,
                 rx,
                 None,
+                None,
             ));
             addr
         });

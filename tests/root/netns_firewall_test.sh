@@ -82,6 +82,7 @@ NS_I=$P-instance NS_M=$P-imds NS_C=$P-container
 V_I=cfi$ID V_M=cfm$ID V_H=cfh$ID V_C=cfc$ID # veth ends (<= 15 chars)
 BR=br-cl$ID                                 # matches the default CREDLOCK_CONTAINER_IFACES "br-+"
 CRED_USER=clfw-cred-$ID APP_USER=clfw-app-$ID
+OK_USER=clfw-ok-$ID V2_USER=clfw-v2-$ID # the access policy's other classes (netns_access_checks.sh)
 IMDS4=169.254.169.254 IMDS6=fd00:ec2::254
 CTL=127.0.0.1:9999 # emulator control, inside the imds namespace
 SR_HOP=fd00:ec2::253 # a segment-routing hop in the imds namespace (seg6_enabled): forwards to IMDS
@@ -125,10 +126,10 @@ cleanup() {
     local pid i
     set +e
     [[ -n $HAMMER_PID ]] && : >"$TMP/hammer.stop"
-    for pid in "$CREDLOCK_PID" "$SINK_PID" "$UDP_PID" "$EMU_PID" "$WATCH_PID" "$HOLDER_PID" "$HAMMER_PID"; do
+    for pid in "$CREDLOCK_PID" "$SINK_PID" "$UDP_PID" "$EMU_PID" "$WATCH_PID" "$HOLDER_PID" "$HAMMER_PID" "$MOTO_PID"; do
         [[ -n $pid ]] && kill "$pid" 2>/dev/null
     done
-    for pid in "$CREDLOCK_PID" "$SINK_PID" "$UDP_PID" "$EMU_PID" "$WATCH_PID" "$HOLDER_PID" "$HAMMER_PID"; do
+    for pid in "$CREDLOCK_PID" "$SINK_PID" "$UDP_PID" "$EMU_PID" "$WATCH_PID" "$HOLDER_PID" "$HAMMER_PID" "$MOTO_PID"; do
         [[ -n $pid ]] || continue
         for i in $(seq 1 50); do
             kill -0 "$pid" 2>/dev/null || break
@@ -150,11 +151,13 @@ cleanup() {
             [[ -d $CG_DIR ]] || break
             sleep 0.1
         done
-        rmdir "$CG2/clfw-$ID" 2>/dev/null
+        rmdir "$CG2/clfw-$ID"/*.service "$CG2/clfw-$ID" 2>/dev/null
     fi
     rm -rf "$TMP"
 }
 trap cleanup EXIT
+# shellcheck source=tests/root/netns_access_checks.sh
+source "$HERE/netns_access_checks.sh"
 trap 'exit 130' INT TERM
 
 in_i() { ip netns exec "$NS_I" "$@"; }
@@ -257,7 +260,7 @@ setup_topology() {
 
 setup_users() {
     local u
-    for u in "$CRED_USER" "$APP_USER"; do
+    for u in "$CRED_USER" "$APP_USER" "$OK_USER" "$V2_USER"; do
         if ! id -u "$u" >/dev/null 2>&1; then
             useradd --system --no-create-home --home-dir / --shell /usr/sbin/nologin "$u" || return 1
             CREATED_USERS+=("$u")
@@ -307,7 +310,8 @@ credlock_command() {
     if [[ $STANDIN == 1 ]]; then
         echo "$PY" "$HERE/netns_standin_proxy.py"
     else
-        echo "$CREDLOCK_BIN" run --upstream "http://$IMDS4" --admin-listen "$ADMIN"
+        # shellcheck disable=SC2086 # CREDLOCK_EXTRA: extra words (start_credlock splits the line)
+        echo "$CREDLOCK_BIN" run --upstream "http://$IMDS4" --admin-listen "$ADMIN" ${CREDLOCK_EXTRA:-}
     fi
 }
 
@@ -319,9 +323,11 @@ start_credlock() {
     # STS/EC2/checkip here: credlock holds no locked credentials, but passthrough (instance-id)
     # works, and only through the exemption (credlock's own requests to IMDS go direct).
     # (sh -c, not the in_cg function: a function in the background would be a subshell's PID.)
+    # (nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup v2 hierarchy credlock
+    # maps its callers' cgroups with; systemd starts credlock with /sys as the host has it.)
     sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' sh "$CG_DIR" \
-        ip netns exec "$NS_I" env -i PATH=/usr/bin:/bin HOME=/ AWS_REGION=us-east-1 \
-        AWS_ENDPOINT_URL_STS=http://127.0.0.1:9 AWS_ENDPOINT_URL_EC2=http://127.0.0.1:9 \
+        nsenter --net="/run/netns/$NS_I" env -i PATH=/usr/bin:/bin HOME=/ AWS_REGION=us-east-1 \
+        AWS_ENDPOINT_URL_STS="${STS_URL:-http://127.0.0.1:9}" AWS_ENDPOINT_URL_EC2=http://127.0.0.1:9 \
         setpriv --reuid "$uid" --regid "$gid" --clear-groups -- "${cmd[@]}" \
         >>"$TMP/credlock.log" 2>&1 &
     CREDLOCK_PID=$!
@@ -1248,6 +1254,9 @@ run_checks() {
     lock_checks
     if [[ $MODE == refuse || $MODES != *refuse* ]]; then survive_checks && atomic_reload_checks; fi
     repin_checks
+
+    # -- 12. the per-process access policy (netns_access_checks.sh): credlock restarts with rules.
+    access_checks
 
     # -- 7. stopping credlock: the rules stay, connections are refused (fail closed).
     stop_credlock

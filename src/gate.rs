@@ -1,0 +1,312 @@
+//! The per-process access policy on the request path (issue 15): which [`Ask`] a classified
+//! request is, the decision, its answer, its metric and its log line.
+//!
+//! The caller's [`Identity`] is found once per connection (`peer.rs`, at accept) and travels in
+//! each request's extensions. A request without one, while rules exist, is unidentified: the
+//! gate fails closed.
+
+use std::collections::HashSet;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::ArcSwap;
+use http::StatusCode;
+
+use crate::access::{Ask, Identity, Policy, Unidentified, Verdict};
+use crate::metrics::Metrics;
+use crate::route::Route;
+
+/// How many (caller, locked set) and (caller, rule) pairs are remembered as already logged.
+/// When full the memory starts again: at worst a line is repeated, never memory unbounded.
+const LOGGED_CAPACITY: usize = 4096;
+
+/// The `rule` label when no rule matched an identified caller, and when an unidentified caller
+/// met no `unidentified = true` rule (denied). Rule names cannot contain parentheses.
+pub const NO_RULE: &str = "(none)";
+pub const UNIDENTIFIED_DEFAULT: &str = "(unidentified)";
+
+/// The caller's gids (primary and supplementary, NSS), cached by whoever provides them.
+pub type GroupsOf = Box<dyn Fn(u32) -> Vec<u32> + Send + Sync>;
+
+/// The policy and what deciding needs. Present in the proxy state only when rules exist: with
+/// none, nothing here runs and connections are not even identified.
+pub struct AccessControl {
+    pub policy: ArcSwap<Policy>,
+    groups_of: GroupsOf,
+    /// credlock's own uid and cgroup: its readiness probe (`/readyz` asks its own listener for
+    /// credentials) is not a caller. Only credlock, or root, has a socket of both.
+    own: Option<(u32, String)>,
+    logged: Mutex<HashSet<u64>>,
+}
+
+impl AccessControl {
+    pub fn new(policy: Policy, groups_of: GroupsOf, own: Option<(u32, String)>) -> Self {
+        AccessControl {
+            policy: ArcSwap::from_pointee(policy),
+            groups_of,
+            own,
+            logged: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The decision for one request. `Some((status, body))`: answer locally with it, never
+    /// forward. `None`: handle the request as without a policy.
+    pub fn check(
+        &self,
+        metrics: &Metrics,
+        who: Option<&Identity>,
+        route: &Route<'_>,
+        has_token: bool,
+    ) -> Option<(StatusCode, &'static str)> {
+        let ask = ask_of(route)?;
+        let who = who.unwrap_or(&Identity::Unidentified(Unidentified::LookupFailed));
+        if let (Identity::Identified(caller), Some((uid, cgroup))) = (who, &self.own)
+            && caller.uid == *uid
+            && caller.cgroup.as_deref() == Some(cgroup.as_str())
+        {
+            return None;
+        }
+        let policy = self.policy.load();
+        let groups = match who {
+            Identity::Identified(caller) if policy.needs_groups() => (self.groups_of)(caller.uid),
+            _ => Vec::new(),
+        };
+        let decision = policy.decide(who, &ask, has_token, &groups);
+        let names = policy.rule_names();
+        let rule = match (decision.rule, who) {
+            (Some(i), _) => names.get(i).copied().unwrap_or(NO_RULE),
+            (None, Identity::Unidentified(_)) => UNIDENTIFIED_DEFAULT,
+            (None, Identity::Identified(_)) => NO_RULE,
+        };
+        let (label, answer) = match decision.verdict {
+            Verdict::Allow => ("allowed", None),
+            Verdict::NotFound => ("denied", Some((StatusCode::NOT_FOUND, "404 - Not Found\n"))),
+            Verdict::TokenRequired => (
+                "token_required",
+                Some((StatusCode::UNAUTHORIZED, "401 - Unauthorized\n")),
+            ),
+        };
+        metrics
+            .access_decisions
+            .with_label_values(&[rule, label])
+            .inc();
+        if answer.is_some() && self.first_time(&(describe(who), rule, label)) {
+            let (uid, unit) = describe(who);
+            tracing::info!(
+                rule,
+                decision = label,
+                uid,
+                unit,
+                "access policy: request answered locally (logged once per caller and rule)"
+            );
+        }
+        answer
+    }
+
+    /// Logs, once per (uid, unit, locked set), which caller received which locked set: the
+    /// access key id joins a CloudTrail event to the process. Never the secret or the token.
+    pub fn served(&self, who: Option<&Identity>, access_key_id: &str) {
+        let Some(who) = who else { return };
+        if self.first_time(&(describe(who), access_key_id)) {
+            let (uid, unit) = describe(who);
+            tracing::info!(
+                uid,
+                unit,
+                access_key_id,
+                "locked credentials served to a caller"
+            );
+        }
+    }
+
+    fn first_time(&self, key: &impl Hash) -> bool {
+        let mut hasher = DefaultHasher::new();
+        key.hash(&mut hasher);
+        let mut logged = self.logged.lock().unwrap_or_else(PoisonError::into_inner);
+        if logged.len() >= LOGGED_CAPACITY {
+            logged.clear();
+        }
+        logged.insert(hasher.finish())
+    }
+}
+
+/// uid (or -1) and unit (or the unidentified reason) for log lines.
+fn describe(who: &Identity) -> (i64, String) {
+    match who {
+        Identity::Identified(c) => (
+            i64::from(c.uid),
+            c.unit.clone().unwrap_or_else(|| "-".into()),
+        ),
+        Identity::Unidentified(reason) => (-1, format!("unidentified ({})", reason.label())),
+    }
+}
+
+/// What a classified request asks for; `None` for requests the classifier already refused
+/// (they never reach the upstream anyway).
+pub fn ask_of<'a>(route: &Route<'a>) -> Option<Ask<'a>> {
+    Some(match *route {
+        Route::Token => Ask::Token,
+        Route::RoleListing { .. } => Ask::CredentialListing,
+        Route::Credentials { .. } => Ask::Credentials,
+        Route::Passthrough { target } => {
+            let path = target.split_once('?').map_or(target, |(p, _)| p);
+            // The classifier lets through only one credential form as passthrough: the
+            // instance identity credentials (`identity-credentials/ec2/...`). Anything naming
+            // credentials is governed by `credentials`, never by a metadata prefix.
+            if path.to_ascii_lowercase().contains("credentials") {
+                Ask::IdentityCredentials
+            } else {
+                Ask::Metadata { path }
+            }
+        }
+        Route::Refused(_) => return None,
+    })
+}
+
+/// The identity a request carries (set per connection by the server), if any.
+pub fn identity_of<B>(req: &http::Request<B>) -> Option<Arc<Identity>> {
+    req.extensions().get::<Arc<Identity>>().cloned()
+}
+
+#[cfg(all(test, feature = "daemon"))]
+mod tests {
+    use super::*;
+    use crate::access::{AccessConfig, Caller, Directory};
+    use http::Method;
+
+    struct NoDirectory;
+    impl Directory for NoDirectory {
+        fn uid_of(&self, _: &str) -> Option<u32> {
+            None
+        }
+        fn gid_of(&self, _: &str) -> Option<u32> {
+            None
+        }
+        fn groups_of_uid(&self, _: u32) -> Option<Vec<u32>> {
+            None
+        }
+    }
+
+    fn control(toml_text: &str) -> AccessControl {
+        let cfg: AccessConfig = toml::from_str::<toml::Table>(toml_text)
+            .ok()
+            .and_then(|t| t.get("access").cloned())
+            .map(|v| v.try_into().unwrap())
+            .unwrap();
+        let (policy, _) = Policy::compile(&cfg, &NoDirectory, false).unwrap();
+        AccessControl::new(
+            policy,
+            Box::new(|_| Vec::new()),
+            Some((999, "/system.slice/credlock.service".into())),
+        )
+    }
+
+    fn caller(uid: u32, unit: &str) -> Identity {
+        Identity::Identified(Caller {
+            uid,
+            unit: Some(unit.into()),
+            cgroup: None,
+            pid: None,
+        })
+    }
+
+    #[test]
+    fn classified_requests_map_to_asks() {
+        let ask = |target| ask_of(&crate::route::classify(&Method::GET, target));
+        assert_eq!(
+            ask("/latest/meta-data/iam/security-credentials/"),
+            Some(Ask::CredentialListing)
+        );
+        assert_eq!(
+            ask("/latest/meta-data/iam/security-credentials/r"),
+            Some(Ask::Credentials)
+        );
+        assert_eq!(
+            ask("/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance"),
+            Some(Ask::IdentityCredentials)
+        );
+        assert_eq!(
+            ask("/latest/meta-data/placement/region?x=1"),
+            Some(Ask::Metadata {
+                path: "/latest/meta-data/placement/region"
+            })
+        );
+        assert_eq!(ask("/latest/meta-data/%2e%2e/"), None);
+        let put = ask_of(&crate::route::classify(&Method::PUT, "/latest/api/token"));
+        assert_eq!(put, Some(Ask::Token));
+    }
+
+    #[test]
+    fn a_denied_caller_gets_imds_style_answers_and_is_counted_by_rule() {
+        let gate = control(
+            "[[access.rule]]\nname = \"web\"\nunits = [\"nginx.service\"]\ncredentials = \"deny\"\n\
+             metadata = [\"/latest/meta-data/placement/\"]\n\
+             [[access.rule]]\nname = \"v2only\"\nunits = [\"worker.service\"]\nrequire_token = true\n",
+        );
+        let metrics = Metrics::new();
+        let web = caller(33, "nginx.service");
+        let creds =
+            crate::route::classify(&Method::GET, "/latest/meta-data/iam/security-credentials/r");
+        let az = crate::route::classify(
+            &Method::GET,
+            "/2021-01-03/meta-data/placement/availability-zone",
+        );
+        let iid = crate::route::classify(&Method::GET, "/latest/meta-data/instance-id");
+        assert_eq!(
+            gate.check(&metrics, Some(&web), &creds, true).map(|a| a.0),
+            Some(StatusCode::NOT_FOUND)
+        );
+        assert_eq!(gate.check(&metrics, Some(&web), &az, false), None);
+        assert_eq!(
+            gate.check(&metrics, Some(&web), &iid, false).map(|a| a.0),
+            Some(StatusCode::NOT_FOUND)
+        );
+        let worker = caller(1000, "worker.service");
+        assert_eq!(
+            gate.check(&metrics, Some(&worker), &creds, false)
+                .map(|a| a.0),
+            Some(StatusCode::UNAUTHORIZED)
+        );
+        assert_eq!(gate.check(&metrics, Some(&worker), &creds, true), None);
+        // credlock's own readiness probe (its uid in its cgroup) is not judged; its uid elsewhere is.
+        let own = Identity::Identified(Caller {
+            uid: 999,
+            unit: Some("credlock.service".into()),
+            cgroup: Some("/system.slice/credlock.service".into()),
+            pid: None,
+        });
+        assert_eq!(gate.check(&metrics, Some(&own), &creds, true), None);
+        let elsewhere = caller(999, "other.service");
+        assert_eq!(
+            gate.check(&metrics, Some(&elsewhere), &creds, true),
+            None,
+            "no rule: allowed"
+        );
+        let own_uid_web = Identity::Identified(Caller {
+            uid: 999,
+            unit: Some("nginx.service".into()),
+            cgroup: Some("/system.slice/nginx.service".into()),
+            pid: None,
+        });
+        assert_eq!(
+            gate.check(&metrics, Some(&own_uid_web), &creds, true)
+                .map(|a| a.0),
+            Some(StatusCode::NOT_FOUND)
+        );
+        // No identity at all while rules exist: unidentified, denied (no rule names it).
+        assert_eq!(
+            gate.check(&metrics, None, &creds, true).map(|a| a.0),
+            Some(StatusCode::NOT_FOUND)
+        );
+        let count =
+            |rule: &str, d: &str| metrics.access_decisions.with_label_values(&[rule, d]).get();
+        assert_eq!((count("web", "denied"), count("web", "allowed")), (3, 1));
+        assert_eq!(
+            (
+                count("v2only", "token_required"),
+                count("v2only", "allowed")
+            ),
+            (1, 1)
+        );
+        assert_eq!(count(UNIDENTIFIED_DEFAULT, "denied"), 1);
+    }
+}

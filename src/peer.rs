@@ -1,0 +1,417 @@
+//! Who is calling: the process behind a client connection, looked up once per connection.
+//!
+//! credlock's firewall DNATs every other process's IMDS connection to credlock's listener, so
+//! the client's own socket still names IMDS as its peer: `(client address:port -> IMDS:80)`. The
+//! accepted socket gives the client's address and port, and `SO_ORIGINAL_DST` (conntrack) gives
+//! the destination the client connected to. An exact `inet_diag` request (`sock_diag(7)`) for
+//! that tuple returns the client socket's owner uid and, since Linux 5.7, the id of its cgroup v2
+//! (`INET_DIAG_CGROUP_ID`), which is the inode number of the cgroup's directory. A connection
+//! made straight to the listener (no DNAT) is looked up by its own tuple.
+//!
+//! Every failure is an explicit [`Unidentified`] reason, never a guess: the socket is gone or is
+//! only a TIME_WAIT remnant (which sock_diag reports with uid 0: it must never read as root), the
+//! client is not on this host (a container's forwarded connection), the lookup failed, or the
+//! cgroup id could not be mapped to a path. The access policy treats all of them alike.
+//!
+//! The uid and cgroup are the socket's, fixed when it was created: a process that obtains a
+//! socket from another process (SCM_RIGHTS) is seen as that process. The pid is not looked up:
+//! mapping a socket inode to a pid means scanning every process's descriptors.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla};
+use netlink_packet_sock_diag::SockDiagMessage;
+use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
+use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+use netlink_sys::Socket;
+use netlink_sys::protocols::NETLINK_SOCK_DIAG;
+use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+use nix::sys::time::TimeVal;
+
+use crate::access::{Caller, Identity, Unidentified};
+
+/// `INET_DIAG_CGROUP_ID` (linux/inet_diag.h): a u64 in host byte order. netlink-packet-sock-diag
+/// 0.5 has no typed attribute for it, so it is read from the raw attribute.
+const INET_DIAG_CGROUP_ID: u16 = 21;
+/// `INET_DIAG_NOCOOKIE`: an exact lookup by tuple alone.
+const NO_COOKIE: [u8; 8] = [0xff; 8];
+/// TCP states (include/net/tcp_states.h) that are not a process's full socket: TIME_WAIT (the
+/// kernel reports uid 0 and no cgroup for it), CLOSE and NEW_SYN_RECV.
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_CLOSE: u8 = 7;
+const TCP_NEW_SYN_RECV: u8 = 12;
+/// How long one sock_diag answer may take; the kernel answers at once.
+const LOOKUP_TIMEOUT: Duration = Duration::from_millis(200);
+/// An unknown cgroup id walks the cgroup tree again at most this often: a process creating
+/// cgroups cannot make credlock walk the tree for every connection.
+const REWALK_INTERVAL: Duration = Duration::from_millis(200);
+/// Bound on the cgroup tree walk.
+const MAX_CGROUPS: usize = 100_000;
+
+/// What a lookup found: the client socket's owner and cgroup id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketOwner {
+    pub uid: u32,
+    pub cgroup_id: Option<u64>,
+}
+
+/// Identifies the process behind accepted connections (one per listener set; cheap to share).
+pub struct Identifier {
+    cgroups: Mutex<CgroupMap>,
+}
+
+impl Default for Identifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Identifier {
+    /// Finds the cgroup v2 hierarchy from `/proc/self/mountinfo` (`/sys/fs/cgroup` on a unified
+    /// host, `/sys/fs/cgroup/unified` on a hybrid one). Without one, callers have no unit.
+    pub fn new() -> Self {
+        let root = std::fs::read_to_string("/proc/self/mountinfo")
+            .ok()
+            .and_then(|text| cgroup2_mount(&text));
+        Self::with_cgroup_root(root)
+    }
+
+    /// Whether a cgroup v2 hierarchy was found. Without one no caller can be identified (every
+    /// connection is unidentified): the caller logs it loudly.
+    pub fn has_cgroups(&self) -> bool {
+        self.cgroups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .root
+            .is_some()
+    }
+
+    /// An identifier that maps cgroup ids under `root` (tests).
+    pub fn with_cgroup_root(root: Option<PathBuf>) -> Self {
+        Self {
+            cgroups: Mutex::new(CgroupMap {
+                root,
+                paths: HashMap::new(),
+                walked: None,
+            }),
+        }
+    }
+
+    /// The identity behind `stream` (an accepted connection). Never fails: a failure is an
+    /// [`Identity::Unidentified`] with its reason.
+    pub fn identify(&self, stream: &tokio::net::TcpStream) -> Identity {
+        let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
+            return Identity::Unidentified(Unidentified::SocketGone);
+        };
+        let destination = original_destination(stream, local).unwrap_or(local);
+        match lookup(peer, destination) {
+            Ok(Some(owner)) => self.caller(owner),
+            Ok(None) if is_local_address(peer.ip()) => {
+                Identity::Unidentified(Unidentified::SocketGone)
+            }
+            Ok(None) => Identity::Unidentified(Unidentified::Forwarded),
+            Err(e) => {
+                tracing::debug!(error = %e, "sock_diag lookup failed");
+                Identity::Unidentified(Unidentified::LookupFailed)
+            }
+        }
+    }
+
+    fn caller(&self, owner: SocketOwner) -> Identity {
+        let Some(id) = owner.cgroup_id else {
+            return Identity::Unidentified(Unidentified::LookupFailed);
+        };
+        let path = {
+            let mut map = self.cgroups.lock().unwrap_or_else(|e| e.into_inner());
+            map.path_of(id)
+        };
+        // A cgroup that cannot be named cannot be matched against `units`: unidentified, so that
+        // a fresh cgroup never slips past a unit rule.
+        let Some(path) = path else {
+            return Identity::Unidentified(Unidentified::LookupFailed);
+        };
+        Identity::Identified(Caller {
+            uid: owner.uid,
+            unit: unit_of(&path),
+            cgroup: Some(path),
+            pid: None,
+        })
+    }
+}
+
+/// The destination the client connected to, before the firewall's DNAT. None when conntrack has
+/// no entry (no NAT table loaded) or the answer is the listener itself.
+fn original_destination(stream: &tokio::net::TcpStream, local: SocketAddr) -> Option<SocketAddr> {
+    let found = match local {
+        SocketAddr::V4(_) => getsockopt(stream, sockopt::OriginalDst).ok().map(|sa| {
+            SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr))),
+                u16::from_be(sa.sin_port),
+            )
+        }),
+        SocketAddr::V6(_) => getsockopt(stream, sockopt::Ip6tOriginalDst).ok().map(|sa| {
+            SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(sa.sin6_addr.s6_addr)),
+                u16::from_be(sa.sin6_port),
+            )
+        }),
+    };
+    found.filter(|d| *d != local)
+}
+
+/// Errors of the sock_diag exchange itself (not "no such socket", which is `Ok(None)`).
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error("netlink socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("sock_diag answer: {0}")]
+    Decode(String),
+    #[error("sock_diag answered with error {0}")]
+    Kernel(i32),
+}
+
+/// The owner of the TCP socket whose local end is `source` and remote end is `destination`, by
+/// an exact inet_diag request. `Ok(None)`: no such full socket in this network namespace.
+pub fn lookup(
+    source: SocketAddr,
+    destination: SocketAddr,
+) -> Result<Option<SocketOwner>, LookupError> {
+    let family = match (source, destination) {
+        (SocketAddr::V4(_), SocketAddr::V4(_)) => AF_INET,
+        (SocketAddr::V6(_), SocketAddr::V6(_)) => AF_INET6,
+        _ => return Ok(None),
+    };
+    let socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    setsockopt(
+        &socket,
+        sockopt::ReceiveTimeout,
+        &TimeVal::new(0, LOOKUP_TIMEOUT.as_micros() as _),
+    )
+    .map_err(std::io::Error::from)?;
+    let request = request_bytes(family, source, destination);
+    socket.send(&request, 0)?;
+    let mut buf = vec![0u8; 8192];
+    let n = socket.recv(&mut &mut buf[..], 0)?;
+    parse_answer(&buf[..n])
+}
+
+/// The request: NLM_F_REQUEST without NLM_F_DUMP is an exact lookup (`inet_diag_find_one_icsk`).
+pub fn request_bytes(family: u8, source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST;
+    header.sequence_number = 1;
+    let mut packet = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all(),
+            socket_id: SocketId {
+                source_port: source.port(),
+                destination_port: destination.port(),
+                source_address: source.ip(),
+                destination_address: destination.ip(),
+                interface_id: 0,
+                cookie: NO_COOKIE,
+            },
+        })
+        .into(),
+    );
+    packet.finalize();
+    let mut buf = vec![0; packet.buffer_len()];
+    packet.serialize(&mut buf);
+    buf
+}
+
+/// Reads the kernel's answer to [`request_bytes`]: one `InetResponse`, or an error message
+/// (`ENOENT`: no such socket). Anything else is a decode error; a socket that is not a process's
+/// full socket (TIME_WAIT and friends, reported with uid 0) is `None`.
+pub fn parse_answer(bytes: &[u8]) -> Result<Option<SocketOwner>, LookupError> {
+    let message = NetlinkMessage::<SockDiagMessage>::deserialize(bytes)
+        .map_err(|e| LookupError::Decode(e.to_string()))?;
+    match message.payload {
+        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+            if matches!(
+                response.header.state,
+                TCP_TIME_WAIT | TCP_CLOSE | TCP_NEW_SYN_RECV
+            ) {
+                return Ok(None);
+            }
+            let cgroup_id = response.nlas.iter().find_map(|nla| match nla {
+                netlink_packet_sock_diag::inet::nlas::Nla::Other(raw)
+                    if raw.kind() == INET_DIAG_CGROUP_ID && raw.value_len() == 8 =>
+                {
+                    let mut value = [0u8; 8];
+                    raw.emit_value(&mut value);
+                    Some(u64::from_ne_bytes(value))
+                }
+                _ => None,
+            });
+            Ok(Some(SocketOwner {
+                uid: response.header.uid,
+                cgroup_id,
+            }))
+        }
+        NetlinkPayload::Error(error) => match error.code {
+            Some(code) if code.get() == -libc::ENOENT => Ok(None),
+            Some(code) => Err(LookupError::Kernel(code.get())),
+            None => Err(LookupError::Decode(
+                "an acknowledgement instead of an answer".into(),
+            )),
+        },
+        other => Err(LookupError::Decode(format!("unexpected message {other:?}"))),
+    }
+}
+
+/// Whether `ip` is assigned to one of this host's interfaces (a DNATed local client) rather than
+/// a forwarded container's address.
+fn is_local_address(ip: IpAddr) -> bool {
+    if ip.is_loopback() {
+        return true;
+    }
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return false;
+    };
+    addrs.into_iter().any(|a| {
+        a.address.is_some_and(|sa| {
+            sa.as_sockaddr_in().map(|s| IpAddr::V4(s.ip())) == Some(ip)
+                || sa.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())) == Some(ip)
+        })
+    })
+}
+
+/// cgroup id (directory inode) -> path relative to the cgroup v2 root, filled by walking.
+struct CgroupMap {
+    root: Option<PathBuf>,
+    paths: HashMap<u64, String>,
+    walked: Option<Instant>,
+}
+
+impl CgroupMap {
+    fn path_of(&mut self, id: u64) -> Option<String> {
+        if let Some(path) = self.paths.get(&id) {
+            return Some(path.clone());
+        }
+        let root = self.root.clone()?;
+        if self.walked.is_some_and(|t| t.elapsed() < REWALK_INTERVAL) {
+            return None;
+        }
+        self.walked = Some(Instant::now());
+        self.paths = walk_cgroups(&root);
+        self.paths.get(&id).cloned()
+    }
+}
+
+/// Every cgroup directory under `root` by inode, as "/a/b" paths ("/" for the root).
+fn walk_cgroups(root: &Path) -> HashMap<u64, String> {
+    let mut paths = HashMap::new();
+    let mut stack = vec![(root.to_path_buf(), String::from("/"))];
+    while let Some((dir, rel)) = stack.pop() {
+        if paths.len() >= MAX_CGROUPS {
+            break;
+        }
+        let Ok(meta) = std::fs::metadata(&dir) else {
+            continue;
+        };
+        paths.insert(meta.ino(), rel.clone());
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let child = if rel == "/" {
+                    format!("/{name}")
+                } else {
+                    format!("{rel}/{name}")
+                };
+                stack.push((entry.path(), child));
+            }
+        }
+    }
+    paths
+}
+
+/// The cgroup v2 mount point named in mountinfo (`- cgroup2` filesystem type).
+pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// The system manager's unit a cgroup path belongs to: its outermost `.service` or `.scope`
+/// component (`/system.slice/nginx.service` -> `nginx.service`; a user manager's children ->
+/// `user@1000.service`; a login session -> `session-3.scope`). None for slices and the root.
+pub fn unit_of(path: &str) -> Option<String> {
+    path.split('/')
+        .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
+        .map(str::to_owned)
+}
+
+/// Users and groups as NSS reports them (`/etc/passwd`, `/etc/group`, LDAP, ...).
+pub struct SystemDirectory;
+
+impl crate::access::Directory for SystemDirectory {
+    fn uid_of(&self, user: &str) -> Option<u32> {
+        nix::unistd::User::from_name(user)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw())
+    }
+    fn gid_of(&self, group: &str) -> Option<u32> {
+        nix::unistd::Group::from_name(group)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw())
+    }
+    fn groups_of_uid(&self, uid: u32) -> Option<Vec<u32>> {
+        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()?;
+        let name = std::ffi::CString::new(user.name).ok()?;
+        let groups = nix::unistd::getgrouplist(&name, user.gid).ok()?;
+        Some(groups.into_iter().map(|g| g.as_raw()).collect())
+    }
+}
+
+/// Group lists by uid, looked up through NSS at most once a minute per uid (a caller's groups
+/// change rarely; NSS may be slow). Bounded: at most 4096 uids remembered.
+#[derive(Default)]
+pub struct GroupCache {
+    entries: Mutex<HashMap<u32, (Vec<u32>, Instant)>>,
+}
+
+impl GroupCache {
+    const TTL: Duration = Duration::from_secs(60);
+    const CAPACITY: usize = 4096;
+
+    pub fn groups_of(&self, uid: u32) -> Vec<u32> {
+        use crate::access::Directory as _;
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((groups, at)) = entries.get(&uid)
+            && at.elapsed() < Self::TTL
+        {
+            return groups.clone();
+        }
+        let groups = SystemDirectory.groups_of_uid(uid).unwrap_or_default();
+        if entries.len() >= Self::CAPACITY {
+            entries.clear();
+        }
+        entries.insert(uid, (groups.clone(), Instant::now()));
+        groups
+    }
+}
+
+#[cfg(test)]
+#[path = "peer_tests.rs"]
+mod tests;

@@ -1,0 +1,240 @@
+use super::*;
+
+#[test]
+fn the_unit_is_the_outermost_service_or_scope() {
+    assert_eq!(
+        unit_of("/system.slice/nginx.service").as_deref(),
+        Some("nginx.service")
+    );
+    assert_eq!(
+        unit_of("/user.slice/user-1000.slice/user@1000.service/app.slice/x.service").as_deref(),
+        Some("user@1000.service")
+    );
+    assert_eq!(
+        unit_of("/user.slice/user-1000.slice/session-3.scope").as_deref(),
+        Some("session-3.scope")
+    );
+    assert_eq!(
+        unit_of("/system.slice/docker-0123.scope").as_deref(),
+        Some("docker-0123.scope")
+    );
+    assert_eq!(unit_of("/system.slice"), None);
+    assert_eq!(unit_of("/"), None);
+    // A component that only contains the suffix is not a unit.
+    assert_eq!(unit_of("/system.slice/my.service.d"), None);
+}
+
+#[test]
+fn the_cgroup2_mount_is_found_in_mountinfo() {
+    // Hybrid host (proc(5) mountinfo format: field 5 is the mount point).
+    let hybrid = "25 30 0:23 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
+                  26 25 0:24 / /sys/fs/cgroup/unified rw,nosuid,nodev - cgroup2 cgroup2 rw,nsdelegate\n\
+                  27 25 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
+    assert_eq!(
+        cgroup2_mount(hybrid),
+        Some(PathBuf::from("/sys/fs/cgroup/unified"))
+    );
+    let unified = "30 1 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw\n";
+    assert_eq!(
+        cgroup2_mount(unified),
+        Some(PathBuf::from("/sys/fs/cgroup"))
+    );
+    assert_eq!(
+        cgroup2_mount("27 25 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"),
+        None
+    );
+    assert_eq!(cgroup2_mount("garbage\n\n - \n"), None);
+}
+
+/// The request against `struct inet_diag_req_v2` (linux/inet_diag.h): nlmsghdr (16 bytes), then
+/// family, protocol, ext, pad, states (u32), then `struct inet_diag_sockid`: sport, dport (big
+/// endian), src[4], dst[4] (u32 words, addresses in network order), if (u32), cookie[2].
+#[test]
+fn the_request_is_an_exact_inet_diag_req_v2() {
+    let source: SocketAddr = "169.254.0.2:41000".parse().unwrap();
+    let destination: SocketAddr = "169.254.169.254:80".parse().unwrap();
+    let b = request_bytes(AF_INET, source, destination);
+    assert_eq!(b.len(), 16 + 56);
+    assert_eq!(
+        u32::from_ne_bytes(b[0..4].try_into().unwrap()),
+        72,
+        "nlmsg_len"
+    );
+    assert_eq!(
+        u16::from_ne_bytes(b[4..6].try_into().unwrap()),
+        20,
+        "SOCK_DIAG_BY_FAMILY"
+    );
+    let flags = u16::from_ne_bytes(b[6..8].try_into().unwrap());
+    assert_eq!(flags, 1, "NLM_F_REQUEST only: no NLM_F_DUMP (0x300)");
+    let r = &b[16..];
+    assert_eq!((r[0], r[1]), (2, 6), "AF_INET, IPPROTO_TCP");
+    assert_eq!(&r[8..10], &41000u16.to_be_bytes());
+    assert_eq!(&r[10..12], &80u16.to_be_bytes());
+    assert_eq!(&r[12..16], &[169, 254, 0, 2]);
+    assert_eq!(&r[28..32], &[169, 254, 169, 254]);
+    assert_eq!(&r[48..56], &[0xff; 8], "INET_DIAG_NOCOOKIE");
+
+    let b6 = request_bytes(
+        AF_INET6,
+        "[fd00:ec2::2]:41000".parse().unwrap(),
+        "[fd00:ec2::254]:80".parse().unwrap(),
+    );
+    let r6 = &b6[16..];
+    assert_eq!(r6[0], 10, "AF_INET6");
+    assert_eq!(
+        &r6[12..28],
+        &"fd00:ec2::2".parse::<Ipv6Addr>().unwrap().octets()
+    );
+    assert_eq!(
+        &r6[28..44],
+        &"fd00:ec2::254".parse::<Ipv6Addr>().unwrap().octets()
+    );
+}
+
+/// A `struct inet_diag_msg` answer built by hand as the kernel lays it out, with attributes.
+fn answer(state: u8, uid: u32, cgroup: Option<u64>) -> Vec<u8> {
+    let mut msg = vec![2u8, state, 0, 0]; // family, state, timer, retrans
+    msg.extend_from_slice(&[0u8; 48]); // sockid
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // expires
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // rqueue
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // wqueue
+    msg.extend_from_slice(&uid.to_ne_bytes());
+    msg.extend_from_slice(&12345u32.to_ne_bytes()); // inode
+    // INET_DIAG_SHUTDOWN (8), one byte, padded to 4.
+    msg.extend_from_slice(&5u16.to_ne_bytes());
+    msg.extend_from_slice(&8u16.to_ne_bytes());
+    msg.extend_from_slice(&[0, 0, 0, 0]);
+    if let Some(id) = cgroup {
+        msg.extend_from_slice(&12u16.to_ne_bytes());
+        msg.extend_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
+        msg.extend_from_slice(&id.to_ne_bytes());
+    }
+    let mut out = Vec::new();
+    out.extend_from_slice(&((16 + msg.len()) as u32).to_ne_bytes());
+    out.extend_from_slice(&20u16.to_ne_bytes());
+    out.extend_from_slice(&0u16.to_ne_bytes());
+    out.extend_from_slice(&1u32.to_ne_bytes());
+    out.extend_from_slice(&0u32.to_ne_bytes());
+    out.extend_from_slice(&msg);
+    out
+}
+
+#[test]
+fn an_answer_gives_the_owner_and_the_raw_cgroup_attribute() {
+    let owner = parse_answer(&answer(1, 1000, Some(0x1122_3344_5566))).unwrap();
+    assert_eq!(
+        owner,
+        Some(SocketOwner {
+            uid: 1000,
+            cgroup_id: Some(0x1122_3344_5566)
+        })
+    );
+    // Older kernels: no cgroup attribute (the caller is then unidentified, see `caller`).
+    assert_eq!(
+        parse_answer(&answer(1, 7, None)).unwrap(),
+        Some(SocketOwner {
+            uid: 7,
+            cgroup_id: None
+        })
+    );
+}
+
+#[test]
+fn time_wait_and_other_remnants_are_no_owner_never_root() {
+    for state in [TCP_TIME_WAIT, TCP_CLOSE, TCP_NEW_SYN_RECV] {
+        assert_eq!(
+            parse_answer(&answer(state, 0, None)).unwrap(),
+            None,
+            "state {state}"
+        );
+    }
+}
+
+#[test]
+fn an_enoent_error_is_no_socket_other_errors_and_garbage_are_errors() {
+    let error = |code: i32| {
+        let mut out = Vec::new();
+        out.extend_from_slice(&36u32.to_ne_bytes());
+        out.extend_from_slice(&2u16.to_ne_bytes()); // NLMSG_ERROR
+        out.extend_from_slice(&0u16.to_ne_bytes());
+        out.extend_from_slice(&1u32.to_ne_bytes());
+        out.extend_from_slice(&0u32.to_ne_bytes());
+        out.extend_from_slice(&code.to_ne_bytes());
+        out.extend_from_slice(&[0u8; 16]); // the request's header
+        out
+    };
+    assert!(matches!(parse_answer(&error(-libc::ENOENT)), Ok(None)));
+    assert!(
+        matches!(parse_answer(&error(-libc::EPERM)), Err(LookupError::Kernel(c)) if c == -libc::EPERM)
+    );
+    assert!(parse_answer(&[1, 2, 3]).is_err());
+    assert!(parse_answer(&[]).is_err());
+    let mut cut = answer(1, 1, Some(9));
+    cut.truncate(40);
+    assert!(parse_answer(&cut).is_err());
+}
+
+/// Against the running kernel: a connection this test makes is found with this process's uid
+/// and cgroup (the inode of its cgroup v2 directory), over IPv4 and IPv6, and the identifier
+/// names the cgroup's path.
+#[tokio::test]
+async fn the_kernel_finds_this_process_socket() {
+    let Some(root) = std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|t| cgroup2_mount(&t))
+    else {
+        panic!("no cgroup v2 hierarchy on this host: the test needs one (TESTING.md)");
+    };
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let rel = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line")
+        .to_owned();
+    let ino = std::fs::metadata(root.join(rel.trim_start_matches('/')))
+        .unwrap()
+        .ino();
+    let uid = nix::unistd::getuid().as_raw();
+    for listen in ["127.0.0.1:0", "[::1]:0"] {
+        let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let found = lookup(client.local_addr().unwrap(), listener.local_addr().unwrap()).unwrap();
+        assert_eq!(
+            found,
+            Some(SocketOwner {
+                uid,
+                cgroup_id: Some(ino)
+            }),
+            "{listen}"
+        );
+        let identity = Identifier::with_cgroup_root(Some(root.clone())).identify(&accepted);
+        let Identity::Identified(caller) = identity else {
+            panic!("{listen}: {identity:?}")
+        };
+        assert_eq!(
+            (caller.uid, caller.cgroup.as_deref()),
+            (uid, Some(rel.as_str()))
+        );
+        // The tuple reversed is the accepted socket: it exists too, and is ours as well.
+        assert!(
+            lookup(
+                accepted.local_addr().unwrap(),
+                accepted.peer_addr().unwrap()
+            )
+            .unwrap()
+            .is_some()
+        );
+        drop(client);
+    }
+    // A tuple nobody has: no owner.
+    let nobody = lookup(
+        "127.0.0.1:1".parse().unwrap(),
+        "127.0.0.1:2".parse().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(nobody, None);
+}

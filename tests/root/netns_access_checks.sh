@@ -1,0 +1,179 @@
+# shellcheck shell=bash
+# The per-process access policy (issue 15), sourced by netns_firewall_test.sh: its namespaces,
+# users, IMDS emulator and firewall rules, and its helpers (in_i, as_app, pass, fail, expect...).
+#
+# credlock restarts with [[access.rule]]s and moto as STS (so it holds locked credentials), and
+# real clients ask IMDS through the firewall as different users over IPv4 and IPv6:
+#   web          the app user: no credentials, metadata only under placement/
+#   v2only       a second user: IMDSv2 required on the credential routes
+#   unit         root inside a cgroup named like a systemd service: matched by its unit
+#   allowed      a third user: locked credentials (boto3's own credential provider)
+#   unidentified a container's forwarded connection (redirect mode): no credentials
+#   default-deny everyone else (root outside the unit): no credentials
+
+ACCESS_MOTO=127.0.0.1:5055
+ACCESS_UNIT=clfw-unit-$ID.service
+MOTO_PID=""
+
+# start_moto: moto_server (STS) inside the instance namespace, once per run.
+start_moto() {
+    local _
+    [[ -n $MOTO_PID ]] && kill -0 "$MOTO_PID" 2>/dev/null && return 0
+    in_i "$VENV/bin/moto_server" -H "${ACCESS_MOTO%:*}" -p "${ACCESS_MOTO#*:}" >"$TMP/moto.log" 2>&1 &
+    MOTO_PID=$!
+    for _ in $(seq 1 100); do
+        in_i curl -s -o /dev/null --max-time 1 "http://$ACCESS_MOTO/moto-api/data.json" && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+write_access_config() {
+    cat >"$TMP/access.toml" <<EOF
+[discovery.echo]
+enabled = false
+
+[firewall]
+required = false
+
+[[access.rule]]
+name = "web"
+users = ["$APP_USER"]
+credentials = "deny"
+metadata = ["/latest/meta-data/placement/"]
+
+[[access.rule]]
+name = "v2only"
+users = ["$V2_USER"]
+require_token = true
+
+[[access.rule]]
+name = "unit"
+units = ["clfw-unit-*.service"]
+
+[[access.rule]]
+name = "allowed"
+users = ["$OK_USER"]
+
+[[access.rule]]
+name = "unidentified"
+unidentified = true
+credentials = "deny"
+metadata = "deny"
+
+[[access.rule]]
+name = "default-deny"
+credentials = "deny"
+EOF
+    chmod 644 "$TMP/access.toml"
+}
+
+# imds WHO HOST PATH [v1]: "STATUS KIND" for a GET of PATH (IMDSv2: token PUT first, unless v1),
+# KIND raw | locked | text | none. WHO: app | v2 | ok | root | unit | container.
+# shellcheck disable=SC2016 # unit: $$ and $1 belong to the inner sh
+imds() {
+    local who=$1 host=$2 path=$3 mode=${4:-v2} url run=() token="" out code body
+    url="http://$host"
+    [[ $host == *:* ]] && url="http://[$host]"
+    case $who in
+    app) run=(ip netns exec "$NS_I" runuser -u "$APP_USER" --) ;;
+    v2) run=(ip netns exec "$NS_I" runuser -u "$V2_USER" --) ;;
+    ok) run=(ip netns exec "$NS_I" runuser -u "$OK_USER" --) ;;
+    root) run=(ip netns exec "$NS_I") ;;
+    unit) run=(sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' sh "$CG2/clfw-$ID/$ACCESS_UNIT" ip netns exec "$NS_I") ;;
+    container) run=(ip netns exec "$NS_C") ;;
+    esac
+    if [[ $mode == v2 ]]; then
+        token=$("${run[@]}" curl -sS -g --max-time 5 -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 60" "$url/latest/api/token" 2>/dev/null)
+    fi
+    out=$("${run[@]}" curl -sS -g --max-time 5 -w '\n%{http_code}' ${token:+-H "X-aws-ec2-metadata-token: $token"} "$url$path" 2>/dev/null)
+    code=${out##*$'\n'}
+    body=${out%$'\n'*}
+    if [[ $body == *ASIAV1* || $body == *ASIAV2* || $body == *ASIAID* ]]; then
+        echo "$code raw"
+    elif [[ $body == *'"AccessKeyId"'* ]]; then
+        echo "$code locked"
+    elif [[ -n $body ]]; then
+        echo "$code text"
+    else
+        echo "$code none"
+    fi
+}
+
+access_decisions() {
+    in_i curl -s --max-time 3 "http://$ADMIN/metrics" |
+        awk -v r="$1" -v d="$2" '$1 == "credlock_access_decisions_total{decision=\"" d "\",rule=\"" r "\"}" { print $2; f=1 } END { if (!f) print 0 }'
+}
+
+access_checks() {
+    local host out creds="/latest/meta-data/iam/security-credentials/credlock-test-role" ready=0 before after
+    if ! start_moto; then
+        fail "access policy: moto (STS) starts in the instance namespace" "$(tail -n 5 "$TMP/moto.log")"
+        return
+    fi
+    write_access_config
+    local log_start
+    log_start=$(wc -l <"$TMP/credlock.log")
+    mkdir -p "$CG2/clfw-$ID/$ACCESS_UNIT"
+    stop_credlock
+    CREDLOCK_EXTRA="--config $TMP/access.toml" STS_URL="http://$ACCESS_MOTO" start_credlock || {
+        fail "access policy: credlock starts with [[access.rule]]s"
+        return
+    }
+    for _ in $(seq 1 100); do
+        if [[ $(in_i curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://$ADMIN/readyz") == 200 ]]; then
+            ready=1
+            break
+        fi
+        sleep 0.1
+    done
+    expect "access policy: credlock ready with locked credentials (moto as STS)" 1 "$ready"
+
+    for host in "$IMDS4" "$IMDS6"; do
+        expect "web class ($host): credentials 404, listing 404" "404 text 404 text" \
+            "$(imds app "$host" "$creds") $(imds app "$host" /latest/meta-data/iam/security-credentials/)"
+        expect "web class ($host): placement/ allowed (a dated version too), instance-id 404, token PUT works" \
+            "200 text 200 text 404 text" \
+            "$(imds app "$host" /latest/meta-data/placement/availability-zone) $(imds app "$host" /2021-01-03/meta-data/placement/region) $(imds app "$host" /latest/meta-data/instance-id)"
+        expect "v2only class ($host): tokenless credential GET 401, IMDSv2 gets the locked set" "401 text 200 locked" \
+            "$(imds v2 "$host" "$creds" v1) $(imds v2 "$host" "$creds")"
+        expect "unit class ($host): root in $ACCESS_UNIT gets the locked set" "200 locked" "$(imds unit "$host" "$creds")"
+        expect "default-deny ($host): root outside the unit gets 404, metadata still works" "404 text 200 text" \
+            "$(imds root "$host" "$creds") $(imds root "$host" /latest/meta-data/instance-id)"
+    done
+    # boto3's own credential chain (IMDSv2, the instance-metadata provider), as the allowed user.
+    for host in ipv4 ipv6; do
+        out=$(ip netns exec "$NS_I" runuser -u "$OK_USER" -- env -i PATH=/usr/bin:/bin HOME=/ PYTHONPATH="$SITE" "$PY" -c '
+import sys
+from botocore.credentials import InstanceMetadataProvider
+from botocore.utils import InstanceMetadataFetcher
+config = {"ec2_metadata_service_endpoint_mode": "ipv6"} if sys.argv[1] == "ipv6" else {}
+creds = InstanceMetadataProvider(iam_role_fetcher=InstanceMetadataFetcher(timeout=3, num_attempts=1, config=config)).load()
+print("none" if creds is None else ("raw" if creds.access_key.startswith(("ASIAV1", "ASIAV2", "ASIAID")) else "locked"))
+' "$host" 2>&1 | tail -n 1)
+        expect "allowed class ($host): boto3's instance-metadata provider gets the locked set" locked "$out"
+        out=$(ip netns exec "$NS_I" runuser -u "$APP_USER" -- env -i PATH=/usr/bin:/bin HOME=/ PYTHONPATH="$SITE" "$PY" -c '
+import sys
+from botocore.credentials import InstanceMetadataProvider
+from botocore.utils import InstanceMetadataFetcher
+config = {"ec2_metadata_service_endpoint_mode": "ipv6"} if sys.argv[1] == "ipv6" else {}
+creds = InstanceMetadataProvider(iam_role_fetcher=InstanceMetadataFetcher(timeout=3, num_attempts=1, config=config)).load()
+print("none" if creds is None else "got")
+' "$host" 2>&1 | tail -n 1)
+        expect "web class ($host): boto3's provider finds no credentials (graceful, no exception)" none "$out"
+    done
+    if [[ ${MODE:?} == redirect ]]; then
+        before=$(in_i curl -s --max-time 3 "http://$ADMIN/metrics" | awk '$1 == "credlock_connections_identified_total{result=\"forwarded\"}" { print $2 }')
+        expect "unidentified: a container's forwarded connection gets no credentials, no metadata" "404 text 404 text" \
+            "$(imds container "$IMDS4" "$creds" v1) $(imds container "$IMDS4" /latest/meta-data/instance-id v1)"
+        after=$(in_i curl -s --max-time 3 "http://$ADMIN/metrics" | awk '$1 == "credlock_connections_identified_total{result=\"forwarded\"}" { print $2 }')
+        expect "unidentified: counted as forwarded (credlock_connections_identified_total)" 2 "$((${after:-0} - ${before:-0}))"
+    fi
+    expect "metrics: denials and allowances counted per rule" "yes yes yes yes" \
+        "$( (($(access_decisions web denied) >= 6)) && echo yes || echo no) $( (($(access_decisions web allowed) >= 4)) && echo yes || echo no) $( (($(access_decisions v2only token_required) >= 2)) && echo yes || echo no) $( (($(access_decisions allowed allowed) >= 2)) && echo yes || echo no)"
+    out=$(tail -n "+$((log_start + 1))" "$TMP/credlock.log" | sed 's/\x1b\[[0-9;]*m//g' |
+        grep "locked credentials served to a caller" | grep -c "uid=$(id -u "$OK_USER") ")
+    expect "log: the allowed user's locked set logged once (uid, access key id; never a secret)" "1 0" \
+        "$out $(grep -c 'SecretAccessKey\|secret_access_key' "$TMP/credlock.log")"
+    rmdir "$CG2/clfw-$ID/$ACCESS_UNIT" 2>/dev/null
+}
