@@ -243,6 +243,9 @@ struct Status<'a> {
     lock: &'a LockStatus,
     discovery: &'a [SourceStatus],
     firewall: FirewallStatus,
+    /// The access policy's rules in order with their decision counts; absent without rules.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access: Option<Vec<crate::gate::RuleStatus>>,
 }
 
 #[derive(Serialize)]
@@ -290,6 +293,7 @@ fn status(state: &AdminState) -> Response<Full<Bytes>> {
                 state: fw,
             }
         },
+        access: proxy.access.as_ref().map(|a| a.status(&proxy.metrics)),
     };
     let json = serde_json::to_vec_pretty(&body).unwrap_or_else(|_| b"{}".to_vec());
     let mut r = Response::new(Full::new(Bytes::from(json)));

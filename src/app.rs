@@ -252,6 +252,7 @@ async fn start_with(
         known_raw.clone(),
     );
     let identify = access_control(&config.access, &metrics).map(|(access, identify)| {
+        access.precreate(&metrics);
         proxy_state.access = Some(access);
         identify
     });

@@ -129,6 +129,58 @@ impl AccessControl {
     }
 }
 
+/// One rule's counts, for `/status` (from `credlock_access_decisions_total`).
+#[derive(Debug, serde::Serialize, PartialEq, Eq)]
+pub struct RuleStatus {
+    pub rule: String,
+    pub allowed: u64,
+    pub denied: u64,
+    pub token_required: u64,
+}
+
+const DECISIONS: [&str; 3] = ["allowed", "denied", "token_required"];
+
+impl AccessControl {
+    /// Every rule's series (and the two fallbacks') exist from the first scrape.
+    pub fn precreate(&self, metrics: &Metrics) {
+        for rule in self.labels() {
+            for decision in DECISIONS {
+                metrics
+                    .access_decisions
+                    .with_label_values(&[rule.as_str(), decision]);
+            }
+        }
+    }
+
+    /// The rules in order, then the two fallbacks, with their counts.
+    pub fn status(&self, metrics: &Metrics) -> Vec<RuleStatus> {
+        self.labels()
+            .into_iter()
+            .map(|rule| {
+                let count = |d: &str| {
+                    metrics
+                        .access_decisions
+                        .with_label_values(&[rule.as_str(), d])
+                        .get()
+                };
+                RuleStatus {
+                    allowed: count("allowed"),
+                    denied: count("denied"),
+                    token_required: count("token_required"),
+                    rule,
+                }
+            })
+            .collect()
+    }
+
+    fn labels(&self) -> Vec<String> {
+        let policy = self.policy.load();
+        let mut labels: Vec<String> = policy.rule_names().into_iter().map(str::to_owned).collect();
+        labels.extend([NO_RULE.to_owned(), UNIDENTIFIED_DEFAULT.to_owned()]);
+        labels
+    }
+}
+
 /// uid (or -1) and unit (or the unidentified reason) for log lines.
 fn describe(who: &Identity) -> (i64, String) {
     match who {
@@ -308,5 +360,16 @@ mod tests {
             (1, 1)
         );
         assert_eq!(count(UNIDENTIFIED_DEFAULT, "denied"), 1);
+        let status = gate.status(&metrics);
+        let names: Vec<&str> = status.iter().map(|r| r.rule.as_str()).collect();
+        assert_eq!(names, ["web", "v2only", NO_RULE, UNIDENTIFIED_DEFAULT]);
+        assert_eq!(
+            (
+                status[0].allowed,
+                status[0].denied,
+                status[0].token_required
+            ),
+            (1, 3, 0)
+        );
     }
 }

@@ -171,6 +171,13 @@ print("none" if creds is None else "got")
     fi
     expect "metrics: denials and allowances counted per rule" "yes yes yes yes" \
         "$( (($(access_decisions web denied) >= 6)) && echo yes || echo no) $( (($(access_decisions web allowed) >= 4)) && echo yes || echo no) $( (($(access_decisions v2only token_required) >= 2)) && echo yes || echo no) $( (($(access_decisions allowed allowed) >= 2)) && echo yes || echo no)"
+    out=$(in_i curl -s --max-time 3 "http://$ADMIN/status" | "$PY" -c '
+import json, sys
+rules = json.load(sys.stdin)["access"]
+web = next(r for r in rules if r["rule"] == "web")
+print(" ".join(r["rule"] for r in rules), web["denied"] >= 6, web["allowed"] >= 4)' 2>&1)
+    expect "/status lists the rules in order (and the fallbacks) with their counts" \
+        "web v2only unit allowed unidentified default-deny (none) (unidentified) True True" "$out"
     out=$(tail -n "+$((log_start + 1))" "$TMP/credlock.log" | sed 's/\x1b\[[0-9;]*m//g' |
         grep "locked credentials served to a caller" | grep -c "uid=$(id -u "$OK_USER") ")
     expect "log: the allowed user's locked set logged once (uid, access key id; never a secret)" "1 0" \
