@@ -117,57 +117,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# N distinct free loopback ports (all bound at once, then released).
-free_ports() {
-    "$PYTHON" - "$1" <<'PY'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-PY
-}
-
-# wait_http URL CODE SECONDS: until URL answers CODE (any: any HTTP answer at all).
-wait_http() {
-    local url=$1 want=$2 deadline=$((SECONDS + $3)) code
-    while ((SECONDS < deadline)); do
-        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true)
-        [[ $code == "$want" || ($want == any && -n $code && $code != 000) ]] && return 0
-        sleep 0.1
-    done
-    return 1
-}
-
-# fill TEMPLATE OUT KEY=VALUE...: replace @KEY@ placeholders.
-fill() {
-    local src=$1 out=$2 kv; shift 2
-    cp "$src" "$out"
-    for kv in "$@"; do
-        sed -i "s|@${kv%%=*}@|${kv#*=}|g" "$out"
-    done
-}
-
-proc_status() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }   # kB
-proc_cpu_ticks() {   # utime + stime, in clock ticks (fields 14 and 15; comm may hold spaces)
-    local s f; s=$(<"/proc/$1/stat"); read -ra f <<<"${s##*) }"; echo $((f[11] + f[12]))
-}
-clk_tck=$(getconf CLK_TCK)
-tree_cpu_ticks() {   # a process and its children (nginx workers)
-    local total child
-    total=$(proc_cpu_ticks "$1" 2>/dev/null || echo 0)
-    for child in $(pgrep -P "$1" || true); do
-        total=$((total + $(proc_cpu_ticks "$child" 2>/dev/null || echo 0)))
-    done
-    echo "$total"
-}
-ticks_to_s() { awk -v t="$1" -v h="$clk_tck" 'BEGIN {printf "%.2f", t / h}'; }
-kb_to_mib() { awk -v k="$1" 'BEGIN {printf "%.1f", k / 1024}'; }
-fmt_us() { awk -v u="$1" 'BEGIN { if (u >= 1000) printf "%.2fms", u / 1000; else printf "%dus", u }'; }
-median() { tr -s ' ' '\n' <<<"$*" | sed '/^$/d' | sort -g | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
+# shellcheck source=benches/lib.sh
+source "$here/lib.sh"
 
 ports=$(free_ports 7)
 read -r up_port cl_port cl_admin ngx_port hap_port moto_port emu_port <<<"$ports"

@@ -109,21 +109,43 @@ fn access_control(
             access.policy.store(Arc::new(policy));
         }
     });
-    let identifier = Identifier::new();
+    let identifier = Arc::new(Identifier::new());
     if !identifier.has_cgroups() {
         tracing::error!(
             "access policy: no cgroup v2 hierarchy in /proc/self/mountinfo: no caller can be identified, every connection is unidentified"
         );
     }
+    // Learn the cgroups there are now, off the serving thread.
+    let primed = identifier.clone();
+    tokio::task::spawn_blocking(move || primed.prime());
     let counts = metrics.identified.clone();
     let identify: server::Identify = Arc::new(move |stream| {
-        let who = identifier.identify(stream);
-        let result = match &who {
-            Identity::Identified(_) => "identified",
-            Identity::Unidentified(reason) => reason.label(),
-        };
-        counts.with_label_values(&[result]).inc();
-        who
+        // The fast part now, while the client waits for its answer; a new cgroup's path is
+        // looked for on the blocking pool.
+        let found = identifier
+            .owner_of(stream)
+            .map(|owner| identifier.cached(owner));
+        let identifier = identifier.clone();
+        let counts = counts.clone();
+        Box::pin(async move {
+            let who = match found {
+                Err(reason) => Identity::Unidentified(reason),
+                Ok(Ok(known)) => known,
+                Ok(Err(owner)) => {
+                    tokio::task::spawn_blocking(move || identifier.resolve_blocking(owner))
+                        .await
+                        .unwrap_or(Identity::Unidentified(
+                            crate::access::Unidentified::LookupFailed,
+                        ))
+                }
+            };
+            let result = match &who {
+                Identity::Identified(_) => "identified",
+                Identity::Unidentified(reason) => reason.label(),
+            };
+            counts.with_label_values(&[result]).inc();
+            who
+        })
     });
     Some((access, identify))
 }

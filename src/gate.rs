@@ -60,10 +60,7 @@ impl AccessControl {
     ) -> Option<(StatusCode, &'static str)> {
         let ask = ask_of(route)?;
         let who = who.unwrap_or(&Identity::Unidentified(Unidentified::LookupFailed));
-        if let (Identity::Identified(caller), Some((uid, cgroup))) = (who, &self.own)
-            && caller.uid == *uid
-            && caller.cgroup.as_deref() == Some(cgroup.as_str())
-        {
+        if self.is_own(who) {
             return None;
         }
         let policy = self.policy.load();
@@ -107,6 +104,9 @@ impl AccessControl {
     /// access key id joins a CloudTrail event to the process. Never the secret or the token.
     pub fn served(&self, who: Option<&Identity>, access_key_id: &str) {
         let Some(who) = who else { return };
+        if self.is_own(who) {
+            return;
+        }
         if self.first_time(&(describe(who), access_key_id)) {
             let (uid, unit) = describe(who);
             tracing::info!(
@@ -116,6 +116,12 @@ impl AccessControl {
                 "locked credentials served to a caller"
             );
         }
+    }
+
+    /// credlock itself: its uid in its own cgroup.
+    fn is_own(&self, who: &Identity) -> bool {
+        matches!((who, &self.own), (Identity::Identified(caller), Some((uid, cgroup)))
+            if caller.uid == *uid && caller.cgroup.as_deref() == Some(cgroup.as_str()))
     }
 
     fn first_time(&self, key: &impl Hash) -> bool {

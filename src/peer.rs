@@ -40,16 +40,18 @@ use crate::access::{Caller, Identity, Unidentified};
 const INET_DIAG_CGROUP_ID: u16 = 21;
 /// `INET_DIAG_NOCOOKIE`: an exact lookup by tuple alone.
 const NO_COOKIE: [u8; 8] = [0xff; 8];
-/// TCP states (include/net/tcp_states.h) that are not a process's full socket: TIME_WAIT (the
-/// kernel reports uid 0 and no cgroup for it), CLOSE and NEW_SYN_RECV.
-const TCP_TIME_WAIT: u8 = 6;
-const TCP_CLOSE: u8 = 7;
-const TCP_NEW_SYN_RECV: u8 = 12;
+/// The TCP states (include/net/tcp_states.h) a client socket can be in once its connection was
+/// accepted: ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING. Everything else is
+/// not the caller: TIME_WAIT (the kernel reports uid 0 and no cgroup for it), CLOSE,
+/// NEW_SYN_RECV, and above all LISTEN: when no connected socket has the tuple, the kernel's
+/// lookup falls back to a listener on the source port, whose owner is not the caller.
+const CONNECTED_STATES: [u8; 6] = [1, 4, 5, 8, 9, 11];
 /// How long one sock_diag answer may take; the kernel answers at once.
 const LOOKUP_TIMEOUT: Duration = Duration::from_millis(200);
-/// An unknown cgroup id walks the cgroup tree again at most this often: a process creating
-/// cgroups cannot make credlock walk the tree for every connection.
-const REWALK_INTERVAL: Duration = Duration::from_millis(200);
+/// After a walk of the cgroup tree, the next starts no sooner than this: a process creating
+/// cgroups cannot keep credlock walking. Walks run on the blocking pool, one at a time, never on
+/// the thread that serves requests.
+const REWALK_INTERVAL: Duration = Duration::from_millis(500);
 /// Bound on the cgroup tree walk.
 const MAX_CGROUPS: usize = 100_000;
 
@@ -62,7 +64,11 @@ pub struct SocketOwner {
 
 /// Identifies the process behind accepted connections (one per listener set; cheap to share).
 pub struct Identifier {
-    cgroups: Mutex<CgroupMap>,
+    root: Option<PathBuf>,
+    /// cgroup id (its directory's inode) -> path relative to the cgroup v2 root.
+    paths: Mutex<HashMap<u64, String>>,
+    /// Held while walking; when the last walk ended.
+    walk: Mutex<Option<Instant>>,
 }
 
 impl Default for Identifier {
@@ -84,64 +90,111 @@ impl Identifier {
     /// Whether a cgroup v2 hierarchy was found. Without one no caller can be identified (every
     /// connection is unidentified): the caller logs it loudly.
     pub fn has_cgroups(&self) -> bool {
-        self.cgroups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .root
-            .is_some()
+        self.root.is_some()
     }
 
     /// An identifier that maps cgroup ids under `root` (tests).
     pub fn with_cgroup_root(root: Option<PathBuf>) -> Self {
         Self {
-            cgroups: Mutex::new(CgroupMap {
-                root,
-                paths: HashMap::new(),
-                walked: None,
-            }),
+            root,
+            paths: Mutex::new(HashMap::new()),
+            walk: Mutex::new(None),
         }
     }
 
-    /// The identity behind `stream` (an accepted connection). Never fails: a failure is an
-    /// [`Identity::Unidentified`] with its reason.
+    /// The identity behind `stream` (an accepted connection), all steps in a row (blocking:
+    /// may walk the cgroup tree). Never fails: a failure is an [`Identity::Unidentified`].
     pub fn identify(&self, stream: &tokio::net::TcpStream) -> Identity {
+        match self.owner_of(stream) {
+            Err(reason) => Identity::Unidentified(reason),
+            Ok(owner) => self
+                .cached(owner)
+                .unwrap_or_else(|owner| self.resolve_blocking(owner)),
+        }
+    }
+
+    /// The fast step (a getsockopt and one sock_diag exchange): the client socket's owner.
+    pub fn owner_of(&self, stream: &tokio::net::TcpStream) -> Result<SocketOwner, Unidentified> {
         let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
-            return Identity::Unidentified(Unidentified::SocketGone);
+            return Err(Unidentified::SocketGone);
         };
         let destination = original_destination(stream, local).unwrap_or(local);
         match lookup(peer, destination) {
-            Ok(Some(owner)) => self.caller(owner),
-            Ok(None) if is_local_address(peer.ip()) => {
-                Identity::Unidentified(Unidentified::SocketGone)
-            }
-            Ok(None) => Identity::Unidentified(Unidentified::Forwarded),
+            Ok(Some(owner)) => Ok(owner),
+            Ok(None) if is_local_address(peer.ip()) => Err(Unidentified::SocketGone),
+            Ok(None) => Err(Unidentified::Forwarded),
             Err(e) => {
                 tracing::debug!(error = %e, "sock_diag lookup failed");
-                Identity::Unidentified(Unidentified::LookupFailed)
+                Err(Unidentified::LookupFailed)
             }
         }
     }
 
-    fn caller(&self, owner: SocketOwner) -> Identity {
+    /// The identity from what is already known. `Err(owner)`: its cgroup is new, and
+    /// [`Identifier::resolve_blocking`] must walk the tree.
+    pub fn cached(&self, owner: SocketOwner) -> Result<Identity, SocketOwner> {
         let Some(id) = owner.cgroup_id else {
-            return Identity::Unidentified(Unidentified::LookupFailed);
+            return Ok(Identity::Unidentified(Unidentified::LookupFailed));
         };
-        let path = {
-            let mut map = self.cgroups.lock().unwrap_or_else(|e| e.into_inner());
-            map.path_of(id)
-        };
-        // A cgroup that cannot be named cannot be matched against `units`: unidentified, so that
-        // a fresh cgroup never slips past a unit rule.
-        let Some(path) = path else {
-            return Identity::Unidentified(Unidentified::LookupFailed);
-        };
-        Identity::Identified(Caller {
-            uid: owner.uid,
-            unit: unit_of(&path),
-            cgroup: Some(path),
-            pid: None,
-        })
+        if self.root.is_none() {
+            return Ok(Identity::Unidentified(Unidentified::LookupFailed));
+        }
+        let paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+        match paths.get(&id) {
+            Some(path) => Ok(caller(owner.uid, path)),
+            None => Err(owner),
+        }
     }
+
+    /// Walks the cgroup tree once (start-up, on a blocking thread), whatever the rate limit.
+    pub fn prime(&self) {
+        let Some(root) = &self.root else { return };
+        let mut last_walk = self.walk.lock().unwrap_or_else(|e| e.into_inner());
+        let found = walk_cgroups(root);
+        self.paths
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(found);
+        *last_walk = Some(Instant::now());
+    }
+
+    /// The slow step, for a blocking thread: walks the cgroup tree (one walk at a time, at most
+    /// one per [`REWALK_INTERVAL`]; what a walk finds is added to what is known) and names the
+    /// owner's cgroup. A cgroup that still cannot be named cannot be matched against `units`:
+    /// unidentified, so that a fresh cgroup never slips past a unit rule.
+    pub fn resolve_blocking(&self, owner: SocketOwner) -> Identity {
+        let unidentified = Identity::Unidentified(Unidentified::LookupFailed);
+        let (Some(root), Some(_)) = (&self.root, owner.cgroup_id) else {
+            return unidentified;
+        };
+        let mut last_walk = self.walk.lock().unwrap_or_else(|e| e.into_inner());
+        // Another walk may have found it while this one waited.
+        if let Ok(known) = self.cached(owner) {
+            return known;
+        }
+        if last_walk.is_some_and(|t| t.elapsed() < REWALK_INTERVAL) {
+            return unidentified;
+        }
+        let found = walk_cgroups(root);
+        {
+            let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+            if paths.len() + found.len() > 2 * MAX_CGROUPS {
+                paths.clear();
+            }
+            paths.extend(found);
+        }
+        *last_walk = Some(Instant::now());
+        self.cached(owner).unwrap_or(unidentified)
+    }
+}
+
+fn caller(uid: u32, path: &str) -> Identity {
+    Identity::Identified(Caller {
+        uid,
+        unit: unit_of(path),
+        cgroup: Some(path.to_owned()),
+        pid: None,
+    })
 }
 
 /// The destination the client connected to, before the firewall's DNAT. None when conntrack has
@@ -197,7 +250,7 @@ pub fn lookup(
     socket.send(&request, 0)?;
     let mut buf = vec![0u8; 8192];
     let n = socket.recv(&mut &mut buf[..], 0)?;
-    parse_answer(&buf[..n])
+    parse_answer(&buf[..n], source, destination)
 }
 
 /// The request: NLM_F_REQUEST without NLM_F_DUMP is an exact lookup (`inet_diag_find_one_icsk`).
@@ -229,18 +282,25 @@ pub fn request_bytes(family: u8, source: SocketAddr, destination: SocketAddr) ->
     buf
 }
 
-/// Reads the kernel's answer to [`request_bytes`]: one `InetResponse`, or an error message
-/// (`ENOENT`: no such socket). Anything else is a decode error; a socket that is not a process's
-/// full socket (TIME_WAIT and friends, reported with uid 0) is `None`.
-pub fn parse_answer(bytes: &[u8]) -> Result<Option<SocketOwner>, LookupError> {
+/// Reads the kernel's answer to [`request_bytes`] for the tuple `source -> destination`: one
+/// `InetResponse`, or an error message (`ENOENT`: no such socket). Anything else is a decode
+/// error. The answer counts only for a connected socket with exactly that tuple; anything else
+/// (a listener the kernel fell back to, a TIME_WAIT remnant reported with uid 0) is `None`.
+pub fn parse_answer(
+    bytes: &[u8],
+    source: SocketAddr,
+    destination: SocketAddr,
+) -> Result<Option<SocketOwner>, LookupError> {
     let message = NetlinkMessage::<SockDiagMessage>::deserialize(bytes)
         .map_err(|e| LookupError::Decode(e.to_string()))?;
     match message.payload {
         NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-            if matches!(
-                response.header.state,
-                TCP_TIME_WAIT | TCP_CLOSE | TCP_NEW_SYN_RECV
-            ) {
+            let id = &response.header.socket_id;
+            let same_tuple = id.source_address == source.ip()
+                && id.source_port == source.port()
+                && id.destination_address == destination.ip()
+                && id.destination_port == destination.port();
+            if !same_tuple || !CONNECTED_STATES.contains(&response.header.state) {
                 return Ok(None);
             }
             let cgroup_id = response.nlas.iter().find_map(|nla| match nla {
@@ -284,28 +344,6 @@ fn is_local_address(ip: IpAddr) -> bool {
                 || sa.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())) == Some(ip)
         })
     })
-}
-
-/// cgroup id (directory inode) -> path relative to the cgroup v2 root, filled by walking.
-struct CgroupMap {
-    root: Option<PathBuf>,
-    paths: HashMap<u64, String>,
-    walked: Option<Instant>,
-}
-
-impl CgroupMap {
-    fn path_of(&mut self, id: u64) -> Option<String> {
-        if let Some(path) = self.paths.get(&id) {
-            return Some(path.clone());
-        }
-        let root = self.root.clone()?;
-        if self.walked.is_some_and(|t| t.elapsed() < REWALK_INTERVAL) {
-            return None;
-        }
-        self.walked = Some(Instant::now());
-        self.paths = walk_cgroups(&root);
-        self.paths.get(&id).cloned()
-    }
 }
 
 /// Every cgroup directory under `root` by inode, as "/a/b" paths ("/" for the root).
@@ -403,7 +441,11 @@ impl GroupCache {
         {
             return groups.clone();
         }
-        let groups = SystemDirectory.groups_of_uid(uid).unwrap_or_default();
+        // A failed lookup (NSS down, a uid without a passwd entry) is not remembered: the next
+        // request asks again.
+        let Some(groups) = SystemDirectory.groups_of_uid(uid) else {
+            return Vec::new();
+        };
         if entries.len() >= Self::CAPACITY {
             entries.clear();
         }

@@ -93,9 +93,50 @@ fn the_request_is_an_exact_inet_diag_req_v2() {
 }
 
 /// A `struct inet_diag_msg` answer built by hand as the kernel lays it out, with attributes.
+const SRC: &str = "169.254.0.2:41000";
+const DST: &str = "169.254.169.254:80";
+const ESTABLISHED: u8 = 1;
+const LISTEN: u8 = 10;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// `struct inet_diag_sockid`: ports big endian, addresses in network order (IPv4 in the first
+/// 4 of 16 bytes), interface, cookie.
+fn sockid(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    let octets = |a: SocketAddr| match a.ip() {
+        IpAddr::V4(v4) => {
+            let mut o = [0u8; 16];
+            o[..4].copy_from_slice(&v4.octets());
+            o
+        }
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    let mut id = Vec::new();
+    id.extend_from_slice(&source.port().to_be_bytes());
+    id.extend_from_slice(&destination.port().to_be_bytes());
+    id.extend_from_slice(&octets(source));
+    id.extend_from_slice(&octets(destination));
+    id.extend_from_slice(&0u32.to_ne_bytes());
+    id.extend_from_slice(&[0xff; 8]);
+    id
+}
+
+/// A `struct inet_diag_msg` answer built by hand as the kernel lays it out, with attributes.
 fn answer(state: u8, uid: u32, cgroup: Option<u64>) -> Vec<u8> {
+    answer_for(state, uid, cgroup, addr(SRC), addr(DST))
+}
+
+fn answer_for(
+    state: u8,
+    uid: u32,
+    cgroup: Option<u64>,
+    source: SocketAddr,
+    destination: SocketAddr,
+) -> Vec<u8> {
     let mut msg = vec![2u8, state, 0, 0]; // family, state, timer, retrans
-    msg.extend_from_slice(&[0u8; 48]); // sockid
+    msg.extend_from_slice(&sockid(source, destination));
     msg.extend_from_slice(&0u32.to_ne_bytes()); // expires
     msg.extend_from_slice(&0u32.to_ne_bytes()); // rqueue
     msg.extend_from_slice(&0u32.to_ne_bytes()); // wqueue
@@ -120,9 +161,13 @@ fn answer(state: u8, uid: u32, cgroup: Option<u64>) -> Vec<u8> {
     out
 }
 
+fn parse(bytes: &[u8]) -> Result<Option<SocketOwner>, LookupError> {
+    parse_answer(bytes, addr(SRC), addr(DST))
+}
+
 #[test]
 fn an_answer_gives_the_owner_and_the_raw_cgroup_attribute() {
-    let owner = parse_answer(&answer(1, 1000, Some(0x1122_3344_5566))).unwrap();
+    let owner = parse(&answer(ESTABLISHED, 1000, Some(0x1122_3344_5566))).unwrap();
     assert_eq!(
         owner,
         Some(SocketOwner {
@@ -130,24 +175,50 @@ fn an_answer_gives_the_owner_and_the_raw_cgroup_attribute() {
             cgroup_id: Some(0x1122_3344_5566)
         })
     );
-    // Older kernels: no cgroup attribute (the caller is then unidentified, see `caller`).
+    // Older kernels: no cgroup attribute (the caller is then unidentified, see `cached`).
     assert_eq!(
-        parse_answer(&answer(1, 7, None)).unwrap(),
+        parse(&answer(ESTABLISHED, 7, None)).unwrap(),
         Some(SocketOwner {
             uid: 7,
             cgroup_id: None
         })
     );
+    // A client that half-closed (FIN_WAIT1/2), or that credlock answered and closed.
+    for state in [4, 5, 8, 9, 11] {
+        assert!(
+            parse(&answer(state, 7, Some(1))).unwrap().is_some(),
+            "state {state}"
+        );
+    }
 }
 
 #[test]
-fn time_wait_and_other_remnants_are_no_owner_never_root() {
-    for state in [TCP_TIME_WAIT, TCP_CLOSE, TCP_NEW_SYN_RECV] {
+fn only_a_connected_socket_with_exactly_that_tuple_is_the_caller() {
+    // TIME_WAIT (reported with uid 0: never root), CLOSE, SYN_SENT/RECV, NEW_SYN_RECV.
+    for state in [2, 3, 6, 7, 12] {
         assert_eq!(
-            parse_answer(&answer(state, 0, None)).unwrap(),
+            parse(&answer(state, 0, None)).unwrap(),
             None,
             "state {state}"
         );
+    }
+    // The kernel's lookup falls back to a listener on the source port when no connection has
+    // the tuple: a forwarded container choosing that port must not become the listener's owner.
+    let listener = answer_for(LISTEN, 0, Some(9), addr("0.0.0.0:41000"), addr("0.0.0.0:0"));
+    assert_eq!(parse(&listener).unwrap(), None);
+    assert_eq!(
+        parse(&answer(LISTEN, 0, Some(9))).unwrap(),
+        None,
+        "LISTEN even with the tuple"
+    );
+    for (source, destination) in [
+        ("169.254.0.2:41001", DST),
+        ("169.254.0.3:41000", DST),
+        (SRC, "169.254.169.254:81"),
+        (SRC, "169.254.169.253:80"),
+    ] {
+        let other = answer_for(ESTABLISHED, 1000, Some(9), addr(source), addr(destination));
+        assert_eq!(parse(&other).unwrap(), None, "{source} -> {destination}");
     }
 }
 
@@ -164,20 +235,17 @@ fn an_enoent_error_is_no_socket_other_errors_and_garbage_are_errors() {
         out.extend_from_slice(&[0u8; 16]); // the request's header
         out
     };
-    assert!(matches!(parse_answer(&error(-libc::ENOENT)), Ok(None)));
+    assert!(matches!(parse(&error(-libc::ENOENT)), Ok(None)));
     assert!(
-        matches!(parse_answer(&error(-libc::EPERM)), Err(LookupError::Kernel(c)) if c == -libc::EPERM)
+        matches!(parse(&error(-libc::EPERM)), Err(LookupError::Kernel(c)) if c == -libc::EPERM)
     );
-    assert!(parse_answer(&[1, 2, 3]).is_err());
-    assert!(parse_answer(&[]).is_err());
-    let mut cut = answer(1, 1, Some(9));
+    assert!(parse(&[1, 2, 3]).is_err());
+    assert!(parse(&[]).is_err());
+    let mut cut = answer(ESTABLISHED, 1, Some(9));
     cut.truncate(40);
-    assert!(parse_answer(&cut).is_err());
+    assert!(parse(&cut).is_err());
 }
 
-/// Against the running kernel: a connection this test makes is found with this process's uid
-/// and cgroup (the inode of its cgroup v2 directory), over IPv4 and IPv6, and the identifier
-/// names the cgroup's path.
 #[tokio::test]
 async fn the_kernel_finds_this_process_socket() {
     let Some(root) = std::fs::read_to_string("/proc/self/mountinfo")
@@ -237,4 +305,10 @@ async fn the_kernel_finds_this_process_socket() {
     )
     .unwrap();
     assert_eq!(nobody, None);
+    // A listener on the source port of a tuple nobody has (the kernel's fallback): no owner.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let source = format!("127.0.0.1:{port}").parse().unwrap();
+    let fallback = lookup(source, "169.254.169.254:80".parse().unwrap()).unwrap();
+    assert_eq!(fallback, None, "a listener is never the caller");
 }

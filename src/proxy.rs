@@ -140,7 +140,11 @@ pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<
     // Who may get what: decided before anything reaches the upstream.
     let who = parts.extensions.get::<Arc<Identity>>().cloned();
     if let Some(access) = &state.access {
-        let has_token = parts.headers.contains_key(TOKEN_HEADER);
+        // Present and not empty: IMDS judges the token itself on every forwarded request.
+        let has_token = parts
+            .headers
+            .get(TOKEN_HEADER)
+            .is_some_and(|v| !v.is_empty());
         if let Some((status, text)) =
             access.check(&state.metrics, who.as_deref(), &route, has_token)
         {

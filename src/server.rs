@@ -35,9 +35,13 @@ pub struct Limits {
     pub drain: Duration,
 }
 
-/// Finds who is behind an accepted connection (`peer::Identifier`), once per connection; its
-/// answer travels in every request's extensions as an `Arc<Identity>`.
-pub type Identify = Arc<dyn Fn(&TcpStream) -> crate::access::Identity + Send + Sync>;
+/// Finds who is behind an accepted connection (`peer::Identifier`), once per connection: called
+/// at accept (the fast, synchronous part: the socket is there to be found while its client
+/// waits), its future finishes in the connection's own task (a slow part runs on the blocking
+/// pool, never on the serving thread). The answer travels in every request's extensions as an
+/// `Arc<Identity>`.
+pub type Identify = Arc<dyn Fn(&TcpStream) -> IdentifyFuture + Send + Sync>;
+pub type IdentifyFuture = std::pin::Pin<Box<dyn Future<Output = crate::access::Identity> + Send>>;
 
 /// Binds every address; the first failure is returned with the address that failed.
 pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, (SocketAddr, std::io::Error)> {
@@ -197,49 +201,53 @@ pub async fn serve<H, Fut>(
             accepted = rx.recv() => {
                 let Some((stream, peer, permit)) = accepted else { break };
                 let _ = stream.set_nodelay(true);
-                // While the client waits for its first answer its socket is there to be found.
-                let who = identify.as_ref().map(|identify| Arc::new(identify(&stream)));
+                let pending = identify.as_ref().map(|identify| identify(&stream));
                 let handler = handler.clone();
                 let (id, conn_state) = registry.add(now_ms());
                 let open = counters.as_ref().map(|c| c.open.clone());
                 if let Some(g) = &open {
                     g.inc();
                 }
-                let seen = conn_state.clone();
-                let conn = http1::Builder::new()
-                    // hyper's own header-read timeout arms and drops a timer on every request;
-                    // the watchdog below needs one per connection.
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(None)
-                    .keep_alive(true)
-                    .max_header_size(MAX_HEAD_BYTES)
-                    .max_buf_size(MAX_BUFFER_BYTES)
-                    // IMDS answers are small: one copy into the head's buffer and one plain
-                    // write beat queueing head and body for a vectored write.
-                    .writev(false)
-                    .serve_connection(
-                        TokioIo::new(stream),
-                        service_fn(move |mut req: Request<Incoming>| {
-                            if let Some(who) = &who {
-                                req.extensions_mut().insert(who.clone());
-                            }
-                            let handler = handler.clone();
-                            let conn_state = conn_state.clone();
-                            conn_state.activity.fetch_add(1, Ordering::Relaxed);
-                            conn_state.last_active_ms.store(now_ms(), Ordering::Relaxed);
-                            async move {
-                                let response = handler(req).await;
-                                conn_state.activity.fetch_add(1, Ordering::Relaxed);
-                                conn_state.last_active_ms.store(now_ms(), Ordering::Relaxed);
-                                Ok::<_, std::convert::Infallible>(response)
-                            }
-                        }),
-                    );
-                let conn = graceful.watch(conn);
+                let watcher = graceful.watcher();
                 let span = tracing::debug_span!("conn", listener = name, peer.addr = %peer);
                 let registry = registry.clone();
                 tokio::spawn(
                     async move {
+                        let who = match pending {
+                            Some(pending) => Some(Arc::new(pending.await)),
+                            None => None,
+                        };
+                        let seen = conn_state.clone();
+                        let conn = http1::Builder::new()
+                            // hyper's own header-read timeout arms and drops a timer on every
+                            // request; the watchdog below needs one per connection.
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(None)
+                            .keep_alive(true)
+                            .max_header_size(MAX_HEAD_BYTES)
+                            .max_buf_size(MAX_BUFFER_BYTES)
+                            // IMDS answers are small: one copy into the head's buffer and one
+                            // plain write beat queueing head and body for a vectored write.
+                            .writev(false)
+                            .serve_connection(
+                                TokioIo::new(stream),
+                                service_fn(move |mut req: Request<Incoming>| {
+                                    if let Some(who) = &who {
+                                        req.extensions_mut().insert(who.clone());
+                                    }
+                                    let handler = handler.clone();
+                                    let conn_state = conn_state.clone();
+                                    conn_state.activity.fetch_add(1, Ordering::Relaxed);
+                                    conn_state.last_active_ms.store(now_ms(), Ordering::Relaxed);
+                                    async move {
+                                        let response = handler(req).await;
+                                        conn_state.activity.fetch_add(1, Ordering::Relaxed);
+                                        conn_state.last_active_ms.store(now_ms(), Ordering::Relaxed);
+                                        Ok::<_, std::convert::Infallible>(response)
+                                    }
+                                }),
+                            );
+                        let conn = watcher.watch(conn);
                         tokio::select! {
                             result = conn => if let Err(e) = result {
                                 tracing::debug!(error = %e, "connection ended with an error");

@@ -168,6 +168,18 @@ print("none" if creds is None else "got")
             "$(imds container "$IMDS4" "$creds" v1) $(imds container "$IMDS4" /latest/meta-data/instance-id v1)"
         after=$(in_i curl -s --max-time 3 "http://$ADMIN/metrics" | awk '$1 == "credlock_connections_identified_total{result=\"forwarded\"}" { print $2 }')
         expect "unidentified: counted as forwarded (credlock_connections_identified_total)" 2 "$((${after:-0} - ${before:-0}))"
+        # The kernel's socket lookup falls back to a listener on the source port when no
+        # connection has the tuple: a container choosing the port of an allowed user's listener
+        # must stay unidentified, not become that user.
+        ip netns exec "$NS_I" runuser -u "$OK_USER" -- "$PY" -c '
+import socket, time
+s = socket.socket(); s.bind(("0.0.0.0", 9100)); s.listen(); time.sleep(20)' &
+        local listener_pid=$!
+        sleep 0.5
+        out=$(in_c curl -sS -g --max-time 5 --local-port 9100 -w ' %{http_code}' -o /dev/null "http://$IMDS4$creds" 2>&1)
+        kill "$listener_pid" 2>/dev/null
+        wait "$listener_pid" 2>/dev/null
+        expect "unidentified: a container using the source port of the allowed user's listener is not that user (404)" " 404" "$out"
     fi
     expect "metrics: denials and allowances counted per rule" "yes yes yes yes" \
         "$( (($(access_decisions web denied) >= 6)) && echo yes || echo no) $( (($(access_decisions web allowed) >= 4)) && echo yes || echo no) $( (($(access_decisions v2only token_required) >= 2)) && echo yes || echo no) $( (($(access_decisions allowed allowed) >= 2)) && echo yes || echo no)"

@@ -29,6 +29,12 @@
 #  - processes with credlock's uid outside credlock.service (setpriv from another cgroup,
 #    systemd-run --scope) are redirected like everyone: locked, not raw, credentials.
 #
+# Issue 15 (per-process access policy), in the real boot: credlock.toml has a rule "reporting"
+# matching credlock-test-denied.service by unit name (User= the app user,
+# tests/root/nspawn_denied_app.sh): it gets 404 for credentials and still reads metadata, while
+# the example app (same user, another unit) gets locked credentials; /metrics and the journal
+# name the rule and the unit.
+#
 #   sudo tests/root/nspawn_systemd_test.sh
 #
 # Topology (nothing touches the host's network):
@@ -193,6 +199,7 @@ dump_journal() {
     printf -- '---- journal (credlock units, last 80 lines) ----\n'
     cexec journalctl -b --no-pager -o short-monotonic -n 80 \
         -u credlock-firewall.service -u credlock.service -u credlock-example-app.service \
+        -u "$DENIED_UNIT" \
         -u cloud-init-local.service -u cloud-init.service -u cloud-final.service 2>&1 |
         sed 's/^/  | /'
     printf -- '----\n'
@@ -391,6 +398,7 @@ make_rootfs() {
     install -m 0755 "$HERE/nspawn_squatter.sh" "$ROOT/usr/local/bin/credlock-squatter"
     install -m 0755 "$HERE/nspawn_lock_holder.sh" "$ROOT/usr/local/bin/credlock-lock-holder"
     install -m 0755 "$HERE/nspawn_imds_probe.sh" "$ROOT/usr/local/bin/credlock-imds-probe"
+    install -m 0755 "$HERE/nspawn_denied_app.sh" "$ROOT/usr/local/bin/credlock-denied-app"
 }
 
 # ami/provision.sh install inside the (not yet booted) root, the way an image build runs it:
@@ -703,6 +711,49 @@ EOF
     ln -sf "/etc/systemd/system/$LOCK_HOLDER" "$ROOT/etc/systemd/system/multi-user.target.wants/$LOCK_HOLDER"
 }
 
+# Issue 15: a per-process access policy in credlock's config, for the real boot only. The rule
+# "reporting" matches one unit by name, credlock-test-denied.service (tests/root/
+# nspawn_denied_app.sh, User= the app user): no credentials, metadata as before. The example app
+# is the same user in another unit and matches no rule: allowed, as is every identified caller
+# matching none. The suite's own probes (cexec: nsenter from a host cgroup the container cannot
+# name) are unidentified, which a policy denies unless a rule says otherwise: "harness" keeps
+# today's behaviour for them.
+readonly DENIED_UNIT=credlock-test-denied.service
+install_access_policy() {
+    local role
+    role=$(emulator_state | /usr/bin/python3 -c 'import json, sys; print(json.load(sys.stdin).get("role") or "")' 2>/dev/null)
+    [[ -n $role ]] || fatal "access policy" "cannot read the emulator's role from GET /state"
+    cat >>"$ROOT/etc/credlock/credlock.toml" <<EOF
+
+# Issue 15 (nspawn test, real boot): one unit is refused credentials by its name.
+[[access.rule]]
+name = "reporting"
+units = ["$DENIED_UNIT"]
+credentials = "deny"
+
+[[access.rule]]
+name = "harness"
+unidentified = true
+EOF
+    cat >"$ROOT/etc/systemd/system/$DENIED_UNIT" <<EOF
+[Unit]
+Description=credlock test: an application refused credentials by the access policy (its unit)
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+User=$APP_USER
+StateDirectory=${DENIED_UNIT%.service}
+ExecStart=/usr/local/bin/credlock-denied-app $role
+
+[Install]
+WantedBy=multi-user.target
+EOF
+    install -D -m 0644 "$REPO/systemd/app-after-credlock.conf" \
+        "$ROOT/etc/systemd/system/$DENIED_UNIT.d/after-credlock.conf"
+    ln -sf "/etc/systemd/system/$DENIED_UNIT" "$ROOT/etc/systemd/system/multi-user.target.wants/$DENIED_UNIT"
+}
+
 # ---------------------------------------------------------------------------------------------
 # Checks
 
@@ -899,6 +950,61 @@ check_credentials() {
         "http://[$IMDS6]" "$WORK/sameuid-setpriv6.json" setpriv --reuid=credlock --regid=credlock --clear-groups --
     same_uid_redirected "credlock's uid outside its service (systemd-run --scope --uid=credlock) via 169.254.169.254 is redirected: locked credentials" \
         "http://$IMDS4" "$WORK/sameuid-scope4.json" systemd-run --quiet --scope --uid=credlock --gid=credlock --
+}
+
+# access_decisions RULE DECISION: credlock_access_decisions_total from credlock's /metrics (0 if
+# absent).
+access_decisions() {
+    cexec curl -sS --max-time 3 http://127.0.0.1:9169/metrics 2>/dev/null |
+        awk -v r="$1" -v d="$2" '$1 == "credlock_access_decisions_total{decision=\"" d "\",rule=\"" r "\"}" { print $2; f=1 } END { if (!f) print 0 }'
+}
+
+# denied_field KEY: a value credlock-denied-app recorded ("KEY value" lines).
+denied_field() {
+    awk -v k="$1" '$1 == k { sub(/^[^ ]+ ?/, ""); print; exit }' "$ROOT/var/lib/${DENIED_UNIT%.service}/result" 2>/dev/null
+}
+
+# Issue 15: the rule "reporting" refuses credentials to credlock-test-denied.service by its unit
+# name (404), not metadata; the example app (same user, another unit) got locked credentials
+# (check_credentials) and credlock names its unit in the log. Runs before any restart of credlock
+# (the decision counters are its process's).
+check_access_policy() {
+    local journal n
+    check "$DENIED_UNIT (access policy) finished successfully" \
+        test "$(prop "$DENIED_UNIT" Result)" = success
+    log "$DENIED_UNIT: $(tr '\n' ' ' <"$ROOT/var/lib/${DENIED_UNIT%.service}/result" 2>/dev/null | head -c 400)"
+    if [[ $(denied_field user) == "$APP_USER" && $(denied_field token_rc) == 0 &&
+        $(denied_field listing) == 404 && $(denied_field credentials) == 404 ]]; then
+        pass "access policy: $DENIED_UNIT (User=$APP_USER) is refused credentials by its unit: 404 for the role listing and the role's credentials"
+    else
+        fail "access policy: $DENIED_UNIT (User=$APP_USER) is refused credentials by its unit" \
+            "user '$(denied_field user)', token curl exit '$(denied_field token_rc)', listing '$(denied_field listing)', credentials '$(denied_field credentials)': $(denied_field credentials_body)"
+    fi
+    if [[ $(denied_field instance_id) == 200 && $(denied_field instance_id_body) == "$IID" ]]; then
+        pass "access policy: $DENIED_UNIT still reads metadata (instance-id 200, $IID)"
+    else
+        fail "access policy: $DENIED_UNIT still reads metadata (instance-id 200)" \
+            "status '$(denied_field instance_id)', body '$(denied_field instance_id_body)'"
+    fi
+    n=$(access_decisions reporting denied)
+    if [[ $n =~ ^[0-9]+$ ]] && ((n >= 1)); then
+        pass "access policy: /metrics credlock_access_decisions_total{decision=\"denied\",rule=\"reporting\"} is $n"
+    else
+        fail "access policy: /metrics credlock_access_decisions_total{decision=\"denied\",rule=\"reporting\"} >= 1" "got '$n'"
+    fi
+    journal=$(cexec journalctl -b -u credlock.service --no-pager -q -o cat)
+    if grep 'access policy: request answered locally' <<<"$journal" | grep 'reporting' | grep -q "$DENIED_UNIT"; then
+        pass "access policy: credlock's journal names rule reporting and $DENIED_UNIT for the local answer"
+    else
+        fail "access policy: credlock's journal names rule reporting and $DENIED_UNIT for the local answer" \
+            "$(grep 'access policy' <<<"$journal" | head -3 | tr '\n' ' ')"
+    fi
+    if grep 'locked credentials served to a caller' <<<"$journal" | grep -q 'credlock-example-app.service'; then
+        pass "access policy: credlock identified credlock-example-app.service (same user, no rule) and served it locked credentials"
+    else
+        fail "access policy: credlock identified credlock-example-app.service and served it locked credentials" \
+            "$(grep 'served to a caller' <<<"$journal" | head -3 | tr '\n' ' ')"
+    fi
 }
 
 # Issue 14: credlock's direct IMDS access belongs to its service, not to its uid number. A process
@@ -1465,11 +1571,13 @@ check_uninstalled() {
         /etc/systemd/system/sysinit.target.wants/credlock-firewall.service; do
         [[ -e $ROOT$p || -L $ROOT$p ]] && left+=("$p")
     done
-    # Any other unit file or enablement link of credlock's (credlock.socket, firewall check units).
+    # Any other unit file or enablement link of credlock's (credlock.socket, firewall check units);
+    # not the test's own application units.
     while IFS= read -r p; do
         left+=("${p#"$ROOT"}")
     done < <(find "$ROOT/usr/lib/systemd/system" "$ROOT/etc/systemd/system" -name 'credlock*' \
-        ! -name 'credlock-example-app*' ! -path '*/credlock-example-app.service.d*' 2>/dev/null)
+        ! -name 'credlock-example-app*' ! -path '*/credlock-example-app.service.d*' \
+        ! -name "$DENIED_UNIT*" ! -path "*/$DENIED_UNIT.d*" 2>/dev/null)
     if ((${#left[@]} == 0)); then pass "$label: files removed"; else fail "$label: files removed" "left: ${left[*]}"; fi
     if cexec getent passwd credlock >/dev/null || cexec getent group credlock >/dev/null; then
         fail "$label: user and group credlock removed"
@@ -1575,12 +1683,14 @@ main() {
     start_servers
     control_boot
     install_lock_holder
+    install_access_policy
     boot_container
     check_boot_order
     check_cloud_init
     check_lock_holder
     check_firewall
     check_credentials
+    check_access_policy
     check_nftables
     check_hand_removal
     check_watchdog
