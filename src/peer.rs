@@ -54,6 +54,10 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_millis(200);
 const REWALK_INTERVAL: Duration = Duration::from_millis(500);
 /// Bound on the cgroup tree walk.
 const MAX_CGROUPS: usize = 100_000;
+/// How long a cgroup id no walk could name stays unnamed without another walk, and how many
+/// such ids are remembered.
+const UNNAMED_TTL: Duration = Duration::from_secs(60);
+const MAX_UNNAMED: usize = 4096;
 
 /// What a lookup found: the client socket's owner and cgroup id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,8 +71,10 @@ pub struct Identifier {
     root: Option<PathBuf>,
     /// cgroup id (its directory's inode) -> path relative to the cgroup v2 root.
     paths: Mutex<HashMap<u64, String>>,
-    /// Held while walking; when the last walk ended.
+    /// Held while walking; when the last walk started.
     walk: Mutex<Option<Instant>>,
+    /// cgroup ids a walk did not find, and when.
+    unnamed: Mutex<HashMap<u64, Instant>>,
 }
 
 impl Default for Identifier {
@@ -99,6 +105,7 @@ impl Identifier {
             root,
             paths: Mutex::new(HashMap::new()),
             walk: Mutex::new(None),
+            unnamed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -150,41 +157,67 @@ impl Identifier {
     pub fn prime(&self) {
         let Some(root) = &self.root else { return };
         let mut last_walk = self.walk.lock().unwrap_or_else(|e| e.into_inner());
+        let started = Instant::now();
         let found = walk_cgroups(root);
-        self.paths
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(found);
-        *last_walk = Some(Instant::now());
+        self.learn(found);
+        *last_walk = Some(started);
     }
 
-    /// The slow step, for a blocking thread: walks the cgroup tree (one walk at a time, at most
-    /// one per [`REWALK_INTERVAL`]; what a walk finds is added to what is known) and names the
-    /// owner's cgroup. A cgroup that still cannot be named cannot be matched against `units`:
-    /// unidentified, so that a fresh cgroup never slips past a unit rule.
+    /// The slow step, for a blocking thread: names the owner's cgroup by walking the cgroup
+    /// tree. Walks are one at a time and at most one per [`REWALK_INTERVAL`]; a caller waits for
+    /// the first walk that starts after it arrived (all callers waiting meanwhile share it), so
+    /// a process creating cgroups delays only callers in new cgroups, by about the interval.
+    /// What a walk finds is added to what is known. A cgroup such a walk did not find (outside
+    /// credlock's cgroup namespace, or gone) is remembered as unnamed for a minute. A cgroup
+    /// that cannot be named cannot be matched against `units`: unidentified, so that a fresh
+    /// cgroup never slips past a unit rule.
     pub fn resolve_blocking(&self, owner: SocketOwner) -> Identity {
+        let arrived = Instant::now();
         let unidentified = Identity::Unidentified(Unidentified::LookupFailed);
-        let (Some(root), Some(_)) = (&self.root, owner.cgroup_id) else {
+        let (Some(root), Some(id)) = (&self.root, owner.cgroup_id) else {
             return unidentified;
         };
+        if self.is_unnamed(id) {
+            return unidentified;
+        }
         let mut last_walk = self.walk.lock().unwrap_or_else(|e| e.into_inner());
-        // Another walk may have found it while this one waited.
         if let Ok(known) = self.cached(owner) {
             return known;
         }
-        if last_walk.is_some_and(|t| t.elapsed() < REWALK_INTERVAL) {
-            return unidentified;
-        }
-        let found = walk_cgroups(root);
-        {
-            let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
-            if paths.len() + found.len() > 2 * MAX_CGROUPS {
-                paths.clear();
+        if !last_walk.is_some_and(|started| started >= arrived) {
+            if let Some(wait) = last_walk.and_then(|t| REWALK_INTERVAL.checked_sub(t.elapsed())) {
+                std::thread::sleep(wait);
             }
-            paths.extend(found);
+            let started = Instant::now();
+            let found = walk_cgroups(root);
+            self.learn(found);
+            *last_walk = Some(started);
         }
-        *last_walk = Some(Instant::now());
-        self.cached(owner).unwrap_or(unidentified)
+        // A walk that started after this connection arrived saw every cgroup that existed then,
+        // this one's included, if it is visible at all.
+        self.cached(owner).unwrap_or_else(|_| {
+            let mut unnamed = self.unnamed.lock().unwrap_or_else(|e| e.into_inner());
+            if unnamed.len() >= MAX_UNNAMED {
+                unnamed.clear();
+            }
+            unnamed.insert(id, Instant::now());
+            unidentified
+        })
+    }
+
+    fn learn(&self, found: HashMap<u64, String>) {
+        let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+        if paths.len() + found.len() > 2 * MAX_CGROUPS {
+            paths.clear();
+        }
+        paths.extend(found);
+    }
+
+    fn is_unnamed(&self, id: u64) -> bool {
+        let unnamed = self.unnamed.lock().unwrap_or_else(|e| e.into_inner());
+        unnamed
+            .get(&id)
+            .is_some_and(|at| at.elapsed() < UNNAMED_TTL)
     }
 }
 

@@ -312,3 +312,66 @@ async fn the_kernel_finds_this_process_socket() {
     let fallback = lookup(source, "169.254.169.254:80".parse().unwrap()).unwrap();
     assert_eq!(fallback, None, "a listener is never the caller");
 }
+
+/// The cgroup map against a directory tree standing in for the cgroup v2 hierarchy (a cgroup's
+/// id is its directory's inode).
+#[test]
+fn new_cgroups_are_named_by_one_shared_walk_and_unnamed_ones_are_not_walked_for_again() {
+    let root = std::env::temp_dir().join(format!("credlock-peer-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("system.slice/a.service")).unwrap();
+    let ino = |rel: &str| std::fs::metadata(root.join(rel)).unwrap().ino();
+    let owner = |id| SocketOwner {
+        uid: 7,
+        cgroup_id: Some(id),
+    };
+    let identifier = Identifier::with_cgroup_root(Some(root.clone()));
+    identifier.prime();
+    let a = owner(ino("system.slice/a.service"));
+    let Ok(Identity::Identified(c)) = identifier.cached(a) else {
+        panic!("primed: a.service is known")
+    };
+    assert_eq!((c.uid, c.unit.as_deref()), (7, Some("a.service")));
+
+    // A service started after the walk: unknown to the cache, named by the next walk, which
+    // waits for the rate limit instead of giving up.
+    std::fs::create_dir_all(root.join("system.slice/b.service")).unwrap();
+    let b = owner(ino("system.slice/b.service"));
+    assert!(identifier.cached(b).is_err());
+    let started = Instant::now();
+    let Identity::Identified(c) = identifier.resolve_blocking(b) else {
+        panic!("b.service is named")
+    };
+    assert_eq!(c.unit.as_deref(), Some("b.service"));
+    assert!(
+        started.elapsed() >= REWALK_INTERVAL / 2,
+        "the walk waited for the interval"
+    );
+
+    // An id no walk can name (outside the hierarchy credlock sees): unidentified, then
+    // remembered as such, without another walk.
+    let invisible = owner(u64::MAX - 1);
+    assert_eq!(
+        identifier.resolve_blocking(invisible),
+        Identity::Unidentified(Unidentified::LookupFailed)
+    );
+    let again = Instant::now();
+    assert_eq!(
+        identifier.resolve_blocking(invisible),
+        Identity::Unidentified(Unidentified::LookupFailed)
+    );
+    assert!(
+        again.elapsed() < REWALK_INTERVAL / 2,
+        "no second walk for an unnamed id"
+    );
+    // No cgroup attribute at all: unidentified.
+    let none = SocketOwner {
+        uid: 7,
+        cgroup_id: None,
+    };
+    assert_eq!(
+        identifier.cached(none),
+        Ok(Identity::Unidentified(Unidentified::LookupFailed))
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}
