@@ -293,7 +293,7 @@ fn status(state: &AdminState) -> Response<Full<Bytes>> {
                 state: fw,
             }
         },
-        access: proxy.access.as_ref().map(|a| a.status(&proxy.metrics)),
+        access: proxy.access.as_ref().map(|a| a.status()),
     };
     let json = serde_json::to_vec_pretty(&body).unwrap_or_else(|_| b"{}".to_vec());
     let mut r = Response::new(Full::new(Bytes::from(json)));

@@ -91,6 +91,7 @@ fn access_control(
         policy,
         Box::new(move |uid| groups.groups_of(uid)),
         own,
+        metrics,
     ));
     // Names that did not resolve (a user created after the image was baked) are tried again.
     let refreshed = Arc::downgrade(&access);
@@ -118,7 +119,14 @@ fn access_control(
     // Learn the cgroups there are now, off the serving thread.
     let primed = identifier.clone();
     tokio::task::spawn_blocking(move || primed.prime());
-    let counts = metrics.identified.clone();
+    // Resolved once: one series per result, no label hashing per connection.
+    let identified = metrics.identified.with_label_values(&["identified"]);
+    let reasons = crate::access::Unidentified::ALL.map(|reason| {
+        (
+            reason,
+            metrics.identified.with_label_values(&[reason.label()]),
+        )
+    });
     let identify: server::Identify = Arc::new(move |stream| {
         // The fast part now, while the client waits for its answer; a new cgroup's path is
         // looked for on the blocking pool.
@@ -126,7 +134,7 @@ fn access_control(
             .owner_of(stream)
             .map(|owner| identifier.cached(owner));
         let identifier = identifier.clone();
-        let counts = counts.clone();
+        let (identified, reasons) = (identified.clone(), reasons.clone());
         Box::pin(async move {
             let who = match found {
                 Err(reason) => Identity::Unidentified(reason),
@@ -139,11 +147,14 @@ fn access_control(
                         ))
                 }
             };
-            let result = match &who {
-                Identity::Identified(_) => "identified",
-                Identity::Unidentified(reason) => reason.label(),
-            };
-            counts.with_label_values(&[result]).inc();
+            match &who {
+                Identity::Identified(_) => identified.inc(),
+                Identity::Unidentified(reason) => {
+                    if let Some((_, counter)) = reasons.iter().find(|(r, _)| r == reason) {
+                        counter.inc();
+                    }
+                }
+            }
             who
         })
     });
@@ -274,7 +285,6 @@ async fn start_with(
         known_raw.clone(),
     );
     let identify = access_control(&config.access, &metrics).map(|(access, identify)| {
-        access.precreate(&metrics);
         proxy_state.access = Some(access);
         identify
     });
@@ -297,7 +307,7 @@ async fn start_with(
     let proxy_server = tokio::spawn(server::serve(
         "imds",
         imds_listeners,
-        move |req| proxy::handle(proxy_state.clone(), req),
+        move |req, who| proxy::handle(proxy_state.clone(), req, who),
         server::Limits {
             max_connections: config.max_connections,
             idle: server::IDLE_TIMEOUT,
@@ -310,7 +320,7 @@ async fn start_with(
     let admin_server = tokio::spawn(server::serve(
         "admin",
         admin_listeners,
-        move |req| admin::handle(admin_state.clone(), req),
+        move |req, _| admin::handle(admin_state.clone(), req),
         server::Limits {
             max_connections: 64,
             idle: server::IDLE_TIMEOUT,

@@ -2,12 +2,12 @@
 //! request is, the decision, its answer, its metric and its log line.
 //!
 //! The caller's [`Identity`] is found once per connection (`peer.rs`, at accept) and travels in
-//! each request's extensions. A request without one, while rules exist, is unidentified: the
+//! each request to the handler. A request without one, while rules exist, is unidentified: the
 //! gate fails closed.
 
 use std::collections::HashSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 use http::StatusCode;
@@ -37,11 +37,36 @@ pub struct AccessControl {
     /// credentials) is not a caller. Only credlock, or root, has a socket of both.
     own: Option<(u32, String)>,
     logged: Mutex<HashSet<u64>>,
+    /// The `rule` labels: the rules in order, then [`NO_RULE`], then [`UNIDENTIFIED_DEFAULT`]
+    /// (rule names do not change after start: `refresh` only re-resolves names).
+    labels: Vec<String>,
+    /// Their `credlock_access_decisions_total` series per decision ([`DECISIONS`] order),
+    /// resolved once: the request path never hashes a label set.
+    counters: Vec<[prometheus::IntCounter; 3]>,
 }
 
 impl AccessControl {
-    pub fn new(policy: Policy, groups_of: GroupsOf, own: Option<(u32, String)>) -> Self {
+    pub fn new(
+        policy: Policy,
+        groups_of: GroupsOf,
+        own: Option<(u32, String)>,
+        metrics: &Metrics,
+    ) -> Self {
+        let mut labels: Vec<String> = policy.rule_names().into_iter().map(str::to_owned).collect();
+        labels.extend([NO_RULE.to_owned(), UNIDENTIFIED_DEFAULT.to_owned()]);
+        let counters = labels
+            .iter()
+            .map(|rule| {
+                DECISIONS.map(|d| {
+                    metrics
+                        .access_decisions
+                        .with_label_values(&[rule.as_str(), d])
+                })
+            })
+            .collect();
         AccessControl {
+            labels,
+            counters,
             policy: ArcSwap::from_pointee(policy),
             groups_of,
             own,
@@ -53,7 +78,6 @@ impl AccessControl {
     /// forward. `None`: handle the request as without a policy.
     pub fn check(
         &self,
-        metrics: &Metrics,
         who: Option<&Identity>,
         route: &Route<'_>,
         has_token: bool,
@@ -69,24 +93,20 @@ impl AccessControl {
             _ => Vec::new(),
         };
         let decision = policy.decide(who, &ask, has_token, &groups);
-        let names = policy.rule_names();
-        let rule = match (decision.rule, who) {
-            (Some(i), _) => names.get(i).copied().unwrap_or(NO_RULE),
-            (None, Identity::Unidentified(_)) => UNIDENTIFIED_DEFAULT,
-            (None, Identity::Identified(_)) => NO_RULE,
+        let fallbacks = self.labels.len() - 2;
+        let index = match (decision.rule, who) {
+            (Some(i), _) if i < fallbacks => i,
+            (None, Identity::Unidentified(_)) => fallbacks + 1,
+            _ => fallbacks,
         };
-        let (label, answer) = match decision.verdict {
-            Verdict::Allow => ("allowed", None),
-            Verdict::NotFound => ("denied", Some((StatusCode::NOT_FOUND, "404 - Not Found\n"))),
-            Verdict::TokenRequired => (
-                "token_required",
-                Some((StatusCode::UNAUTHORIZED, "401 - Unauthorized\n")),
-            ),
+        let rule = self.labels[index].as_str();
+        let (d, answer) = match decision.verdict {
+            Verdict::Allow => (0, None),
+            Verdict::NotFound => (1, Some((StatusCode::NOT_FOUND, "404 - Not Found\n"))),
+            Verdict::TokenRequired => (2, Some((StatusCode::UNAUTHORIZED, "401 - Unauthorized\n"))),
         };
-        metrics
-            .access_decisions
-            .with_label_values(&[rule, label])
-            .inc();
+        self.counters[index][d].inc();
+        let label = DECISIONS[d];
         if answer.is_some() && self.first_time(&(describe(who), rule, label)) {
             let (uid, unit) = describe(who);
             tracing::info!(
@@ -147,43 +167,18 @@ pub struct RuleStatus {
 const DECISIONS: [&str; 3] = ["allowed", "denied", "token_required"];
 
 impl AccessControl {
-    /// Every rule's series (and the two fallbacks') exist from the first scrape.
-    pub fn precreate(&self, metrics: &Metrics) {
-        for rule in self.labels() {
-            for decision in DECISIONS {
-                metrics
-                    .access_decisions
-                    .with_label_values(&[rule.as_str(), decision]);
-            }
-        }
-    }
-
     /// The rules in order, then the two fallbacks, with their counts.
-    pub fn status(&self, metrics: &Metrics) -> Vec<RuleStatus> {
-        self.labels()
-            .into_iter()
-            .map(|rule| {
-                let count = |d: &str| {
-                    metrics
-                        .access_decisions
-                        .with_label_values(&[rule.as_str(), d])
-                        .get()
-                };
-                RuleStatus {
-                    allowed: count("allowed"),
-                    denied: count("denied"),
-                    token_required: count("token_required"),
-                    rule,
-                }
+    pub fn status(&self) -> Vec<RuleStatus> {
+        self.labels
+            .iter()
+            .zip(&self.counters)
+            .map(|(rule, [allowed, denied, token_required])| RuleStatus {
+                rule: rule.clone(),
+                allowed: allowed.get(),
+                denied: denied.get(),
+                token_required: token_required.get(),
             })
             .collect()
-    }
-
-    fn labels(&self) -> Vec<String> {
-        let policy = self.policy.load();
-        let mut labels: Vec<String> = policy.rule_names().into_iter().map(str::to_owned).collect();
-        labels.extend([NO_RULE.to_owned(), UNIDENTIFIED_DEFAULT.to_owned()]);
-        labels
     }
 }
 
@@ -220,11 +215,6 @@ pub fn ask_of<'a>(route: &Route<'a>) -> Option<Ask<'a>> {
     })
 }
 
-/// The identity a request carries (set per connection by the server), if any.
-pub fn identity_of<B>(req: &http::Request<B>) -> Option<Arc<Identity>> {
-    req.extensions().get::<Arc<Identity>>().cloned()
-}
-
 #[cfg(all(test, feature = "daemon"))]
 mod tests {
     use super::*;
@@ -244,7 +234,7 @@ mod tests {
         }
     }
 
-    fn control(toml_text: &str) -> AccessControl {
+    fn control(toml_text: &str, metrics: &Metrics) -> AccessControl {
         let cfg: AccessConfig = toml::from_str::<toml::Table>(toml_text)
             .ok()
             .and_then(|t| t.get("access").cloned())
@@ -255,6 +245,7 @@ mod tests {
             policy,
             Box::new(|_| Vec::new()),
             Some((999, "/system.slice/credlock.service".into())),
+            metrics,
         )
     }
 
@@ -295,12 +286,13 @@ mod tests {
 
     #[test]
     fn a_denied_caller_gets_imds_style_answers_and_is_counted_by_rule() {
+        let metrics = Metrics::new();
         let gate = control(
             "[[access.rule]]\nname = \"web\"\nunits = [\"nginx.service\"]\ncredentials = \"deny\"\n\
              metadata = [\"/latest/meta-data/placement/\"]\n\
              [[access.rule]]\nname = \"v2only\"\nunits = [\"worker.service\"]\nrequire_token = true\n",
+            &metrics,
         );
-        let metrics = Metrics::new();
         let web = caller(33, "nginx.service");
         let creds =
             crate::route::classify(&Method::GET, "/latest/meta-data/iam/security-credentials/r");
@@ -310,21 +302,20 @@ mod tests {
         );
         let iid = crate::route::classify(&Method::GET, "/latest/meta-data/instance-id");
         assert_eq!(
-            gate.check(&metrics, Some(&web), &creds, true).map(|a| a.0),
+            gate.check(Some(&web), &creds, true).map(|a| a.0),
             Some(StatusCode::NOT_FOUND)
         );
-        assert_eq!(gate.check(&metrics, Some(&web), &az, false), None);
+        assert_eq!(gate.check(Some(&web), &az, false), None);
         assert_eq!(
-            gate.check(&metrics, Some(&web), &iid, false).map(|a| a.0),
+            gate.check(Some(&web), &iid, false).map(|a| a.0),
             Some(StatusCode::NOT_FOUND)
         );
         let worker = caller(1000, "worker.service");
         assert_eq!(
-            gate.check(&metrics, Some(&worker), &creds, false)
-                .map(|a| a.0),
+            gate.check(Some(&worker), &creds, false).map(|a| a.0),
             Some(StatusCode::UNAUTHORIZED)
         );
-        assert_eq!(gate.check(&metrics, Some(&worker), &creds, true), None);
+        assert_eq!(gate.check(Some(&worker), &creds, true), None);
         // credlock's own readiness probe (its uid in its cgroup) is not judged; its uid elsewhere is.
         let own = Identity::Identified(Caller {
             uid: 999,
@@ -332,10 +323,10 @@ mod tests {
             cgroup: Some("/system.slice/credlock.service".into()),
             pid: None,
         });
-        assert_eq!(gate.check(&metrics, Some(&own), &creds, true), None);
+        assert_eq!(gate.check(Some(&own), &creds, true), None);
         let elsewhere = caller(999, "other.service");
         assert_eq!(
-            gate.check(&metrics, Some(&elsewhere), &creds, true),
+            gate.check(Some(&elsewhere), &creds, true),
             None,
             "no rule: allowed"
         );
@@ -346,13 +337,12 @@ mod tests {
             pid: None,
         });
         assert_eq!(
-            gate.check(&metrics, Some(&own_uid_web), &creds, true)
-                .map(|a| a.0),
+            gate.check(Some(&own_uid_web), &creds, true).map(|a| a.0),
             Some(StatusCode::NOT_FOUND)
         );
         // No identity at all while rules exist: unidentified, denied (no rule names it).
         assert_eq!(
-            gate.check(&metrics, None, &creds, true).map(|a| a.0),
+            gate.check(None, &creds, true).map(|a| a.0),
             Some(StatusCode::NOT_FOUND)
         );
         let count =
@@ -366,7 +356,7 @@ mod tests {
             (1, 1)
         );
         assert_eq!(count(UNIDENTIFIED_DEFAULT, "denied"), 1);
-        let status = gate.status(&metrics);
+        let status = gate.status();
         let names: Vec<&str> = status.iter().map(|r| r.rule.as_str()).collect();
         assert_eq!(names, ["web", "v2only", NO_RULE, UNIDENTIFIED_DEFAULT]);
         assert_eq!(

@@ -272,25 +272,71 @@ pub fn lookup(
         (SocketAddr::V6(_), SocketAddr::V6(_)) => AF_INET6,
         _ => return Ok(None),
     };
-    let socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    setsockopt(
-        &socket,
-        sockopt::ReceiveTimeout,
-        &TimeVal::new(0, LOOKUP_TIMEOUT.as_micros() as _),
-    )
-    .map_err(std::io::Error::from)?;
-    let request = request_bytes(family, source, destination);
-    socket.send(&request, 0)?;
-    let mut buf = vec![0u8; 8192];
-    let n = socket.recv(&mut &mut buf[..], 0)?;
-    parse_answer(&buf[..n], source, destination)
+    DIAG.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            let socket = Socket::new(NETLINK_SOCK_DIAG)?;
+            setsockopt(
+                &socket,
+                sockopt::ReceiveTimeout,
+                &TimeVal::new(0, LOOKUP_TIMEOUT.as_micros() as _),
+            )
+            .map_err(std::io::Error::from)?;
+            *slot = Some((socket, 0));
+        }
+        let Some((socket, sequence)) = slot.as_mut() else {
+            return Err(LookupError::Decode("no netlink socket".into()));
+        };
+        *sequence = sequence.wrapping_add(1);
+        let result = exchange(socket, *sequence, family, source, destination);
+        if result.is_err() {
+            // A socket that failed or fell out of step is replaced on the next lookup.
+            *slot = None;
+        }
+        result
+    })
+}
+
+thread_local! {
+    /// One sock_diag socket per thread, kept: a lookup is then one send and one receive.
+    static DIAG: std::cell::RefCell<Option<(Socket, u32)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// One request and its answer. An answer to an earlier request that timed out carries another
+/// sequence number and is skipped.
+fn exchange(
+    socket: &Socket,
+    sequence: u32,
+    family: u8,
+    source: SocketAddr,
+    destination: SocketAddr,
+) -> Result<Option<SocketOwner>, LookupError> {
+    socket.send(&request_bytes(family, source, destination, sequence), 0)?;
+    let mut buf = [0u8; 8192];
+    for _ in 0..4 {
+        let n = socket.recv(&mut &mut buf[..], 0)?;
+        let answered = buf
+            .get(8..12)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+        if n >= 16 && answered == Some(sequence) {
+            return parse_answer(&buf[..n], source, destination);
+        }
+    }
+    Err(LookupError::Decode(
+        "no answer carries this request's sequence number".into(),
+    ))
 }
 
 /// The request: NLM_F_REQUEST without NLM_F_DUMP is an exact lookup (`inet_diag_find_one_icsk`).
-pub fn request_bytes(family: u8, source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+pub fn request_bytes(
+    family: u8,
+    source: SocketAddr,
+    destination: SocketAddr,
+    sequence: u32,
+) -> Vec<u8> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST;
-    header.sequence_number = 1;
+    header.sequence_number = sequence;
     let mut packet = NetlinkMessage::new(
         header,
         SockDiagMessage::InetRequest(InetRequest {

@@ -53,7 +53,7 @@ fn the_cgroup2_mount_is_found_in_mountinfo() {
 fn the_request_is_an_exact_inet_diag_req_v2() {
     let source: SocketAddr = "169.254.0.2:41000".parse().unwrap();
     let destination: SocketAddr = "169.254.169.254:80".parse().unwrap();
-    let b = request_bytes(AF_INET, source, destination);
+    let b = request_bytes(AF_INET, source, destination, 7);
     assert_eq!(b.len(), 16 + 56);
     assert_eq!(
         u32::from_ne_bytes(b[0..4].try_into().unwrap()),
@@ -66,6 +66,11 @@ fn the_request_is_an_exact_inet_diag_req_v2() {
         "SOCK_DIAG_BY_FAMILY"
     );
     let flags = u16::from_ne_bytes(b[6..8].try_into().unwrap());
+    assert_eq!(
+        u32::from_ne_bytes(b[8..12].try_into().unwrap()),
+        7,
+        "nlmsg_seq"
+    );
     assert_eq!(flags, 1, "NLM_F_REQUEST only: no NLM_F_DUMP (0x300)");
     let r = &b[16..];
     assert_eq!((r[0], r[1]), (2, 6), "AF_INET, IPPROTO_TCP");
@@ -79,6 +84,7 @@ fn the_request_is_an_exact_inet_diag_req_v2() {
         AF_INET6,
         "[fd00:ec2::2]:41000".parse().unwrap(),
         "[fd00:ec2::254]:80".parse().unwrap(),
+        1,
     );
     let r6 = &b6[16..];
     assert_eq!(r6[0], 10, "AF_INET6");

@@ -99,7 +99,12 @@ enum Outcome {
 }
 
 /// Handles one request; never fails.
-pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// `who`: the caller, identified once per connection (only while an access policy is set).
+pub async fn handle(
+    state: Arc<ProxyState>,
+    req: Request<Incoming>,
+    who: Option<Arc<Identity>>,
+) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
     let absolute;
     let target = match (parts.uri.scheme(), parts.uri.path_and_query()) {
@@ -138,16 +143,13 @@ pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<
     drop(body);
 
     // Who may get what: decided before anything reaches the upstream.
-    let who = parts.extensions.get::<Arc<Identity>>().cloned();
     if let Some(access) = &state.access {
         // Present and not empty: IMDS judges the token itself on every forwarded request.
         let has_token = parts
             .headers
             .get(TOKEN_HEADER)
             .is_some_and(|v| !v.is_empty());
-        if let Some((status, text)) =
-            access.check(&state.metrics, who.as_deref(), &route, has_token)
-        {
+        if let Some((status, text)) = access.check(who.as_deref(), &route, has_token) {
             let response = respond(Outcome::Local(status, text), method == Method::HEAD);
             state.metrics.answered(label, response.status());
             return response;

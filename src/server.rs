@@ -38,8 +38,7 @@ pub struct Limits {
 /// Finds who is behind an accepted connection (`peer::Identifier`), once per connection: called
 /// at accept (the fast, synchronous part: the socket is there to be found while its client
 /// waits), its future finishes in the connection's own task (a slow part runs on the blocking
-/// pool, never on the serving thread). The answer travels in every request's extensions as an
-/// `Arc<Identity>`.
+/// pool, never on the serving thread). The handler gets it with every request of the connection.
 pub type Identify = Arc<dyn Fn(&TcpStream) -> IdentifyFuture + Send + Sync>;
 pub type IdentifyFuture = std::pin::Pin<Box<dyn Future<Output = crate::access::Identity> + Send>>;
 
@@ -145,7 +144,11 @@ pub async fn serve<H, Fut>(
     counters: Option<ConnectionMetrics>,
     identify: Option<Identify>,
 ) where
-    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Option<Arc<crate::access::Identity>>) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -231,16 +234,14 @@ pub async fn serve<H, Fut>(
                             .writev(false)
                             .serve_connection(
                                 TokioIo::new(stream),
-                                service_fn(move |mut req: Request<Incoming>| {
-                                    if let Some(who) = &who {
-                                        req.extensions_mut().insert(who.clone());
-                                    }
+                                service_fn(move |req: Request<Incoming>| {
+                                    let who = who.clone();
                                     let handler = handler.clone();
                                     let conn_state = conn_state.clone();
                                     conn_state.activity.fetch_add(1, Ordering::Relaxed);
                                     conn_state.last_active_ms.store(now_ms(), Ordering::Relaxed);
                                     async move {
-                                        let response = handler(req).await;
+                                        let response = handler(req, who).await;
                                         conn_state.activity.fetch_add(1, Ordering::Relaxed);
                                         conn_state.last_active_ms.store(now_ms(), Ordering::Relaxed);
                                         Ok::<_, std::convert::Infallible>(response)
@@ -355,7 +356,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
-        let handler = move |_req: Request<Incoming>| async move {
+        let handler = move |_req: Request<Incoming>, _who| async move {
             tokio::time::sleep(delay).await;
             Response::new(Full::new(Bytes::from_static(b"ok")))
         };

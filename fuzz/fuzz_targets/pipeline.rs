@@ -71,7 +71,7 @@ fn harness() -> &'static Harness {
             tokio::spawn(server::serve(
                 "fuzz",
                 vec![listener],
-                move |req| proxy::handle(state.clone(), req),
+                move |req, who| proxy::handle(state.clone(), req, who),
                 limits,
                 rx,
                 None,
