@@ -1,5 +1,6 @@
 //! Locked credentials: the set credlock serves, the store it lives in, and the rewrite of an
-//! IMDS credential body (`reference/aws-imds-sts-iam.md` §1.7: replace only the values of
+//! IMDS credential body (Amazon EC2 User Guide, "Retrieve security credentials from instance
+//! metadata": replace only the values of
 //! `AccessKeyId`, `SecretAccessKey`, `Token`, `Expiration`, `LastUpdated` in a
 //! `"Code" : "Success"` body, keep the format and every other field).
 

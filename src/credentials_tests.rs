@@ -1,6 +1,7 @@
 use super::*;
 
-/// The documented IMDS body (`reference/aws-imds-sts-iam.md` §1.7), plus `AccountId` as the
+/// The documented IMDS body (Amazon EC2 User Guide, "Retrieve security credentials from instance
+/// metadata"), plus `AccountId` as the
 /// extended path adds it.
 const UPSTREAM: &str = "{\n  \"Code\" : \"Success\",\n  \"LastUpdated\" : \"2012-04-26T16:39:16Z\",\n  \"Type\" : \"AWS-HMAC\",\n  \"AccessKeyId\" : \"ASIAIOSFODNN7EXAMPLE\",\n  \"SecretAccessKey\" : \"wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\",\n  \"Token\" : \"token\",\n  \"Expiration\" : \"2017-05-17T15:09:54Z\",\n  \"AccountId\" : \"123456789012\"\n}";
 

@@ -1,5 +1,6 @@
 //! The environment locked credentials may be used from: public/egress addresses, VPCs and VPC
-//! endpoints (`reference/aws-imds-sts-iam.md` §4.3, §6).
+//! endpoints: the values of the `aws:SourceIp`, `aws:SourceVpc` and `aws:SourceVpce` condition keys
+//! (IAM User Guide, "AWS global condition context keys").
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;

@@ -1,5 +1,6 @@
 //! Who this instance is: account, region, partition, instance id and role, as IMDS tells it
-//! (`reference/aws-imds-sts-iam.md` §3.4, §6.1).
+//! (Amazon EC2 User Guide, "Instance identity documents" and "Instance metadata categories":
+//! `iam/info`).
 
 use serde::Deserialize;
 

@@ -3,16 +3,35 @@
 //! `sts:AssumeRole` on the same role carrying a session policy that only works from the
 //! instance's own network.
 //!
-//! Modules in reading order:
-//! - [`config`]: TOML and flags, validated before any socket is bound.
-//! - [`route`]: the pure classification of every request (the security core).
-//! - [`upstream`]: the pooled client to the real IMDS; [`http1`]: its response codec (pure).
-//! - [`proxy`]: the request handler: passthrough, forward-then-replace, refusals.
-//! - [`credentials`]: the locked set, its store, and the credential-body rewrite.
-//! - [`server`]: listeners, limits, graceful drain.
-//! - [`metrics`], [`admin`]: Prometheus metrics and the admin listener.
-//! - [`access`]: who may get what (the per-process access policy, pure); [`peer`]: who is
-//!   calling (socket lookup through sock_diag).
+//! The module map, in reading order.
+//!
+//! Start-up: [`config`] (TOML and flags, validated before any socket is bound), [`app`] (the
+//! wiring: listeners, state, background tasks) and `main.rs` (the CLI).
+//!
+//! The request path, per connection and request:
+//! - [`server`]: listeners, connection limits and eviction, idle timeouts, graceful drain;
+//! - [`peer`]: who is calling (the client socket's uid and cgroup through sock_diag), once per
+//!   connection, only when an access policy is set;
+//! - [`route`]: the pure classification of every request (the security core);
+//! - [`gate`] and [`access`]: the per-process access policy on the request path, and its pure
+//!   first-match decision;
+//! - [`proxy`]: the handler: passthrough, forward-then-replace, local refusals;
+//! - [`upstream`] and [`http1`]: the pooled client to the real IMDS and its response codec
+//!   (pure);
+//! - [`credentials`]: the locked set, its store, the judgement and rewrite of an IMDS
+//!   credential answer.
+//!
+//! The background path, which keeps a locked set ready:
+//! - [`identity`] and [`imds`]: who this instance is, read from IMDS with credlock's own
+//!   IMDSv2 client;
+//! - [`discovery`] and [`environment`]: the networks the lock allows (IMDS, echo, EC2 API,
+//!   boot provider, static), merged;
+//! - [`policy`]: the session policy rendered from a template, within STS's size limit;
+//! - [`sts`] and [`refresh`]: `sts:AssumeRole` and the lock loop (refresh, retry, backoff);
+//! - [`clock`]: the injected clock.
+//!
+//! Observing it: [`metrics`] (Prometheus), [`admin`] (`/healthz`, `/readyz`, `/status`,
+//! `/metrics`), [`firewall`] (the state the firewall units report).
 #![forbid(unsafe_code)]
 
 pub mod access;

@@ -164,7 +164,7 @@ impl Identifier {
     }
 
     /// The slow step, for a blocking thread: names the owner's cgroup by walking the cgroup
-    /// tree. Walks are one at a time and at most one per [`REWALK_INTERVAL`]; a caller waits for
+    /// tree. Walks are one at a time and at most one per `REWALK_INTERVAL`; a caller waits for
     /// the first walk that starts after it arrived (all callers waiting meanwhile share it), so
     /// a process creating cgroups delays only callers in new cgroups, by about the interval.
     /// What a walk finds is added to what is known. A cgroup such a walk did not find (outside

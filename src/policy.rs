@@ -1,7 +1,7 @@
 //! The session policy: rendered from `policy-templates/session-policy.json` by JSON-aware
 //! substitution (values are inserted as JSON values, never spliced into text), minified, and
 //! checked against the 2,048-character limit of `sts:AssumeRole`
-//! (`reference/aws-imds-sts-iam.md` §3.1, §4.3).
+//! (AWS STS API Reference, "AssumeRole": `Policy`, and the packed-size limit).
 //!
 //! Placeholders: a string that is exactly `${SourceIps}`, `${SourceVpcs}` or `${SourceVpces}`
 //! becomes an array; `${Partition}`, `${AccountId}`, `${RoleName}` and `${RolePath}` are replaced

@@ -6,7 +6,8 @@
 //! refuses every target no real IMDS client sends (percent-encoding, dot segments, `//`, `\`,
 //! `;`, control bytes, fragments, over-long targets) instead of guessing how the upstream would
 //! read it, and it compares the credential subtree case-insensitively. Facts behind the path
-//! forms: `reference/aws-imds-sts-iam.md` §1.5-1.7 and `reference/peers.md` §3.
+//! forms: Amazon EC2 User Guide, "Instance metadata categories" and "Retrieve security
+//! credentials from instance metadata".
 
 use http::Method;
 

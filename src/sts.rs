@@ -1,5 +1,6 @@
 //! `sts:AssumeRole` on the instance's own role with the session policy
-//! (`reference/aws-imds-sts-iam.md` §3). The source credentials are the instance role's own,
+//! (AWS STS API Reference, "AssumeRole"; IAM User Guide, "Session policies"). The source
+//! credentials are the instance role's own,
 //! read from IMDS by [`ImdsSourceProvider`], never the locked ones.
 
 use std::future::Future;

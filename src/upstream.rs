@@ -1,6 +1,6 @@
 //! The pooled HTTP/1.1 client to the upstream IMDS. One round trip per call, a hard deadline
-//! on the whole exchange (SDKs give up after about a second, `reference/aws-imds-sts-iam.md`
-//! §2.8), bounded response size.
+//! on the whole exchange (SDKs give up after about a second: AWS SDKs and Tools Reference Guide,
+//! "IMDS credential provider", `ec2_metadata_service_timeout`), bounded response size.
 //!
 //! The exchange runs inside the calling task on a pooled connection: the request is written in
 //! one `write`, the response head is parsed by `httparse` (the parser hyper uses) and the body

@@ -1,4 +1,5 @@
-//! EC2 API source (`reference/aws-imds-sts-iam.md` §6.2-6.3): VPCs, VPC endpoints, Elastic IPs
+//! EC2 API source (Amazon EC2 API Reference: DescribeVpcs, DescribeVpcEndpoints,
+//! DescribeAddresses, DescribeNatGateways): VPCs, VPC endpoints, Elastic IPs
 //! and NAT gateway addresses, paginated and filtered by the configured scope. Called with the
 //! instance role's own credentials (never the locked ones), and less often than the cheap
 //! sources.

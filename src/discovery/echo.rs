@@ -1,5 +1,6 @@
 //! Egress-IP echo source: the address AWS sees, including NAT gateway and centralised egress
-//! addresses IMDS does not know (`reference/aws-imds-sts-iam.md` §6.2). Each URL answers with
+//! addresses IMDS does not know (the public address of a NAT gateway is not in instance metadata:
+//! Amazon VPC User Guide, "NAT gateways"). Each URL answers with
 //! one IP address as text; anything else is an error. A hint to union with the other sources.
 
 use std::net::IpAddr;

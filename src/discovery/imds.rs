@@ -1,5 +1,6 @@
 //! IMDS source: every interface's public IPv4s, IPv6s and VPC ID
-//! (`reference/aws-imds-sts-iam.md` §6.1). Needs no AWS permission.
+//! (Amazon EC2 User Guide, "Instance metadata categories": `network/interfaces/macs/`). Needs no
+//! AWS permission.
 
 use crate::environment::Environment;
 use crate::imds::Imds;
