@@ -3,12 +3,16 @@
 # STS, credlock in front. Shows the raw credentials an attacker would steal, the locked ones
 # credlock serves instead, the policy that locks them, and a real SDK (boto3) using them.
 # Usage: tests/demo.sh [--keep]   (--keep: leave credlock serving until Ctrl-C)
+# It fails (exit 1, with the last lines of credlock's log) when credlock does not become ready.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
 tests/setup.sh --minimal
-cargo build --quiet --bin credlock
+# Colour only on a terminal.
+if [[ -t 1 ]]; then bold=$'\033[1m' plain=$'\033[0m'; else bold='' plain=''; fi
+printf '%s== Building credlock (debug). The first build compiles the AWS SDK: several minutes on 2 cores (about 16 on a fresh 2-core machine); later runs take seconds.%s\n' "$bold" "$plain"
+cargo build --bin credlock
 bin=$root/target/debug/credlock
 py=$root/.venv/bin/python
 
@@ -17,7 +21,14 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+step() { printf '\n%s== %s%s\n' "$bold" "$*" "$plain"; }
+fail() {
+    printf '\n%sdemo FAILED: %s%s\n' "$bold" "$*" "$plain" >&2
+    for log in credlock.log emu.err moto.log; do
+        [[ -s $work/$log ]] && { printf -- '--- last lines of %s:\n' "$log" >&2; tail -n 30 "$work/$log" >&2; }
+    done
+    exit 1
+}
 
 "$py" tests/support/imds_emulator.py --listen 127.0.0.1:0 --control 127.0.0.1:0 >"$work/emu" 2>"$work/emu.err" &
 pids+=($!)
@@ -26,7 +37,13 @@ moto_port=$(free_port)
 pids+=($!)
 for _ in $(seq 50); do grep -q '^control' "$work/emu" 2>/dev/null && break; sleep 0.1; done
 imds=$(awk '/^listening/{print $2; exit}' "$work/emu")
-for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$moto_port/" && break; sleep 0.2; done
+[[ -n $imds ]] || fail "the IMDS emulator did not start"
+# CREDLOCK_DEMO_IMDS=HOST:PORT points credlock elsewhere (a port where nothing listens shows how
+# the demo fails when credlock cannot become ready).
+imds=${CREDLOCK_DEMO_IMDS:-$imds}
+moto_up=0
+for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$moto_port/" && moto_up=1 && break; sleep 0.2; done
+((moto_up)) || fail "moto (the local STS) did not start"
 
 port=$(free_port)
 admin=$(free_port)
@@ -46,17 +63,33 @@ TOML
 step "Starting credlock (IMDS emulator at $imds, moto STS at 127.0.0.1:$moto_port)"
 "$bin" run --config "$work/credlock.toml" 2>"$work/credlock.log" &
 pids+=($!)
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break; sleep 0.1; done
+ready=0
+for _ in $(seq 150); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && ready=1 && break; sleep 0.1; done
+((ready)) || fail "credlock did not become ready within 15 s ($(curl -s "http://127.0.0.1:$admin/readyz" || echo 'its admin listener does not answer'))"
 curl -s "http://127.0.0.1:$admin/readyz"
 
 role=credlock-test-role
 tok() { curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' "$1/latest/api/token"; }
 
 step "Without credlock: the instance role's raw credentials (usable from anywhere)"
-curl -s -H "X-aws-ec2-metadata-token: $(tok "http://$imds")" "http://$imds/latest/meta-data/iam/security-credentials/$role"; echo
+raw=$(curl -s -H "X-aws-ec2-metadata-token: $(tok "http://$imds")" "http://$imds/latest/meta-data/iam/security-credentials/$role")
+printf '%s\n' "$raw"
 
 step "Through credlock: the same request answers with locked credentials from sts:AssumeRole"
-curl -s -H "X-aws-ec2-metadata-token: $(tok "http://127.0.0.1:$port")" "http://127.0.0.1:$port/latest/meta-data/iam/security-credentials/$role"; echo
+locked=$(curl -s -H "X-aws-ec2-metadata-token: $(tok "http://127.0.0.1:$port")" "http://127.0.0.1:$port/latest/meta-data/iam/security-credentials/$role")
+printf '%s\n' "$locked"
+"$py" - "$raw" "$locked" <<'PY' || fail "credlock did not serve a locked set in place of the raw one"
+import json, sys
+from datetime import datetime
+raw, locked = (json.loads(a) for a in sys.argv[1:3])
+if raw["AccessKeyId"] == locked["AccessKeyId"] or locked.get("Code") != "Success":
+    sys.exit(1)
+life = lambda d: (datetime.fromisoformat(d["Expiration"].replace("Z", "+00:00"))
+                  - datetime.fromisoformat(d["LastUpdated"].replace("Z", "+00:00")))
+print(f"What differs: another key ({raw['AccessKeyId']} -> {locked['AccessKeyId']}), "
+      f"another secret and token, and a life of {life(locked)} instead of {life(raw)}; "
+      f"the format and every other field ({', '.join(k for k in raw if k not in ('AccessKeyId', 'SecretAccessKey', 'Token', 'Expiration', 'LastUpdated'))}) are the same.")
+PY
 
 step "Everything else passes through unchanged"
 curl -s "http://127.0.0.1:$port/latest/meta-data/instance-id"; echo
@@ -77,8 +110,20 @@ who = session.client("sts", endpoint_url=sys.argv[1]).get_caller_identity()
 print("sts:GetCallerIdentity ->", who["Arn"])
 PY
 
-step "Status (admin listener, no secrets)"
-curl -s "http://127.0.0.1:$admin/status"; echo
+step "Status (admin listener, no secrets; the whole document: curl http://127.0.0.1:$admin/status)"
+curl -s "http://127.0.0.1:$admin/status" | "$py" -c '
+import json, sys
+s = json.load(sys.stdin)
+print("ready:", s["ready"], "| credentials held until", s["credentials"]["expiration"], "| upstream token mode:", s["upstream_token_mode"])
+for src in s["discovery"]:
+    env = src.get("environment") or {}
+    found = ", ".join(str(k) + " " + str(v) for k, v in env.items() if v)
+    print("discovery", src["source"] + ": last success", src.get("last_success"), "|", found)'
+step "What the lock denies"
+echo "moto (the local STS) does not evaluate session policies, so this demo cannot show a call from"
+echo "elsewhere being denied. src/policy_tests.rs does: it evaluates the rendered policy with an IAM"
+echo "policy evaluator (iam-rs) and checks that a call from outside the environment is denied and one"
+echo "from inside it allowed (cargo test --lib policy: the_lock_allows_the_instance_network_and_denies_everything_else)."
 step "A few metrics"
 curl -s "http://127.0.0.1:$admin/metrics" | grep -E '^credlock_(requests_total\{route="credentials"|credential_refreshes_total|locked_credentials_remaining|policy_characters|ready)'
 
