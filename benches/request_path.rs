@@ -38,6 +38,7 @@ fn classification(c: &mut Criterion) {
 }
 
 fn credential_rewrite(c: &mut Criterion) {
+    #[allow(clippy::disallowed_methods)] // a benchmark input, not credlock's time
     let now = SystemTime::now();
     let locked = LockedCredentials::new(
         "ASIARZPUZDIKLXLEJEW4".into(),

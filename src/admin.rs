@@ -108,7 +108,7 @@ async fn cached_readyz(state: &AdminState) -> Result<String, String> {
     // The firewall first, and never cached: rules removed by hand turn the probe unready as
     // soon as the firewall's check has seen it.
     if state.firewall.required {
-        let fw = state.firewall.read(SystemTime::now());
+        let fw = state.firewall.read(firewall_now());
         state.proxy.metrics.firewall(&fw);
         if !fw.enforced() {
             return Err(format!(
@@ -225,7 +225,7 @@ fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
     state
         .proxy
         .metrics
-        .firewall(&state.firewall.read(SystemTime::now()));
+        .firewall(&state.firewall.read(firewall_now()));
     let mut r = Response::new(Full::new(Bytes::from(state.proxy.metrics.render())));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -286,7 +286,7 @@ fn status(state: &AdminState) -> Response<Full<Bytes>> {
         lock: &lock,
         discovery: &discovery,
         firewall: {
-            let fw = state.firewall.read(SystemTime::now());
+            let fw = state.firewall.read(firewall_now());
             FirewallStatus {
                 required: state.firewall.required,
                 enforced: fw.enforced(),
@@ -302,4 +302,11 @@ fn status(state: &AdminState) -> Response<Full<Bytes>> {
         HeaderValue::from_static("application/json"),
     );
     r
+}
+
+/// The time the firewall's state file is judged against: the wall clock, not the injected one,
+/// because the file carries the wall-clock time of another process (the firewall check).
+#[allow(clippy::disallowed_methods)]
+fn firewall_now() -> SystemTime {
+    SystemTime::now()
 }

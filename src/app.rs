@@ -403,6 +403,7 @@ async fn run_background(
             &identity.region,
             source,
             config.lock.sts_endpoint.as_deref(),
+            clock.clone(),
         )
         .await,
         instance: ImdsInstance { imds, configured },

@@ -11,6 +11,7 @@ use aws_credential_types::Credentials;
 use aws_credential_types::provider::{ProvideCredentials, error::CredentialsError, future};
 use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
 
+use crate::clock::Clock;
 use crate::credentials::{LockedCredentials, Secret};
 use crate::imds::Imds;
 
@@ -194,10 +195,17 @@ impl ProvideCredentials for ImdsSourceProvider {
 /// AssumeRole through aws-sdk-sts: regional endpoint, `AWS_ENDPOINT_URL_STS` honoured.
 pub struct AwsIssuer {
     client: aws_sdk_sts::Client,
+    /// When a set was issued (its `LastUpdated`): the injected clock, like every other time.
+    clock: Arc<dyn Clock>,
 }
 
 impl AwsIssuer {
-    pub async fn new(region: &str, source: ImdsSourceProvider, endpoint: Option<&str>) -> Self {
+    pub async fn new(
+        region: &str,
+        source: ImdsSourceProvider,
+        endpoint: Option<&str>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(region.to_string()))
             .credentials_provider(source);
@@ -207,6 +215,7 @@ impl AwsIssuer {
         let config = loader.load().await;
         AwsIssuer {
             client: aws_sdk_sts::Client::new(&config),
+            clock,
         }
     }
 }
@@ -249,7 +258,7 @@ impl Issuer for AwsIssuer {
                 Secret::new(creds.secret_access_key),
                 Secret::new(creds.session_token),
                 expiration,
-                SystemTime::now(),
+                self.clock.now(),
             ),
             packed_policy_percent: output.packed_policy_size,
         })

@@ -120,6 +120,7 @@ async fn the_rust_sdk_reads_metadata_and_gets_locked_credentials_through_credloc
     assert!(!raw.contains(&creds.access_key_id().to_string()));
     assert!(!raw.contains(&creds.secret_access_key().to_string()));
     // Less than the one-hour chained-session cap left: these are AssumeRole credentials.
+    #[allow(clippy::disallowed_methods)] // the SDK's expiry is wall-clock time
     let left = creds
         .expiry()
         .unwrap()
