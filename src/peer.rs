@@ -375,9 +375,12 @@ pub fn parse_answer(
     match message.payload {
         NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
             let id = &response.header.socket_id;
-            let same_tuple = id.source_address == source.ip()
+            // A dual-stack client (an AF_INET6 socket connected to `::ffff:169.254.169.254`,
+            // Java's default) sends IPv4 and is looked up as IPv4; the kernel answers in the
+            // socket's own family, with IPv4-mapped addresses: compare canonical forms.
+            let same_tuple = id.source_address.to_canonical() == source.ip().to_canonical()
                 && id.source_port == source.port()
-                && id.destination_address == destination.ip()
+                && id.destination_address.to_canonical() == destination.ip().to_canonical()
                 && id.destination_port == destination.port();
             if !same_tuple || !CONNECTED_STATES.contains(&response.header.state) {
                 return Ok(None);

@@ -199,6 +199,26 @@ fn an_answer_gives_the_owner_and_the_raw_cgroup_attribute() {
 }
 
 #[test]
+fn a_dual_stack_socket_answers_with_mapped_addresses_and_is_the_caller() {
+    let mapped = |a: &str| {
+        let v4: SocketAddr = addr(a);
+        let IpAddr::V4(ip) = v4.ip() else {
+            unreachable!()
+        };
+        SocketAddr::new(IpAddr::V6(ip.to_ipv6_mapped()), v4.port())
+    };
+    let mut answer = answer_for(ESTABLISHED, 1000, Some(9), mapped(SRC), mapped(DST));
+    answer[16] = 10; // AF_INET6: the socket's own family
+    assert_eq!(
+        parse(&answer).unwrap(),
+        Some(SocketOwner {
+            uid: 1000,
+            cgroup_id: Some(9)
+        })
+    );
+}
+
+#[test]
 fn only_a_connected_socket_with_exactly_that_tuple_is_the_caller() {
     // TIME_WAIT (reported with uid 0: never root), CLOSE, SYN_SENT/RECV, NEW_SYN_RECV.
     for state in [2, 3, 6, 7, 12] {
@@ -304,6 +324,23 @@ async fn the_kernel_finds_this_process_socket() {
         );
         drop(client);
     }
+    // A dual-stack client: an AF_INET6 socket connected to an IPv4-mapped address.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let client = std::net::TcpStream::connect(format!("[::ffff:127.0.0.1]:{port}")).unwrap();
+    assert!(
+        client.local_addr().unwrap().is_ipv6(),
+        "the client socket is AF_INET6"
+    );
+    let (accepted, peer) = listener.accept().await.unwrap();
+    assert!(peer.is_ipv4());
+    let found = lookup(peer, accepted.local_addr().unwrap()).unwrap();
+    assert_eq!(
+        found.map(|o| o.uid),
+        Some(uid),
+        "a dual-stack client is found"
+    );
+    drop(client);
     // A tuple nobody has: no owner.
     let nobody = lookup(
         "127.0.0.1:1".parse().unwrap(),

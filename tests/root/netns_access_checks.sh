@@ -162,6 +162,20 @@ print("none" if creds is None else "got")
 ' "$host" 2>&1 | tail -n 1)
         expect "web class ($host): boto3's provider finds no credentials (graceful, no exception)" none "$out"
     done
+    # A dual-stack client (an AF_INET6 socket to ::ffff:169.254.169.254, Java's default) sends
+    # IPv4; the kernel reports its socket with IPv4-mapped addresses. It is still the allowed user.
+    out=$(ip netns exec "$NS_I" runuser -u "$OK_USER" -- "$PY" -c '
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.settimeout(5)
+s.connect(("::ffff:169.254.169.254", 80))
+s.sendall(("GET " + sys.argv[1] + " HTTP/1.0\r\nHost: x\r\n\r\n").encode())
+data = b""
+while chunk := s.recv(4096):
+    data += chunk
+head, _, body = data.partition(b"\r\n\r\n")
+print(head.split()[1].decode(), "raw" if b"ASIAV" in body else ("locked" if b"AccessKeyId" in body else "text"))' "$creds" 2>&1)
+    expect "allowed class, dual-stack socket (AF_INET6 to ::ffff:169.254.169.254): identified, locked set" "200 locked" "$out"
     if [[ ${MODE:?} == redirect ]]; then
         before=$(in_i curl -s --max-time 3 "http://$ADMIN/metrics" | awk '$1 == "credlock_connections_identified_total{result=\"forwarded\"}" { print $2 }')
         expect "unidentified: a container's forwarded connection gets no credentials, no metadata" "404 text 404 text" \
