@@ -55,18 +55,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 read -r up_port off_port off_admin on_port on_admin ngx_port moto_port <<<"$(free_ports 7)"
-nginx_user=''
-((EUID == 0)) && nginx_user="user nobody $(id -gn nobody);"
-mkdir -p "$work/tmp" "$work/root"
-cp -r "$here/upstream/tree/." "$work/root/"
-now_s=$(date -u +%s)
-fill "$here/upstream/credentials.json.in" "$work/root/latest/meta-data/iam/security-credentials/$ROLE" \
-    "LAST_UPDATED=$(date -u -d "@$now_s" +%Y-%m-%dT%H:%M:%SZ)" \
-    "EXPIRATION=$(date -u -d "@$((now_s + 6 * 3600))" +%Y-%m-%dT%H:%M:%SZ)"
-fill "$here/upstream/nginx-upstream.conf.in" "$work/upstream.conf" "USER=$nginx_user" \
-    "WORKERS=1" "PREFIX=$work" "ROOT=$work/root" "PORT=$up_port"
-fill "$here/upstream/nginx-proxy.conf.in" "$work/proxy.conf" "USER=$nginx_user" \
-    "WORKERS=1" "PREFIX=$work" "PORT=$ngx_port" "UPSTREAM_PORT=$up_port"
+write_upstream "$work" "1" "$up_port" "$ngx_port"
 for which in off on; do
     port_var=${which}_port admin_var=${which}_admin
     cat >"$work/$which.toml" <<TOML

@@ -53,3 +53,20 @@ fmt_us() { awk -v u="$1" 'BEGIN { if (u >= 1000) printf "%.2fms", u / 1000; else
 median() { tr -s ' ' '\n' <<<"$*" | sed '/^$/d' | sort -g | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
 
+# write_upstream WORK WORKERS UPSTREAM_PORT PROXY_PORT: the nginx upstream (the static metadata
+# tree, with the role's credentials valid for six hours from now) and nginx as a reverse proxy in
+# front of it: $WORK/root, $WORK/upstream.conf, $WORK/proxy.conf. Needs $here and $ROLE.
+write_upstream() {
+    local work=$1 workers=$2 up_port=$3 ngx_port=$4 now_s nginx_user=''
+    ((EUID == 0)) && nginx_user="user nobody $(id -gn nobody);"
+    mkdir -p "$work/tmp" "$work/root"
+    cp -r "${here:?}/upstream/tree/." "$work/root/"
+    now_s=$(date -u +%s)
+    fill "$here/upstream/credentials.json.in" "$work/root/latest/meta-data/iam/security-credentials/${ROLE:?}" \
+        "LAST_UPDATED=$(date -u -d "@$now_s" +%Y-%m-%dT%H:%M:%SZ)" \
+        "EXPIRATION=$(date -u -d "@$((now_s + 6 * 3600))" +%Y-%m-%dT%H:%M:%SZ)"
+    fill "$here/upstream/nginx-upstream.conf.in" "$work/upstream.conf" "USER=$nginx_user" \
+        "WORKERS=$workers" "PREFIX=$work" "ROOT=$work/root" "PORT=$up_port"
+    fill "$here/upstream/nginx-proxy.conf.in" "$work/proxy.conf" "USER=$nginx_user" \
+        "WORKERS=$workers" "PREFIX=$work" "PORT=$ngx_port" "UPSTREAM_PORT=$up_port"
+}

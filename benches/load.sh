@@ -122,23 +122,12 @@ source "$here/lib.sh"
 
 ports=$(free_ports 7)
 read -r up_port cl_port cl_admin ngx_port hap_port moto_port emu_port <<<"$ports"
-nginx_user=''
-((EUID == 0)) && nginx_user="user nobody $(id -gn nobody);"
 
 log "work directory $work; pinning: $( ((pin)) && echo 'wrk on CPU 0, servers on CPU 1' || echo none)"
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---- fast upstream: nginx serving the metadata tree ---------------------------------------
-mkdir -p "$work/tmp" "$work/root"
-cp -r "$here/upstream/tree/." "$work/root/"
-now_s=$(date -u +%s)
-fill "$here/upstream/credentials.json.in" "$work/root/latest/meta-data/iam/security-credentials/$ROLE" \
-    "LAST_UPDATED=$(date -u -d "@$now_s" +%Y-%m-%dT%H:%M:%SZ)" \
-    "EXPIRATION=$(date -u -d "@$((now_s + 6 * 3600))" +%Y-%m-%dT%H:%M:%SZ)"
-fill "$here/upstream/nginx-upstream.conf.in" "$work/upstream.conf" "USER=$nginx_user" \
-    "WORKERS=$workers" "PREFIX=$work" "ROOT=$work/root" "PORT=$up_port"
-fill "$here/upstream/nginx-proxy.conf.in" "$work/proxy.conf" "USER=$nginx_user" \
-    "WORKERS=$workers" "PREFIX=$work" "PORT=$ngx_port" "UPSTREAM_PORT=$up_port"
+write_upstream "$work" "$workers" "$up_port" "$ngx_port"
 fill "$here/upstream/haproxy.cfg.in" "$work/haproxy.cfg" "WORKERS=$workers" "PREFIX=$work" \
     "PORT=$hap_port" "UPSTREAM_PORT=$up_port"
 cat >"$work/credlock.toml" <<TOML
