@@ -116,7 +116,7 @@ pub struct RuleConfig {
     /// Tokenless (IMDSv1) credential requests get IMDS's 401.
     #[serde(default)]
     pub require_token: bool,
-    /// Another IAM role for this class (validated here; served by the caller's wiring).
+    /// Another IAM role for this class (validated here; served by `class_role.rs`).
     #[serde(default)]
     pub role: Option<String>,
 }
@@ -565,6 +565,7 @@ fn valid_role_arn(arn: &str) -> bool {
         && path.bytes().all(|b| b.is_ascii_graphic())
         && !resource.starts_with('/')
         && !resource.contains("//")
+        && crate::identity::RoleArn::parse(arn).is_some()
 }
 
 #[cfg(test)]

@@ -29,6 +29,8 @@ pub struct AdminState {
     pub self_client: UpstreamClient,
     pub imds_listener: SocketAddr,
     pub firewall: FirewallWatch,
+    /// The lock status of each access rule role (`ProxyState::class_roles` order).
+    pub class_lock_status: Vec<Arc<ArcSwap<LockStatus>>>,
     /// The last data-path check: probes within [`READY_CACHE`] reuse it, so a tight probe loop
     /// does not turn into IMDS traffic.
     last_ready: Mutex<Option<(Instant, Result<String, String>)>>,
@@ -55,6 +57,7 @@ impl AdminState {
             self_client: UpstreamClient::new(&Upstream { authority }, Duration::from_secs(2)),
             imds_listener,
             firewall,
+            class_lock_status: Vec::new(),
             last_ready: Mutex::new(None),
         }
     }
@@ -218,6 +221,7 @@ fn refresh_gauges(proxy: &ProxyState) {
     proxy.metrics.remaining_seconds.set(remaining);
     let ready = proxy.store.servable(now, proxy.serve_margin).is_some();
     proxy.metrics.ready.set(i64::from(ready));
+    proxy.class_roles.refresh_gauges(now);
 }
 
 fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
@@ -246,6 +250,9 @@ struct Status<'a> {
     /// The access policy's rules in order with their decision counts; absent without rules.
     #[serde(skip_serializing_if = "Option::is_none")]
     access: Option<Vec<crate::gate::RuleStatus>>,
+    /// The access rules' own roles and their lock loops; absent without them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    class_roles: Vec<crate::class_role::ClassRoleStatus<LockStatus>>,
 }
 
 #[derive(Serialize)]
@@ -294,6 +301,13 @@ fn status(state: &AdminState) -> Response<Full<Bytes>> {
             }
         },
         access: proxy.access.as_ref().map(|a| a.status()),
+        class_roles: proxy.class_roles.status(now, |i| {
+            state
+                .class_lock_status
+                .get(i)
+                .map(|s| (**s.load()).clone())
+                .unwrap_or_default()
+        }),
     };
     let json = serde_json::to_vec_pretty(&body).unwrap_or_else(|_| b"{}".to_vec());
     let mut r = Response::new(Full::new(Bytes::from(json)));

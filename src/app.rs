@@ -38,6 +38,8 @@ pub enum StartError {
     Policy(#[from] policy::PolicyError),
     #[error("cannot read the policy template {0}: {1}")]
     Template(String, std::io::Error),
+    #[error("access policy: {0}")]
+    Access(String),
 }
 
 /// A running credlock.
@@ -54,30 +56,25 @@ pub struct Running {
     pub task: JoinHandle<()>,
 }
 
-/// Loads the session policy template: the configured file, else the installed one, else the
-/// copy compiled in.
 /// The per-process access policy, when rules exist: the gate and the per-connection
 /// identification it needs. With no rules, neither exists and connections are not identified.
+/// A policy that does not compile (the configuration's validation refuses it first, so only a
+/// `Config` built by hand meets this) stops the start: never a proxy without its rules.
 fn access_control(
     cfg: &crate::access::AccessConfig,
     metrics: &Arc<Metrics>,
-) -> Option<(Arc<crate::gate::AccessControl>, server::Identify)> {
+) -> Result<Option<(Arc<crate::gate::AccessControl>, server::Identify)>, StartError> {
     use crate::access::{Identity, Policy};
     use crate::peer::{GroupCache, Identifier, SystemDirectory};
     // The configuration was validated at load: compile cannot fail here but for a name that
     // resolves differently now, which is a warning, not an error, at run time.
-    let (policy, warnings) = match Policy::compile(cfg, &SystemDirectory, false) {
-        Ok(compiled) => compiled,
-        Err(e) => {
-            tracing::error!(error = %e, "access policy refused at start: every connection is unidentified and denied");
-            return None;
-        }
-    };
+    let (policy, warnings) = Policy::compile(cfg, &SystemDirectory, false)
+        .map_err(|e| StartError::Access(e.to_string()))?;
     for warning in &warnings {
         tracing::warn!(%warning, "access policy");
     }
     if policy.is_empty() {
-        return None;
+        return Ok(None);
     }
     tracing::info!(rules = ?policy.rule_names(), "access policy: callers are identified per connection");
     let groups = Arc::new(GroupCache::default());
@@ -158,9 +155,11 @@ fn access_control(
             who
         })
     });
-    Some((access, identify))
+    Ok(Some((access, identify)))
 }
 
+/// Loads the session policy template: the configured file, else the installed one, else the
+/// copy compiled in.
 pub fn load_template(config: &Config) -> Result<serde_json::Value, StartError> {
     let text = match &config.policy_template {
         Some(path) => std::fs::read_to_string(path)
@@ -284,22 +283,33 @@ async fn start_with(
         config.lock.serve_margin,
         known_raw.clone(),
     );
-    let identify = access_control(&config.access, &metrics).map(|(access, identify)| {
+    let identify = access_control(&config.access, &metrics)?.map(|(access, identify)| {
         proxy_state.access = Some(access);
         identify
     });
+    let class_roles = Arc::new(
+        crate::class_role::ClassRoles::new(&config.access, &metrics).map_err(StartError::Access)?,
+    );
+    proxy_state.class_roles = class_roles.clone();
+    let class_lock_status: Vec<Arc<ArcSwap<LockStatus>>> = class_roles
+        .roles()
+        .iter()
+        .map(|_| Arc::new(ArcSwap::from_pointee(LockStatus::default())))
+        .collect();
     let proxy_state = Arc::new(proxy_state);
     let firewall = FirewallWatch::new(config.firewall_state_file.clone(), config.firewall_required);
     metrics.firewall_required.set(i64::from(firewall.required));
     let lock_status = Arc::new(ArcSwap::from_pointee(LockStatus::default()));
     let discovery_status = Arc::new(ArcSwap::from_pointee(Vec::new()));
-    let admin_state = Arc::new(AdminState::new(
+    let mut admin_state = AdminState::new(
         proxy_state.clone(),
         lock_status.clone(),
         discovery_status.clone(),
         imds_addrs.first().copied().unwrap_or(config.listen[0]),
         firewall,
-    ));
+    );
+    admin_state.class_lock_status = class_lock_status.clone();
+    let admin_state = Arc::new(admin_state);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = watch::channel(false);
@@ -347,7 +357,7 @@ async fn start_with(
         store,
         metrics,
         clock,
-        lock_status,
+        (lock_status, class_roles, class_lock_status),
         discovery_status,
         ready_tx,
         shutdown_rx,
@@ -369,6 +379,13 @@ async fn start_with(
     })
 }
 
+/// The instance role's lock status, the access rules' roles and their lock statuses.
+type LockStates = (
+    Arc<ArcSwap<LockStatus>>,
+    Arc<crate::class_role::ClassRoles>,
+    Vec<Arc<ArcSwap<LockStatus>>>,
+);
+
 /// Learns the identity (retrying until IMDS answers), then runs discovery and the lock loop.
 #[allow(clippy::too_many_arguments)]
 async fn run_background(
@@ -378,7 +395,7 @@ async fn run_background(
     store: Arc<CredentialStore>,
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
-    lock_status: Arc<ArcSwap<LockStatus>>,
+    (lock_status, class_roles, class_lock_status): LockStates,
     discovery_status: Arc<ArcSwap<Vec<SourceStatus>>>,
     ready: watch::Sender<bool>,
     mut shutdown: watch::Receiver<bool>,
@@ -398,6 +415,41 @@ async fn run_background(
         publish: env_tx,
         status: discovery_status,
     };
+    // One lock loop per access rule role: its own store, status and series, the same
+    // environment and template, assumed with the instance role's credentials. Not readiness:
+    // see `class_role.rs`.
+    let mut class_loops = tokio::task::JoinSet::new();
+    for (role, status) in class_roles.roles().iter().zip(class_lock_status) {
+        let label = role.arn.to_string();
+        let locker = Locker {
+            issuer: AwsIssuer::new(
+                &identity.region,
+                source.clone(),
+                config.lock.sts_endpoint.as_deref(),
+                clock.clone(),
+            )
+            .await,
+            instance: crate::refresh::ClassInstance {
+                instance: ImdsInstance {
+                    imds: imds.clone(),
+                    configured: configured.clone(),
+                },
+                role: role.arn.clone(),
+            },
+            store: role.store.clone(),
+            metrics: metrics.lock_series(Some(&label)),
+            clock: clock.clone(),
+            config: config.lock.clone(),
+            template: template.clone(),
+            environment: env_rx.clone(),
+            recheck: config.discovery.interval,
+            status,
+            ready: watch::channel(false).0,
+            on_identity: None,
+        };
+        class_loops.spawn(locker.run(shutdown.clone()));
+    }
+    let told = class_roles.clone();
     let locker = Locker {
         issuer: AwsIssuer::new(
             &identity.region,
@@ -408,7 +460,7 @@ async fn run_background(
         .await,
         instance: ImdsInstance { imds, configured },
         store,
-        metrics,
+        metrics: metrics.lock_series(None),
         clock,
         config: config.lock.clone(),
         template,
@@ -416,8 +468,15 @@ async fn run_background(
         recheck: config.discovery.interval,
         status: lock_status,
         ready,
+        on_identity: Some(Box::new(move |identity| {
+            told.set_instance_role(&identity.role.name)
+        })),
     };
-    tokio::join!(discoverer.run(shutdown.clone()), locker.run(shutdown));
+    tokio::join!(
+        discoverer.run(shutdown.clone()),
+        locker.run(shutdown),
+        class_loops.join_all()
+    );
 }
 
 use crate::discovery::SourceStatus;

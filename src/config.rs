@@ -372,18 +372,6 @@ fn validate(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
 fn validate_access(
     access: crate::access::AccessConfig,
 ) -> Result<crate::access::AccessConfig, ConfigError> {
-    if let Some((i, rule)) = access
-        .rules
-        .iter()
-        .enumerate()
-        .find(|(_, r)| r.role.is_some())
-    {
-        return Err(invalid(
-            &format!("access.rule[{i}].role"),
-            rule.role.as_deref().unwrap_or_default(),
-            "a per-class role is not supported yet: remove it (the class gets the instance role's locked set)",
-        ));
-    }
     crate::access::Policy::compile(&access, &crate::peer::SystemDirectory, false)
         .map_err(access_error)?;
     Ok(access)

@@ -74,18 +74,22 @@ impl AccessControl {
         }
     }
 
-    /// The decision for one request. `Some((status, body))`: answer locally with it, never
-    /// forward. `None`: handle the request as without a policy.
+    /// The decision for one request. `Err((status, body))`: answer locally with it, never
+    /// forward. `Ok(rule)`: handle the request as without a policy, for the class of the rule
+    /// that matched (configuration order; `None`: no rule, or credlock's own probe), whose
+    /// `role` (if it has one) serves the credential routes.
     pub fn check(
         &self,
         who: Option<&Identity>,
         route: &Route<'_>,
         has_token: bool,
-    ) -> Option<(StatusCode, &'static str)> {
-        let ask = ask_of(route)?;
+    ) -> Result<Option<usize>, (StatusCode, &'static str)> {
+        let Some(ask) = ask_of(route) else {
+            return Ok(None);
+        };
         let who = who.unwrap_or(&Identity::Unidentified(Unidentified::LookupFailed));
         if self.is_own(who) {
-            return None;
+            return Ok(None);
         }
         let policy = self.policy.load();
         let groups = match who {
@@ -117,12 +121,16 @@ impl AccessControl {
                 "access policy: request answered locally (logged once per caller and rule)"
             );
         }
-        answer
+        match answer {
+            Some(answer) => Err(answer),
+            None => Ok(decision.rule),
+        }
     }
 
     /// Logs, once per (uid, unit, locked set), which caller received which locked set: the
     /// access key id joins a CloudTrail event to the process. Never the secret or the token.
-    pub fn served(&self, who: Option<&Identity>, access_key_id: &str) {
+    /// `role`: the ARN of the set's role when it is a class role (`None`: the instance role).
+    pub fn served(&self, who: Option<&Identity>, role: Option<&str>, access_key_id: &str) {
         let Some(who) = who else { return };
         if self.is_own(who) {
             return;
@@ -132,6 +140,7 @@ impl AccessControl {
             tracing::info!(
                 uid,
                 unit,
+                role = role.unwrap_or("instance role"),
                 access_key_id,
                 "locked credentials served to a caller"
             );
@@ -302,20 +311,20 @@ mod tests {
         );
         let iid = crate::route::classify(&Method::GET, "/latest/meta-data/instance-id");
         assert_eq!(
-            gate.check(Some(&web), &creds, true).map(|a| a.0),
+            gate.check(Some(&web), &creds, true).err().map(|a| a.0),
             Some(StatusCode::NOT_FOUND)
         );
-        assert_eq!(gate.check(Some(&web), &az, false), None);
+        assert_eq!(gate.check(Some(&web), &az, false), Ok(Some(0)));
         assert_eq!(
-            gate.check(Some(&web), &iid, false).map(|a| a.0),
+            gate.check(Some(&web), &iid, false).err().map(|a| a.0),
             Some(StatusCode::NOT_FOUND)
         );
         let worker = caller(1000, "worker.service");
         assert_eq!(
-            gate.check(Some(&worker), &creds, false).map(|a| a.0),
+            gate.check(Some(&worker), &creds, false).err().map(|a| a.0),
             Some(StatusCode::UNAUTHORIZED)
         );
-        assert_eq!(gate.check(Some(&worker), &creds, true), None);
+        assert_eq!(gate.check(Some(&worker), &creds, true), Ok(Some(1)));
         // credlock's own readiness probe (its uid in its cgroup) is not judged; its uid elsewhere is.
         let own = Identity::Identified(Caller {
             uid: 999,
@@ -323,11 +332,11 @@ mod tests {
             cgroup: Some("/system.slice/credlock.service".into()),
             pid: None,
         });
-        assert_eq!(gate.check(Some(&own), &creds, true), None);
+        assert_eq!(gate.check(Some(&own), &creds, true), Ok(None));
         let elsewhere = caller(999, "other.service");
         assert_eq!(
             gate.check(Some(&elsewhere), &creds, true),
-            None,
+            Ok(None),
             "no rule: allowed"
         );
         let own_uid_web = Identity::Identified(Caller {
@@ -337,12 +346,12 @@ mod tests {
             pid: None,
         });
         assert_eq!(
-            gate.check(Some(&own_uid_web), &creds, true).map(|a| a.0),
+            gate.check(Some(&own_uid_web), &creds, true).err().map(|a| a.0),
             Some(StatusCode::NOT_FOUND)
         );
         // No identity at all while rules exist: unidentified, denied (no rule names it).
         assert_eq!(
-            gate.check(None, &creds, true).map(|a| a.0),
+            gate.check(None, &creds, true).err().map(|a| a.0),
             Some(StatusCode::NOT_FOUND)
         );
         let count =

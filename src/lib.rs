@@ -14,7 +14,8 @@
 //!   connection, only when an access policy is set;
 //! - [`route`]: the pure classification of every request (the security core);
 //! - [`gate`] and [`access`]: the per-process access policy on the request path, and its pure
-//!   first-match decision;
+//!   first-match decision; [`class_role`]: the roles some classes get instead of the instance
+//!   role's;
 //! - [`proxy`]: the handler: passthrough, forward-then-replace, local refusals;
 //! - [`upstream`] and [`http1`]: the pooled client to the real IMDS and its response codec
 //!   (pure);
@@ -40,6 +41,8 @@ pub mod admin;
 #[cfg(feature = "daemon")]
 pub mod app;
 pub mod clock;
+#[cfg(feature = "proxy")]
+pub mod class_role;
 #[cfg(feature = "daemon")]
 pub mod config;
 pub mod credentials;

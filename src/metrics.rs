@@ -33,10 +33,41 @@ pub struct Metrics {
     pub access_decisions: IntCounterVec,
     /// Connections by how their caller was identified (`credlock_connections_identified_total`).
     pub identified: IntCounterVec,
+    /// The lock loops of the access policy's per-class roles, by `role` (the ARN from the
+    /// validated configuration, a closed set): the instance role's series above stay as they
+    /// were, so no dashboard or alert on them changes meaning.
+    pub class_refreshes: IntCounterVec,
+    pub class_sts_errors: IntCounterVec,
+    pub class_assume_role_duration: HistogramVec,
+    pub class_remaining_seconds: GaugeVec,
+    pub class_policy_characters: IntGaugeVec,
+    pub class_policy_packed_percent: IntGaugeVec,
     /// Resolved once: the request path never hashes a label set (see [`Metrics::answered`]).
     answered_handles: [[IntCounter; 3]; ROUTES.len()],
     /// Every route but `refused`, which never reaches the upstream.
     upstream_handles: [Histogram; ROUTES.len() - 1],
+}
+
+/// One lock loop's series, resolved once: the instance role's own families, or the
+/// `credlock_class_role_*` families with this role's label.
+#[derive(Clone)]
+pub struct LockSeries {
+    pub success: IntCounter,
+    pub failure: IntCounter,
+    pub assume_role_duration: Histogram,
+    pub policy_characters: IntGauge,
+    pub policy_packed_percent: IntGauge,
+    sts_errors: IntCounterVec,
+    role: Option<String>,
+}
+
+impl LockSeries {
+    pub fn sts_error(&self, code: &str) {
+        match &self.role {
+            None => self.sts_errors.with_label_values(&[code]).inc(),
+            Some(role) => self.sts_errors.with_label_values(&[role.as_str(), code]).inc(),
+        }
+    }
 }
 
 /// Why a request was answered locally without reaching the upstream: the `reason` label of
@@ -164,6 +195,39 @@ impl Metrics {
             "STS AssumeRole failures, by error code.",
             &["code"],
         );
+        let class_refreshes = counter(
+            "credlock_class_role_refreshes_total",
+            "Attempts to obtain a locked set for an access rule's role (access.rule.role), by role ARN and result.",
+            &["role", "result"],
+        );
+        let class_sts_errors = counter(
+            "credlock_class_role_sts_errors_total",
+            "STS AssumeRole failures for an access rule's role, by role ARN and error code.",
+            &["role", "code"],
+        );
+        let class_assume_role_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "credlock_class_role_assume_role_duration_seconds",
+                "Time for one sts:AssumeRole call for an access rule's role, by role ARN.",
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            &["role"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(class_assume_role_duration.clone()))
+            .expect("unique metric");
+        let class_remaining_seconds = GaugeVec::new(
+            Opts::new(
+                "credlock_class_role_remaining_seconds",
+                "Seconds until the locked set of an access rule's role expires (0 when none is held), by role ARN.",
+            ),
+            &["role"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(class_remaining_seconds.clone()))
+            .expect("unique metric");
         let discovery_runs = counter(
             "credlock_discovery_runs_total",
             "Environment discovery runs, by source and result.",
@@ -250,6 +314,16 @@ impl Metrics {
                 .expect("unique metric");
             g
         };
+        let class_policy_characters = int_gauge_vec(
+            "credlock_class_role_policy_characters",
+            "Characters in the session policy of an access rule's role, by role ARN.",
+            &["role"],
+        );
+        let class_policy_packed_percent = int_gauge_vec(
+            "credlock_class_role_policy_packed_size_percent",
+            "PackedPolicySize reported by STS for an access rule's role, by role ARN.",
+            &["role"],
+        );
         let firewall_enforced = int_gauge_vec(
             "credlock_firewall_enforced",
             "1 while the firewall's last check (at most a minute old) found every process of this address family forced through credlock (strict or boot mode, or IPv6 deliberately off); 0 otherwise.",
@@ -349,9 +423,48 @@ impl Metrics {
             firewall_required,
             access_decisions,
             identified,
+            class_refreshes,
+            class_sts_errors,
+            class_assume_role_duration,
+            class_remaining_seconds,
+            class_policy_characters,
+            class_policy_packed_percent,
             firewall_state,
             answered_handles,
             upstream_handles,
+        }
+    }
+
+    /// The lock loop's series for the instance role (`None`) or an access rule's `role`.
+    pub fn lock_series(&self, role: Option<&str>) -> LockSeries {
+        match role {
+            None => LockSeries {
+                success: self.refreshes.with_label_values(&["success"]),
+                failure: self.refreshes.with_label_values(&["failure"]),
+                assume_role_duration: self.assume_role_duration.clone(),
+                policy_characters: self.policy_characters.clone(),
+                policy_packed_percent: self.policy_packed_percent.clone(),
+                sts_errors: self.sts_errors.clone(),
+                role: None,
+            },
+            Some(role) => {
+                self.class_remaining_seconds.with_label_values(&[role]);
+                #[cfg(feature = "daemon")]
+                for code in crate::sts::StsErrorCode::ALL {
+                    self.class_sts_errors.with_label_values(&[role, code.label()]);
+                }
+                LockSeries {
+                    success: self.class_refreshes.with_label_values(&[role, "success"]),
+                    failure: self.class_refreshes.with_label_values(&[role, "failure"]),
+                    assume_role_duration: self.class_assume_role_duration.with_label_values(&[role]),
+                    policy_characters: self.class_policy_characters.with_label_values(&[role]),
+                    policy_packed_percent: self
+                        .class_policy_packed_percent
+                        .with_label_values(&[role]),
+                    sts_errors: self.class_sts_errors.clone(),
+                    role: Some(role.to_owned()),
+                }
+            }
         }
     }
 

@@ -13,11 +13,13 @@ use hyper::body::Body as _;
 use hyper::body::Incoming;
 
 use crate::access::Identity;
+use crate::class_role::{ClassRole, ClassRoles};
 use crate::clock::Clock;
 use crate::credentials::{
     self, AnswerRefusal, CredentialStore, KnownRaw, LockedCredentials, Secret, Verdict,
 };
 use crate::gate::AccessControl;
+use crate::identity::RoleArn;
 use crate::metrics::{Metrics, RefusalReason, RouteLabel};
 use crate::route::{self, Refusal, Route, TOKEN_HEADER};
 use crate::upstream::{UpstreamClient, UpstreamError, UpstreamResponse, strip_hop_by_hop};
@@ -57,6 +59,8 @@ pub struct ProxyState {
     pub known_raw: Arc<KnownRaw>,
     /// The per-process access policy; `None`: no rules, every caller as before.
     pub access: Option<Arc<AccessControl>>,
+    /// The access rules' own roles (`access.rule.role`); empty without them.
+    pub class_roles: Arc<ClassRoles>,
     token_mode: AtomicU8,
     rewrites: RewriteCache,
 }
@@ -78,6 +82,7 @@ impl ProxyState {
             serve_margin,
             known_raw,
             access: None,
+            class_roles: Arc::default(),
             token_mode: AtomicU8::new(TokenMode::Unknown as u8),
             rewrites: RewriteCache::default(),
         }
@@ -143,21 +148,37 @@ pub async fn handle(
     drop(body);
 
     // Who may get what: decided before anything reaches the upstream.
+    let mut class: Option<&ClassRole> = None;
     if let Some(access) = &state.access {
         // Present and not empty: IMDS judges the token itself on every forwarded request.
         let has_token = parts
             .headers
             .get(TOKEN_HEADER)
             .is_some_and(|v| !v.is_empty());
-        if let Some((status, text)) = access.check(who.as_deref(), &route, has_token) {
-            let response = respond(Outcome::Local(status, text), method == Method::HEAD);
-            state.metrics.answered(label, response.status());
-            return response;
+        match access.check(who.as_deref(), &route, has_token) {
+            Err((status, text)) => {
+                let response = respond(Outcome::Local(status, text), method == Method::HEAD);
+                state.metrics.answered(label, response.status());
+                return response;
+            }
+            Ok(rule) => class = rule.and_then(|i| state.class_roles.for_rule(i)),
         }
     }
 
     let outcome = match route {
         Route::Refused(reason) => refuse(&state, reason),
+        Route::RoleListing { path, .. } if class.is_some() => {
+            let name = class.map_or("", |c| c.arn.name.as_str());
+            match forward(&state, label, method.clone(), path, parts.headers).await {
+                // IMDS judged the caller's token and lists a role: the class sees its own.
+                Outcome::Upstream(mut response) if response.status == StatusCode::OK => {
+                    response.body = Bytes::copy_from_slice(name.as_bytes());
+                    response.headers.remove(header::CONTENT_LENGTH);
+                    Outcome::Upstream(response)
+                }
+                other => other,
+            }
+        }
         Route::Token | Route::RoleListing { .. } | Route::Passthrough { .. } => {
             let target = match route {
                 Route::Passthrough { target } | Route::RoleListing { path: target, .. } => target,
@@ -165,9 +186,12 @@ pub async fn handle(
             };
             forward(&state, label, method.clone(), target, parts.headers).await
         }
-        Route::Credentials { path, .. } => {
-            credentials(&state, path, parts.headers, who.as_deref()).await
-        }
+        Route::Credentials { path, role, .. } => match class {
+            None => credentials(&state, &state.store, None, path, parts.headers, who.as_deref()).await,
+            Some(class) => {
+                class_credentials(&state, class, role, path, parts.headers, who.as_deref()).await
+            }
+        },
     };
     let response = respond(outcome, method == Method::HEAD);
     state.metrics.answered(label, response.status());
@@ -262,13 +286,16 @@ async fn forward(
 /// is served only as [`credentials::judge`] allows (the documented success shape, locked, or a
 /// secret-free documented error), never as it came. HEAD is forwarded as GET so the rewritten
 /// length is known.
+/// `store`: the instance role's, or a class role's (`role`, for the log line).
 async fn credentials(
     state: &ProxyState,
+    store: &CredentialStore,
+    role: Option<&RoleArn>,
     path: &str,
     client_headers: HeaderMap,
     who: Option<&Identity>,
 ) -> Outcome {
-    let Some(locked) = state.store.servable(state.clock.now(), state.serve_margin) else {
+    let Some(locked) = store.servable(state.clock.now(), state.serve_margin) else {
         state.metrics.refused(RefusalReason::NoLockedCredentials);
         return Outcome::Local(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -295,7 +322,8 @@ async fn credentials(
     {
         Judged::Locked(body) => {
             if let Some(access) = &state.access {
-                access.served(who, &locked.access_key_id);
+                let role = role.map(RoleArn::to_string);
+                access.served(who, role.as_deref(), &locked.access_key_id);
             }
             response.body = body;
             response.headers.remove(header::CONTENT_LENGTH);
@@ -315,6 +343,48 @@ async fn credentials(
             )
         }
     }
+}
+
+/// A class role's credentials (see `class_role.rs`): only its own name answers; the request
+/// goes upstream as the instance role's (IMDS judges the caller's token), and IMDS's success
+/// body is replaced with the class role's locked set.
+async fn class_credentials(
+    state: &ProxyState,
+    class: &ClassRole,
+    asked: &str,
+    path: &str,
+    client_headers: HeaderMap,
+    who: Option<&Identity>,
+) -> Outcome {
+    if asked != class.arn.name {
+        state.metrics.refused(RefusalReason::UnknownCredentialPath);
+        return Outcome::Local(StatusCode::NOT_FOUND, "404 - Not Found\n");
+    }
+    let instance_role = state.class_roles.instance_role_name();
+    let Some(instance_role) = instance_role.as_deref() else {
+        state.metrics.refused(RefusalReason::NoLockedCredentials);
+        return Outcome::Local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "credlock: no locked credentials available yet\n",
+        );
+    };
+    // The classifier's canonical path ends with the asked name, then perhaps one slash.
+    let (base, slash) = path
+        .strip_suffix('/')
+        .map_or((path, ""), |base| (base, "/"));
+    let Some(prefix) = base.strip_suffix(asked) else {
+        return Outcome::Local(StatusCode::NOT_FOUND, "404 - Not Found\n");
+    };
+    let upstream_path = format!("{prefix}{instance_role}{slash}");
+    credentials(
+        state,
+        &class.store,
+        Some(&class.arn),
+        &upstream_path,
+        client_headers,
+        who,
+    )
+    .await
 }
 
 /// What [`RewriteCache::judge`] decided.

@@ -20,7 +20,7 @@ use crate::credentials::{CredentialStore, imds_timestamp};
 use crate::environment::Environment;
 use crate::identity::{InstanceIdentity, RoleArn};
 use crate::imds::{Imds, ImdsError};
-use crate::metrics::Metrics;
+use crate::metrics::LockSeries;
 use crate::policy;
 use crate::sts::{AssumeRequest, Issuer};
 
@@ -60,6 +60,26 @@ impl InstanceSource for ImdsInstance {
     }
 }
 
+/// The identity a class role's lock loop locks: the instance's own (read from IMDS the same way
+/// as for the instance role, so a role change or an unreachable IMDS is noticed the same way)
+/// with the class's role in place of the instance role. The session name stays the instance
+/// id, so CloudTrail shows which instance assumed the role.
+pub struct ClassInstance {
+    pub instance: ImdsInstance,
+    pub role: RoleArn,
+}
+
+impl InstanceSource for ClassInstance {
+    async fn identity(&self) -> Result<InstanceIdentity, ImdsError> {
+        let mut identity = self.instance.identity().await?;
+        identity.role = self.role.clone();
+        Ok(identity)
+    }
+}
+
+/// See [`Locker::on_identity`].
+pub type OnIdentity = Box<dyn Fn(&InstanceIdentity) + Send + Sync>;
+
 /// What `/status` shows about the lock. No secret: the access key id is not shown either.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LockStatus {
@@ -87,7 +107,7 @@ pub struct Locker<I, S> {
     pub issuer: I,
     pub instance: S,
     pub store: Arc<CredentialStore>,
-    pub metrics: Arc<Metrics>,
+    pub metrics: LockSeries,
     pub clock: Arc<dyn Clock>,
     pub config: LockConfig,
     pub template: Value,
@@ -96,6 +116,9 @@ pub struct Locker<I, S> {
     pub recheck: Duration,
     pub status: Arc<ArcSwap<LockStatus>>,
     pub ready: watch::Sender<bool>,
+    /// Told the identity each time it is read (the instance role's loop tells the per-class
+    /// roles which role name IMDS answers credentials for).
+    pub on_identity: Option<OnIdentity>,
 }
 
 impl<I: Issuer, S: InstanceSource> Locker<I, S> {
@@ -133,6 +156,9 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
             Ok(identity) => identity,
             Err(e) => return self.failed(failures, format!("reading the instance identity: {e}")),
         };
+        if let Some(tell) = &self.on_identity {
+            tell(&identity);
+        }
         if locked
             .as_ref()
             .is_some_and(|l| l.identity.role != identity.role)
@@ -188,7 +214,7 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
                 *next_refresh = refresh_at(now, expiration, rand::random::<f64>() * 2.0 - 1.0);
                 *failures = 0;
                 self.store.store(issued.credentials);
-                self.metrics.refreshes.with_label_values(&["success"]).inc();
+                self.metrics.success.inc();
                 if let Some(p) = issued.packed_policy_percent {
                     self.metrics.policy_packed_percent.set(i64::from(p));
                 }
@@ -223,10 +249,7 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
                     .min(self.recheck)
             }
             Err(e) => {
-                self.metrics
-                    .sts_errors
-                    .with_label_values(&[e.code.label()])
-                    .inc();
+                self.metrics.sts_error(e.code.label());
                 self.failed(failures, e.to_string())
             }
         }
@@ -234,7 +257,7 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
 
     fn failed(&self, failures: &mut u32, message: String) -> Duration {
         *failures += 1;
-        self.metrics.refreshes.with_label_values(&["failure"]).inc();
+        self.metrics.failure.inc();
         let wait = backoff(*failures, rand::random::<f64>());
         let serving = self
             .store

@@ -103,7 +103,7 @@ impl Harness {
             },
             instance: FakeInstance(role.clone()),
             store: store.clone(),
-            metrics: Arc::new(Metrics::new()),
+            metrics: crate::metrics::Metrics::new().lock_series(None),
             clock: clock.clone(),
             config: crate::config::from_toml("", &Default::default())
                 .unwrap()
@@ -112,6 +112,7 @@ impl Harness {
             environment: env_rx,
             recheck: Duration::from_secs(300),
             status: Arc::new(ArcSwap::from_pointee(LockStatus::default())),
+            on_identity: None,
             ready: ready_tx,
         };
         tokio::spawn(locker.run(shutdown_rx));

@@ -8,11 +8,13 @@
 #   v2only       a second user: IMDSv2 required on the credential routes
 #   unit         root inside a cgroup named like a systemd service: matched by its unit
 #   allowed      a third user: locked credentials (boto3's own credential provider)
+#   worker-role  a fourth user: another role's locked set (access.rule.role), its name listed
 #   unidentified a container's forwarded connection (redirect mode): no credentials
 #   default-deny everyone else (root outside the unit): no credentials
 
 ACCESS_MOTO=127.0.0.1:5055
 ACCESS_UNIT=clfw-unit-$ID.service
+ACCESS_ROLE=credlock-worker-s3 # the worker-role class's role (moto assumes any role ARN)
 MOTO_PID=""
 
 # start_moto: moto_server (STS) inside the instance namespace, once per run.
@@ -56,6 +58,11 @@ name = "allowed"
 users = ["$OK_USER"]
 
 [[access.rule]]
+name = "worker-role"
+users = ["$ROLE_USER"]
+role = "arn:aws:iam::123456789012:role/$ACCESS_ROLE"
+
+[[access.rule]]
 name = "unidentified"
 unidentified = true
 credentials = "deny"
@@ -69,7 +76,7 @@ EOF
 }
 
 # imds WHO HOST PATH [v1]: "STATUS KIND" for a GET of PATH (IMDSv2: token PUT first, unless v1),
-# KIND raw | locked | text | none. WHO: app | v2 | ok | root | unit | container.
+# KIND raw | locked | text | none. WHO: app | v2 | ok | role | root | unit | container.
 # shellcheck disable=SC2016 # unit: $$ and $1 belong to the inner sh
 imds() {
     local who=$1 host=$2 path=$3 mode=${4:-v2} url run=() token="" out code body
@@ -79,6 +86,7 @@ imds() {
     app) run=(ip netns exec "$NS_I" runuser -u "$APP_USER" --) ;;
     v2) run=(ip netns exec "$NS_I" runuser -u "$V2_USER" --) ;;
     ok) run=(ip netns exec "$NS_I" runuser -u "$OK_USER" --) ;;
+    role) run=(ip netns exec "$NS_I" runuser -u "$ROLE_USER" --) ;;
     root) run=(ip netns exec "$NS_I") ;;
     unit) run=(sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' sh "$CG2/clfw-$ID/$ACCESS_UNIT" ip netns exec "$NS_I") ;;
     container) run=(ip netns exec "$NS_C") ;;
@@ -106,7 +114,7 @@ access_decisions() {
 }
 
 access_checks() {
-    local host out creds="/latest/meta-data/iam/security-credentials/credlock-test-role" ready=0 before after
+    local host url who out creds="/latest/meta-data/iam/security-credentials/credlock-test-role" ready=0 before after
     if ! start_moto; then
         fail "access policy: moto (STS) starts in the instance namespace" "$(tail -n 5 "$TMP/moto.log")"
         return
@@ -162,6 +170,68 @@ print("none" if creds is None else "got")
 ' "$host" 2>&1 | tail -n 1)
         expect "web class ($host): boto3's provider finds no credentials (graceful, no exception)" none "$out"
     done
+    # A per-class role, as an SDK meets it: boto3's instance-metadata provider (IMDSv2: the
+    # listing, then the listed name) as the worker-role user, and moto's GetCallerIdentity with
+    # what it got: the class role, assumed by this instance. The allowed user still gets the
+    # instance role. The class never sees the instance role's name or set.
+    for host in ipv4 ipv6; do
+        for who in "$ROLE_USER" "$OK_USER"; do
+            out=$(ip netns exec "$NS_I" runuser -u "$who" -- env -i PATH=/usr/bin:/bin HOME=/ PYTHONPATH="$SITE" \
+                AWS_ENDPOINT_URL_STS="http://$ACCESS_MOTO" "$PY" -c '
+import sys
+import boto3
+from botocore.credentials import InstanceMetadataProvider
+from botocore.utils import InstanceMetadataFetcher
+config = {"ec2_metadata_service_endpoint_mode": "ipv6"} if sys.argv[1] == "ipv6" else {}
+creds = InstanceMetadataProvider(iam_role_fetcher=InstanceMetadataFetcher(timeout=3, num_attempts=1, config=config)).load()
+if creds is None:
+    print("none")
+    sys.exit()
+kind = "raw" if creds.access_key.startswith(("ASIAV1", "ASIAV2", "ASIAID")) else "locked"
+sts = boto3.client("sts", region_name="us-east-1", aws_access_key_id=creds.access_key,
+                   aws_secret_access_key=creds.secret_key, aws_session_token=creds.token)
+print(kind, sts.get_caller_identity()["Arn"])
+' "$host" 2>&1 | tail -n 1)
+            if [[ $who == "$ROLE_USER" ]]; then
+                expect "worker-role class ($host): boto3 gets the class role's locked set (moto: assumed-role/$ACCESS_ROLE)" \
+                    "locked arn:aws:sts::123456789012:assumed-role/$ACCESS_ROLE/$IID" "$out"
+            else
+                expect "allowed class ($host): still the instance role's locked set next to a class role" \
+                    "locked arn:aws:sts::123456789012:assumed-role/credlock-test-role/$IID" "$out"
+            fi
+        done
+    done
+    for host in "$IMDS4" "$IMDS6"; do
+        url="http://$host"
+        [[ $host == *:* ]] && url="http://[$host]"
+        # shellcheck disable=SC2016 # $1 and $2 belong to the inner sh
+        out=$(ip netns exec "$NS_I" runuser -u "$ROLE_USER" -- sh -c '
+t=$(curl -sS -g --max-time 5 -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 60" "$1/latest/api/token")
+curl -sS -g --max-time 5 -H "X-aws-ec2-metadata-token: $t" -w " %{http_code}" "$1/latest/meta-data/iam/security-credentials/"
+echo
+curl -sS -g --max-time 5 -w " %{http_code}" -o /dev/null "$1/latest/meta-data/iam/security-credentials/"
+echo
+curl -sS -g --max-time 5 -H "X-aws-ec2-metadata-token: bogus" -w " %{http_code}" -o /dev/null "$1/latest/meta-data/iam/security-credentials/$2"' \
+            sh "$url" "$ACCESS_ROLE" 2>&1 | tr '\n' ' ')
+        expect "worker-role class ($host): the listing names its role; tokenless and a bad token are still judged by IMDS" \
+            "$ACCESS_ROLE 200  200  401" "$out"
+        expect "worker-role class ($host): the instance role's name is 404 for this class; another class still gets it" \
+            "404 text 200 locked" "$(imds role "$host" "$creds") $(imds ok "$host" "$creds")"
+    done
+    out=$(in_i curl -s --max-time 3 "http://$ADMIN/status" | "$PY" -c '
+import json, sys
+roles = json.load(sys.stdin)["class_roles"]
+print(" ".join(f"{r['"'"'role_arn'"'"']} {r['"'"'rules'"'"']} {r['"'"'held'"'"']} {r['"'"'lock'"'"']['"'"'consecutive_failures'"'"']}" for r in roles))' 2>&1)
+    expect "/status: the class role, its rule, held, no failures" \
+        "arn:aws:iam::123456789012:role/$ACCESS_ROLE ['worker-role'] True 0" "$out"
+    out=$(in_i curl -s --max-time 3 "http://$ADMIN/metrics" | awk -v r="arn:aws:iam::123456789012:role/$ACCESS_ROLE" '
+        $1 == "credlock_class_role_refreshes_total{result=\"success\",role=\"" r "\"}" { ok = $2 }
+        $1 == "credlock_class_role_remaining_seconds{role=\"" r "\"}" { left = $2 }
+        END { print (ok >= 1 ? "refreshed" : "not refreshed"), (left > 600 ? "remaining" : "expired") }')
+    expect "metrics: the class role's own lock series" "refreshed remaining" "$out"
+    out=$(tail -n "+$((log_start + 1))" "$TMP/credlock.log" | sed 's/\x1b\[[0-9;]*m//g' |
+        grep "locked credentials served to a caller" | grep "uid=$(id -u "$ROLE_USER") " | grep -cE "role=\"?arn:aws:iam::123456789012:role/$ACCESS_ROLE")
+    expect "log: the class role's set logged once for its caller, with the role" 1 "$out"
     # A dual-stack client (an AF_INET6 socket to ::ffff:169.254.169.254, Java's default) sends
     # IPv4; the kernel reports its socket with IPv4-mapped addresses. It is still the allowed user.
     out=$(ip netns exec "$NS_I" runuser -u "$OK_USER" -- "$PY" -c '
@@ -203,7 +273,7 @@ rules = json.load(sys.stdin)["access"]
 web = next(r for r in rules if r["rule"] == "web")
 print(" ".join(r["rule"] for r in rules), web["denied"] >= 6, web["allowed"] >= 4)' 2>&1)
     expect "/status lists the rules in order (and the fallbacks) with their counts" \
-        "web v2only unit allowed unidentified default-deny (none) (unidentified) True True" "$out"
+        "web v2only unit allowed worker-role unidentified default-deny (none) (unidentified) True True" "$out"
     out=$(tail -n "+$((log_start + 1))" "$TMP/credlock.log" | sed 's/\x1b\[[0-9;]*m//g' |
         grep "locked credentials served to a caller" | grep -c "uid=$(id -u "$OK_USER") ")
     expect "log: the allowed user's locked set logged once (uid, access key id; never a secret)" "1 0" \

@@ -82,7 +82,7 @@ NS_I=$P-instance NS_M=$P-imds NS_C=$P-container
 V_I=cfi$ID V_M=cfm$ID V_H=cfh$ID V_C=cfc$ID # veth ends (<= 15 chars)
 BR=br-cl$ID                                 # matches the default CREDLOCK_CONTAINER_IFACES "br-+"
 CRED_USER=clfw-cred-$ID APP_USER=clfw-app-$ID
-OK_USER=clfw-ok-$ID V2_USER=clfw-v2-$ID # the access policy's other classes (netns_access_checks.sh)
+OK_USER=clfw-ok-$ID V2_USER=clfw-v2-$ID ROLE_USER=clfw-role-$ID # the access policy's other classes (netns_access_checks.sh)
 IMDS4=169.254.169.254 IMDS6=fd00:ec2::254
 CTL=127.0.0.1:9999 # emulator control, inside the imds namespace
 SR_HOP=fd00:ec2::253 # a segment-routing hop in the imds namespace (seg6_enabled): forwards to IMDS
@@ -260,7 +260,7 @@ setup_topology() {
 
 setup_users() {
     local u
-    for u in "$CRED_USER" "$APP_USER" "$OK_USER" "$V2_USER"; do
+    for u in "$CRED_USER" "$APP_USER" "$OK_USER" "$V2_USER" "$ROLE_USER"; do
         if ! id -u "$u" >/dev/null 2>&1; then
             useradd --system --no-create-home --home-dir / --shell /usr/sbin/nologin "$u" || return 1
             CREATED_USERS+=("$u")
