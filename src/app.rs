@@ -84,12 +84,16 @@ fn access_control(
             let path = text.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
             Some((nix::unistd::getuid().as_raw(), path))
         });
-    let access = Arc::new(crate::gate::AccessControl::new(
-        policy,
-        Box::new(move |uid| groups.groups_of(uid)),
-        own,
-        metrics,
-    ));
+    let identifier = Arc::new(Identifier::new());
+    let access = Arc::new(
+        crate::gate::AccessControl::new(
+            policy,
+            Box::new(move |uid| groups.groups_of(uid)),
+            own,
+            metrics,
+        )
+        .with_cgroup_root(identifier.cgroup_root().map(Into::into)),
+    );
     // Names that did not resolve (a user created after the image was baked) are tried again.
     let refreshed = Arc::downgrade(&access);
     tokio::spawn(async move {
@@ -107,7 +111,6 @@ fn access_control(
             access.policy.store(Arc::new(policy));
         }
     });
-    let identifier = Arc::new(Identifier::new());
     if !identifier.has_cgroups() {
         tracing::error!(
             "access policy: no cgroup v2 hierarchy in /proc/self/mountinfo: no caller can be identified, every connection is unidentified"

@@ -61,8 +61,12 @@ impl ClassRoles {
                 by_rule.push(None);
                 continue;
             };
-            let arn = RoleArn::parse(text)
-                .ok_or_else(|| format!("access rule {:?}: role {text:?} is not an IAM role ARN", rule.name))?;
+            let arn = RoleArn::parse(text).ok_or_else(|| {
+                format!(
+                    "access rule {:?}: role {text:?} is not an IAM role ARN",
+                    rule.name
+                )
+            })?;
             let index = match roles.iter().position(|r| r.arn == arn) {
                 Some(i) => i,
                 None => {

@@ -110,10 +110,24 @@ fn access_rules_are_validated_at_load_and_names_resolved_by_check_config() {
     assert_eq!(e.key, "access.rule[0].units");
     let e = err("[[access.rule]]\nname = \"a\"\nmetadata = [\"/meta-data/\"]\n");
     assert_eq!(e.key, "access.rule[0].metadata");
-    // Per-class roles are not built yet: refused with a clear message instead of ignored.
-    let e = err("[[access.rule]]\nname = \"a\"\nrole = \"arn:aws:iam::123456789012:role/x\"\n");
-    assert_eq!(e.key, "access.rule[0].role");
-    assert!(e.why.contains("not supported yet"), "{e}");
+    // A per-class role is an IAM role ARN, as IAM writes them; anything else is refused.
+    let ok = from_toml(
+        "[[access.rule]]\nname = \"a\"\nrole = \"arn:aws:iam::123456789012:role/team/x\"\n",
+        &Overrides::default(),
+    );
+    assert!(ok.is_ok(), "{:?}", ok.err());
+    for bad in [
+        "arn:aws:iam::123456789012:user/x",
+        "arn:aws:iam::12345678901:role/x",
+        "arn:aws:sts::123456789012:role/x",
+        "arn:aws:iam::123456789012:role/p//x",
+        "arn:aws:iam::123456789012:role/",
+        "worker-s3",
+    ] {
+        let e = err(&format!("[[access.rule]]\nname = \"a\"\nrole = \"{bad}\"\n"));
+        assert_eq!(e.key, "access.rule[0].role", "{bad}");
+        assert!(e.why.contains("not an IAM role ARN"), "{bad}: {e}");
+    }
     let e = err("[[access.rule]]\nname = \"a\"\nsudo = true\n");
     assert!(e.why.contains("unknown field"), "{e}");
 }

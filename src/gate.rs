@@ -12,13 +12,16 @@ use std::sync::{Mutex, PoisonError};
 use arc_swap::ArcSwap;
 use http::StatusCode;
 
-use crate::access::{Ask, Identity, Policy, Unidentified, Verdict};
+use crate::access::{Ask, Caller, Identity, Policy, Unidentified, Verdict};
 use crate::metrics::Metrics;
 use crate::route::Route;
 
 /// How many (caller, locked set) and (caller, rule) pairs are remembered as already logged.
 /// When full the memory starts again: at worst a line is repeated, never memory unbounded.
 const LOGGED_CAPACITY: usize = 4096;
+
+/// At most this many pids of the caller's cgroup in a log line.
+const MAX_PIDS: usize = 8;
 
 /// The `rule` label when no rule matched an identified caller, and when an unidentified caller
 /// met no `unidentified = true` rule (denied). Rule names cannot contain parentheses.
@@ -43,6 +46,8 @@ pub struct AccessControl {
     /// Their `credlock_access_decisions_total` series per decision ([`DECISIONS`] order),
     /// resolved once: the request path never hashes a label set.
     counters: Vec<[prometheus::IntCounter; 3]>,
+    /// The cgroup v2 mount: the log lines name the processes in the caller's cgroup.
+    cgroup_root: Option<std::path::PathBuf>,
 }
 
 impl AccessControl {
@@ -71,6 +76,47 @@ impl AccessControl {
             groups_of,
             own,
             logged: Mutex::new(HashSet::new()),
+            cgroup_root: None,
+        }
+    }
+
+    /// Log lines name the processes in the caller's cgroup under this cgroup v2 mount.
+    pub fn with_cgroup_root(mut self, root: Option<std::path::PathBuf>) -> Self {
+        self.cgroup_root = root;
+        self
+    }
+
+    /// The processes in the caller's cgroup (its `cgroup.procs`, up to [`MAX_PIDS`]), for log
+    /// lines only. sock_diag names the socket's cgroup, not its process, and a socket's pid
+    /// would need other users' `/proc/<pid>/fd`, closed to credlock. A service's cgroup mostly
+    /// holds one process or a few, so this names the caller or narrows it down; read once per
+    /// line logged (a few KiB at most), never per request. Best effort: `-` when unreadable.
+    fn pids(&self, who: &Identity) -> String {
+        use std::io::Read;
+        let (
+            Some(root),
+            Identity::Identified(Caller {
+                cgroup: Some(cgroup),
+                ..
+            }),
+        ) = (&self.cgroup_root, who)
+        else {
+            return "-".into();
+        };
+        let mut text = String::new();
+        let read = std::fs::File::open(
+            root.join(cgroup.trim_start_matches('/'))
+                .join("cgroup.procs"),
+        )
+        .and_then(|f| f.take(4096).read_to_string(&mut text));
+        if read.is_err() {
+            return "-".into();
+        }
+        let pids: Vec<&str> = text.split_whitespace().collect();
+        match pids.len() {
+            0 => "-".into(),
+            n if n <= MAX_PIDS => pids.join(","),
+            n => format!("{},... ({n}+ processes)", pids[..MAX_PIDS].join(",")),
         }
     }
 
@@ -118,6 +164,7 @@ impl AccessControl {
                 decision = label,
                 uid,
                 unit,
+                pids = %self.pids(who),
                 "access policy: request answered locally (logged once per caller and rule)"
             );
         }
@@ -140,6 +187,7 @@ impl AccessControl {
             tracing::info!(
                 uid,
                 unit,
+                pids = %self.pids(who),
                 role = role.unwrap_or("instance role"),
                 access_key_id,
                 "locked credentials served to a caller"
@@ -346,7 +394,9 @@ mod tests {
             pid: None,
         });
         assert_eq!(
-            gate.check(Some(&own_uid_web), &creds, true).err().map(|a| a.0),
+            gate.check(Some(&own_uid_web), &creds, true)
+                .err()
+                .map(|a| a.0),
             Some(StatusCode::NOT_FOUND)
         );
         // No identity at all while rules exist: unidentified, denied (no rule names it).
@@ -376,5 +426,39 @@ mod tests {
             ),
             (1, 3, 0)
         );
+    }
+
+    #[test]
+    fn log_lines_name_the_processes_of_the_callers_cgroup() {
+        let metrics = Metrics::new();
+        let root = std::env::temp_dir().join(format!("credlock-gate-pids-{}", std::process::id()));
+        let one = root.join("system.slice/one.service");
+        let many = root.join("system.slice/many.service");
+        std::fs::create_dir_all(&one).unwrap();
+        std::fs::create_dir_all(&many).unwrap();
+        std::fs::write(one.join("cgroup.procs"), "4242\n").unwrap();
+        let lots: String = (100..120).map(|p| format!("{p}\n")).collect();
+        std::fs::write(many.join("cgroup.procs"), lots).unwrap();
+        let gate = control("[[access.rule]]\nname = \"a\"\n", &metrics)
+            .with_cgroup_root(Some(root.clone()));
+        let in_cgroup = |path: &str| {
+            Identity::Identified(Caller {
+                uid: 1,
+                unit: None,
+                cgroup: Some(path.into()),
+                pid: None,
+            })
+        };
+        assert_eq!(gate.pids(&in_cgroup("/system.slice/one.service")), "4242");
+        assert_eq!(
+            gate.pids(&in_cgroup("/system.slice/many.service")),
+            "100,101,102,103,104,105,106,107,... (20+ processes)"
+        );
+        assert_eq!(gate.pids(&in_cgroup("/system.slice/gone.service")), "-");
+        assert_eq!(
+            gate.pids(&Identity::Unidentified(Unidentified::SocketGone)),
+            "-"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -40,9 +40,9 @@ pub mod access;
 pub mod admin;
 #[cfg(feature = "daemon")]
 pub mod app;
-pub mod clock;
 #[cfg(feature = "proxy")]
 pub mod class_role;
+pub mod clock;
 #[cfg(feature = "daemon")]
 pub mod config;
 pub mod credentials;

@@ -65,7 +65,10 @@ impl LockSeries {
     pub fn sts_error(&self, code: &str) {
         match &self.role {
             None => self.sts_errors.with_label_values(&[code]).inc(),
-            Some(role) => self.sts_errors.with_label_values(&[role.as_str(), code]).inc(),
+            Some(role) => self
+                .sts_errors
+                .with_label_values(&[role.as_str(), code])
+                .inc(),
         }
     }
 }
@@ -451,12 +454,15 @@ impl Metrics {
                 self.class_remaining_seconds.with_label_values(&[role]);
                 #[cfg(feature = "daemon")]
                 for code in crate::sts::StsErrorCode::ALL {
-                    self.class_sts_errors.with_label_values(&[role, code.label()]);
+                    self.class_sts_errors
+                        .with_label_values(&[role, code.label()]);
                 }
                 LockSeries {
                     success: self.class_refreshes.with_label_values(&[role, "success"]),
                     failure: self.class_refreshes.with_label_values(&[role, "failure"]),
-                    assume_role_duration: self.class_assume_role_duration.with_label_values(&[role]),
+                    assume_role_duration: self
+                        .class_assume_role_duration
+                        .with_label_values(&[role]),
                     policy_characters: self.class_policy_characters.with_label_values(&[role]),
                     policy_packed_percent: self
                         .class_policy_packed_percent

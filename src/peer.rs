@@ -14,8 +14,10 @@
 //! cgroup id could not be mapped to a path. The access policy treats all of them alike.
 //!
 //! The uid and cgroup are the socket's, fixed when it was created: a process that obtains a
-//! socket from another process (SCM_RIGHTS) is seen as that process. The pid is not looked up:
-//! mapping a socket inode to a pid means scanning every process's descriptors.
+//! socket from another process (SCM_RIGHTS) is seen as that process. The pid is not looked up
+//! per connection: mapping a socket inode to a pid means reading other users'
+//! `/proc/<pid>/fd`, which credlock (no capability) may not. The log lines name the processes
+//! of the caller's cgroup instead (`gate.rs`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -97,6 +99,11 @@ impl Identifier {
     /// connection is unidentified): the caller logs it loudly.
     pub fn has_cgroups(&self) -> bool {
         self.root.is_some()
+    }
+
+    /// The cgroup v2 mount point, if found.
+    pub fn cgroup_root(&self) -> Option<&std::path::Path> {
+        self.root.as_deref()
     }
 
     /// An identifier that maps cgroup ids under `root` (tests).

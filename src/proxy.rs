@@ -187,7 +187,17 @@ pub async fn handle(
             forward(&state, label, method.clone(), target, parts.headers).await
         }
         Route::Credentials { path, role, .. } => match class {
-            None => credentials(&state, &state.store, None, path, parts.headers, who.as_deref()).await,
+            None => {
+                credentials(
+                    &state,
+                    &state.store,
+                    None,
+                    path,
+                    parts.headers,
+                    who.as_deref(),
+                )
+                .await
+            }
             Some(class) => {
                 class_credentials(&state, class, role, path, parts.headers, who.as_deref()).await
             }

@@ -204,7 +204,9 @@ pub async fn serve<H, Fut>(
             accepted = rx.recv() => {
                 let Some((stream, peer, permit)) = accepted else { break };
                 let _ = stream.set_nodelay(true);
-                let pending = identify.as_ref().map(|identify| identify(&stream));
+                // Looked up in the connection's own task, not here: this loop hands out every
+                // connection, and a lookup (a few syscalls) here would serialise them all.
+                let identify = identify.clone();
                 let handler = handler.clone();
                 let (id, conn_state) = registry.add(now_ms());
                 let open = counters.as_ref().map(|c| c.open.clone());
@@ -216,8 +218,8 @@ pub async fn serve<H, Fut>(
                 let registry = registry.clone();
                 tokio::spawn(
                     async move {
-                        let who = match pending {
-                            Some(pending) => Some(Arc::new(pending.await)),
+                        let who = match identify {
+                            Some(identify) => Some(Arc::new(identify(&stream).await)),
                             None => None,
                         };
                         let seen = conn_state.clone();

@@ -8,7 +8,7 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use common::*;
 use credlock::access::{AccessConfig, Caller, Identity, Policy};
@@ -34,7 +34,7 @@ struct Proxy {
 }
 
 fn set(key: &str) -> LockedCredentials {
-    let now = SystemTime::now();
+    let now = credlock::clock::Clock::now(&SystemClock);
     LockedCredentials::new(
         key.to_string(),
         Secret::new(format!("secret-of-{key}")),
@@ -147,12 +147,20 @@ async fn a_class_role_is_served_only_its_own_set_and_fails_closed() {
     // The instance role's name is not yet known (its lock loop has not read the identity):
     // 503, never the instance role's set.
     let (status, body) = get(&p, &creds(CLASS_ROLE), Some(&tok)).await;
-    assert_eq!((status, body.contains("ASIAINSTANCESET")), (503, false), "{body}");
+    assert_eq!(
+        (status, body.contains("ASIAINSTANCESET")),
+        (503, false),
+        "{body}"
+    );
 
     // Known, but the class role holds no set (its trust policy refused, STS down): still 503.
     p.roles.set_instance_role(INSTANCE_ROLE);
     let (status, body) = get(&p, &creds(CLASS_ROLE), Some(&tok)).await;
-    assert_eq!((status, body.contains("ASIAINSTANCESET")), (503, false), "{body}");
+    assert_eq!(
+        (status, body.contains("ASIAINSTANCESET")),
+        (503, false),
+        "{body}"
+    );
 
     // The instance role's own path is not this class's: 404, IMDS's answer for a role that is
     // not attached, whether or not the class's set exists.
@@ -174,14 +182,23 @@ async fn a_class_role_is_served_only_its_own_set_and_fails_closed() {
                 }
                 let (status, listing) =
                     get(&p, &format!("/{version}/meta-data/iam/{kind}/"), Some(&tok)).await;
-                assert_eq!((status, listing.as_str()), (200, CLASS_ROLE), "{kind} listing");
+                assert_eq!(
+                    (status, listing.as_str()),
+                    (200, CLASS_ROLE),
+                    "{kind} listing"
+                );
             }
         }
     }
     // The upstream still judges the caller's token: a bad one gets IMDS's 401, not a set.
     let (status, body) = get(&p, &creds(CLASS_ROLE), Some("not-a-token")).await;
     assert_eq!((status, body.contains("ASIA")), (401, false), "{body}");
-    let (status, _) = get(&p, "/latest/meta-data/iam/security-credentials/", Some("bad")).await;
+    let (status, _) = get(
+        &p,
+        "/latest/meta-data/iam/security-credentials/",
+        Some("bad"),
+    )
+    .await;
     assert_eq!(status, 401, "the listing too");
     // The upstream's forwarded request was for the instance role, with the caller's token.
     let asked: Vec<String> = emu
@@ -204,8 +221,16 @@ async fn a_class_role_is_served_only_its_own_set_and_fails_closed() {
     *p.caller.lock().unwrap() = caller(1000);
     let (status, body) = get(&p, &creds(INSTANCE_ROLE), Some(&tok)).await;
     let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!((status, doc["AccessKeyId"].as_str()), (200, Some("ASIAINSTANCESET")));
-    let (_, listing) = get(&p, "/latest/meta-data/iam/security-credentials/", Some(&tok)).await;
+    assert_eq!(
+        (status, doc["AccessKeyId"].as_str()),
+        (200, Some("ASIAINSTANCESET"))
+    );
+    let (_, listing) = get(
+        &p,
+        "/latest/meta-data/iam/security-credentials/",
+        Some(&tok),
+    )
+    .await;
     assert_eq!(listing, INSTANCE_ROLE);
     let (status, _) = get(&p, &creds(CLASS_ROLE), Some(&tok)).await;
     assert_eq!(status, 404, "the class role's name is not another class's");

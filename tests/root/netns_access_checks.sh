@@ -137,6 +137,23 @@ access_checks() {
     done
     expect "access policy: credlock ready with locked credentials (moto as STS)" 1 "$ready"
 
+    # The log names the caller's processes (its cgroup's): here the unit's cgroup holds only
+    # the client, so the served line names its pid.
+    # shellcheck disable=SC2016 # $$ and $1 belong to the inner sh
+    out=$(sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' sh "$CG2/clfw-$ID/$ACCESS_UNIT" ip netns exec "$NS_I" "$PY" -c '
+import os, sys, urllib.request
+print(os.getpid(), flush=True)
+put = urllib.request.Request("http://169.254.169.254/latest/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+t = urllib.request.urlopen(put, timeout=5).read().decode()
+get = urllib.request.Request("http://169.254.169.254" + sys.argv[1], headers={"X-aws-ec2-metadata-token": t})
+body = urllib.request.urlopen(get, timeout=5).read()
+print("locked" if b"AccessKeyId" in body and b"ASIAV" not in body else "other")' "$creds" 2>&1 | tr '\n' ' ')
+    out=${out% }
+    local client_pid=${out%% *}
+    expect "unit class: a client alone in $ACCESS_UNIT gets the locked set" locked "${out#* }"
+    expect "log: the served line names the unit's one process (pids=$client_pid)" 1 \
+        "$(tail -n "+$((log_start + 1))" "$TMP/credlock.log" | sed 's/\x1b\[[0-9;]*m//g' |
+            grep "locked credentials served to a caller" | grep -c "pids=$client_pid ")"
     for host in "$IMDS4" "$IMDS6"; do
         expect "web class ($host): credentials 404, listing 404" "404 text 404 text" \
             "$(imds app "$host" "$creds") $(imds app "$host" /latest/meta-data/iam/security-credentials/)"
