@@ -124,7 +124,9 @@ fn access_rules_are_validated_at_load_and_names_resolved_by_check_config() {
         "arn:aws:iam::123456789012:role/",
         "worker-s3",
     ] {
-        let e = err(&format!("[[access.rule]]\nname = \"a\"\nrole = \"{bad}\"\n"));
+        let e = err(&format!(
+            "[[access.rule]]\nname = \"a\"\nrole = \"{bad}\"\n"
+        ));
         assert_eq!(e.key, "access.rule[0].role", "{bad}");
         assert!(e.why.contains("not an IAM role ARN"), "{bad}: {e}");
     }
