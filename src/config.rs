@@ -66,6 +66,8 @@ pub enum LogFormat {
 pub struct LockConfig {
     pub role_arn: Option<String>,
     pub session_duration: Duration,
+    /// Mark sessions with SourceIdentity `credlock-<instance id>` (default on; see
+    /// `refresh::source_identity`).
     pub source_identity: bool,
     pub session_tags: BTreeMap<String, String>,
     /// Never serve a locked set with less than this left; fail closed instead.
@@ -439,6 +441,16 @@ fn validate_lock(lock: LockSection) -> Result<LockConfig, ConfigError> {
                 "a tag key is 1-128 letters, digits, spaces or _.:/=+-@ and may not start with aws:",
             ));
         }
+        // AWS's data-perimeter governance policies reserve the `dp:` tag prefix for their own
+        // exception tags ("Establishing a data perimeter on AWS", data-perimeter-policy-examples):
+        // a credlock tag there could exempt its sessions from an organisation's perimeter.
+        if k.to_ascii_lowercase().starts_with("dp:") {
+            return Err(invalid(
+                "lock.session_tags",
+                k,
+                "the dp: prefix is reserved by AWS's data-perimeter policies (their exception tags); choose another key",
+            ));
+        }
         if !ok(v, 256) {
             return Err(invalid(
                 &format!("lock.session_tags.{k}"),
@@ -454,7 +466,7 @@ fn validate_lock(lock: LockSection) -> Result<LockConfig, ConfigError> {
         sts_endpoint: lock.sts_endpoint,
         role_arn: lock.role_arn,
         session_duration: Duration::from_secs(duration),
-        source_identity: lock.source_identity.unwrap_or(false),
+        source_identity: lock.source_identity.unwrap_or(true),
         session_tags: lock.session_tags,
         serve_margin: Duration::from_secs(margin),
     })

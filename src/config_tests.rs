@@ -133,3 +133,23 @@ fn access_rules_are_validated_at_load_and_names_resolved_by_check_config() {
     let e = err("[[access.rule]]\nname = \"a\"\nsudo = true\n");
     assert!(e.why.contains("unknown field"), "{e}");
 }
+
+#[test]
+fn sessions_are_marked_by_default_and_dp_tags_are_refused() {
+    let c = from_toml("", &Overrides::default()).unwrap();
+    assert!(c.lock.source_identity, "marking is the default");
+    let c = from_toml("[lock]\nsource_identity = false\n", &Overrides::default()).unwrap();
+    assert!(!c.lock.source_identity);
+    let e = err("[lock]\nsession_tags = { \"dp:exclude\" = \"true\" }\n");
+    assert_eq!(e.key, "lock.session_tags");
+    assert!(e.why.contains("dp:"), "{e}");
+    let e = err("[lock]\nsession_tags = { \"DP:Exclude:Network\" = \"x\" }\n");
+    assert!(e.why.contains("reserved"), "{e}");
+    assert!(
+        from_toml(
+            "[lock]\nsession_tags = { team = \"dp\" }\n",
+            &Overrides::default()
+        )
+        .is_ok()
+    );
+}

@@ -42,6 +42,9 @@ pub struct Metrics {
     pub class_remaining_seconds: GaugeVec,
     pub class_policy_characters: IntGaugeVec,
     pub class_policy_packed_percent: IntGaugeVec,
+    pub class_sessions_marked: IntGaugeVec,
+    /// `credlock_sessions_marked`: 1 while the locked session carries the SourceIdentity marker.
+    pub sessions_marked: IntGauge,
     /// Resolved once: the request path never hashes a label set (see [`Metrics::answered`]).
     answered_handles: [[IntCounter; 3]; ROUTES.len()],
     /// Every route but `refused`, which never reaches the upstream.
@@ -57,6 +60,8 @@ pub struct LockSeries {
     pub assume_role_duration: Histogram,
     pub policy_characters: IntGauge,
     pub policy_packed_percent: IntGauge,
+    /// 1 while the last locked session carries credlock's SourceIdentity marker.
+    pub marked: IntGauge,
     sts_errors: IntCounterVec,
     role: Option<String>,
 }
@@ -306,6 +311,10 @@ impl Metrics {
             "credlock_policy_packed_size_percent",
             "PackedPolicySize reported by STS for the current session (100 fails).",
         );
+        let sessions_marked = gauge(
+            "credlock_sessions_marked",
+            "1 while the locked session carries credlock's SourceIdentity marker (credlock-<instance id>), which the CloudTrail tripwire keys on; 0 when unmarked (lock.source_identity = false, or the role refused sts:SetSourceIdentity) or before the first lock.",
+        );
         let ready = gauge(
             "credlock_ready",
             "1 while credlock holds a servable locked credential set.",
@@ -320,6 +329,11 @@ impl Metrics {
         let class_policy_characters = int_gauge_vec(
             "credlock_class_role_policy_characters",
             "Characters in the session policy of an access rule's role, by role ARN.",
+            &["role"],
+        );
+        let class_sessions_marked = int_gauge_vec(
+            "credlock_class_role_sessions_marked",
+            "1 while the locked session of an access rule's role carries credlock's SourceIdentity marker, by role ARN.",
             &["role"],
         );
         let class_policy_packed_percent = int_gauge_vec(
@@ -432,6 +446,8 @@ impl Metrics {
             class_remaining_seconds,
             class_policy_characters,
             class_policy_packed_percent,
+            class_sessions_marked,
+            sessions_marked,
             firewall_state,
             answered_handles,
             upstream_handles,
@@ -447,6 +463,7 @@ impl Metrics {
                 assume_role_duration: self.assume_role_duration.clone(),
                 policy_characters: self.policy_characters.clone(),
                 policy_packed_percent: self.policy_packed_percent.clone(),
+                marked: self.sessions_marked.clone(),
                 sts_errors: self.sts_errors.clone(),
                 role: None,
             },
@@ -467,6 +484,7 @@ impl Metrics {
                     policy_packed_percent: self
                         .class_policy_packed_percent
                         .with_label_values(&[role]),
+                    marked: self.class_sessions_marked.with_label_values(&[role]),
                     sts_errors: self.class_sts_errors.clone(),
                     role: Some(role.to_owned()),
                 }

@@ -22,7 +22,7 @@ use crate::identity::{InstanceIdentity, RoleArn};
 use crate::imds::{Imds, ImdsError};
 use crate::metrics::LockSeries;
 use crate::policy;
-use crate::sts::{AssumeRequest, Issuer};
+use crate::sts::{AssumeRequest, Issuer, StsErrorCode};
 
 /// First retry after a failure; doubles up to [`MAX_BACKOFF`].
 pub const BASE_BACKOFF: Duration = Duration::from_secs(1);
@@ -94,6 +94,20 @@ pub struct LockStatus {
     pub expiration: Option<String>,
     pub consecutive_failures: u32,
     pub recent_errors: VecDeque<String>,
+    /// Whether the last locked session carries credlock's SourceIdentity marker
+    /// ([`source_identity`]); `None` before the first lock.
+    pub marked: Option<bool>,
+    /// Why it does not (configuration, or the role refused SetSourceIdentity).
+    pub unmarked_reason: Option<String>,
+}
+
+/// The SourceIdentity credlock sets on its sessions: `credlock-<instance id>`. It persists into
+/// every event CloudTrail records for the session (`userIdentity.sessionContext.sourceIdentity`)
+/// and through role chaining, so a locked session is recognisable without a lookup table
+/// ("Monitor and control actions taken with assumed roles", IAM User Guide). Allowed characters:
+/// letters, digits and `=,.@-`; 2-64 characters (STS API Reference, "AssumeRole").
+pub fn source_identity(instance_id: &str) -> String {
+    format!("credlock-{instance_id}")
 }
 
 /// The set being served: what it was locked to.
@@ -199,16 +213,46 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
             source_identity: self
                 .config
                 .source_identity
-                .then(|| wanted.identity.instance_id.clone()),
+                .then(|| source_identity(&wanted.identity.instance_id)),
             tags: self.config.session_tags.clone().into_iter().collect(),
         };
         let started = Instant::now();
-        let result = self.issuer.assume(&request).await;
+        let mut result = self.issuer.assume(&request).await;
+        let mut unmarked = None;
+        // A role whose trust policy lacks sts:SetSourceIdentity refuses the marked call with
+        // AccessDenied ("AssumeRole", STS API Reference: SourceIdentity). Lock unmarked rather
+        // than not at all, and say so loudly: the sessions are then invisible to the CloudTrail
+        // tripwire. Every refresh tries the marked call first, so fixing the role heals it.
+        if let Err(e) = &result
+            && e.code == StsErrorCode::AccessDenied
+            && request.source_identity.is_some()
+        {
+            let refused = e.message.clone();
+            let plain = AssumeRequest {
+                source_identity: None,
+                ..request.clone()
+            };
+            result = self.issuer.assume(&plain).await;
+            if result.is_ok() {
+                unmarked = Some(format!(
+                    "AssumeRole with SourceIdentity was refused ({refused}); locked without it: add sts:SetSourceIdentity to the role's trust policy (policy-templates/trust-policy.json)"
+                ));
+            }
+        }
         self.metrics
             .assume_role_duration
             .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(issued) => {
+                let marked = request.source_identity.is_some() && unmarked.is_none();
+                self.metrics.marked.set(i64::from(marked));
+                if let Some(why) = &unmarked {
+                    tracing::error!(
+                        role = %wanted.identity.role,
+                        error = %why,
+                        "locked sessions are NOT marked: CloudTrail cannot tell them from others and the tripwire is blind"
+                    );
+                }
                 let now = self.clock.now();
                 let expiration = issued.credentials.expiration;
                 *next_refresh = refresh_at(now, expiration, rand::random::<f64>() * 2.0 - 1.0);
@@ -240,6 +284,12 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
                 status.next_refresh = Some(imds_timestamp(*next_refresh));
                 status.expiration = Some(imds_timestamp(expiration));
                 status.consecutive_failures = 0;
+                status.marked = Some(marked);
+                status.unmarked_reason = match (&unmarked, request.source_identity.is_some()) {
+                    (Some(why), _) => Some(why.clone()),
+                    (None, false) => Some("lock.source_identity = false".into()),
+                    (None, true) => None,
+                };
                 self.status.store(Arc::new(status));
                 *locked = Some(wanted);
                 self.ready.send_replace(true);

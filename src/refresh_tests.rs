@@ -25,10 +25,13 @@ fn t(secs: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(T0 + secs)
 }
 
-/// Issues one-hour sets, or fails while `failing` is set; records every call.
+/// Issues one-hour sets, or fails while `failing` is set; refuses a SourceIdentity with
+/// AccessDenied while `no_source_identity` is set (a trust policy without
+/// sts:SetSourceIdentity); records every call.
 struct FakeSts {
     clock: Arc<TokioClock>,
     failing: Arc<Mutex<bool>>,
+    no_source_identity: Arc<Mutex<bool>>,
     calls: Arc<Mutex<Vec<(u64, AssumeRequest)>>>,
 }
 
@@ -41,6 +44,12 @@ impl Issuer for FakeSts {
             return Err(StsError {
                 code: StsErrorCode::Throttling,
                 message: "Rate exceeded".into(),
+            });
+        }
+        if *self.no_source_identity.lock().unwrap() && request.source_identity.is_some() {
+            return Err(StsError {
+                code: StsErrorCode::AccessDenied,
+                message: "not authorized to perform: sts:SetSourceIdentity".into(),
             });
         }
         let n = self.calls.lock().unwrap().len();
@@ -73,8 +82,11 @@ struct Harness {
     clock: Arc<TokioClock>,
     store: Arc<CredentialStore>,
     failing: Arc<Mutex<bool>>,
+    no_source_identity: Arc<Mutex<bool>>,
     calls: Arc<Mutex<Vec<(u64, AssumeRequest)>>>,
     role: Arc<Mutex<String>>,
+    status: Arc<ArcSwap<LockStatus>>,
+    marked: prometheus::IntGauge,
     env: watch::Sender<Option<Arc<Environment>>>,
     ready: watch::Receiver<bool>,
     _shutdown: watch::Sender<bool>,
@@ -88,6 +100,10 @@ impl Harness {
         });
         let store = Arc::new(CredentialStore::default());
         let failing = Arc::new(Mutex::new(false));
+        let no_source_identity = Arc::new(Mutex::new(false));
+        let status = Arc::new(ArcSwap::from_pointee(LockStatus::default()));
+        let series = crate::metrics::Metrics::new().lock_series(None);
+        let marked = series.marked.clone();
         let calls = Arc::new(Mutex::new(Vec::new()));
         let role = Arc::new(Mutex::new("app-role".to_string()));
         let mut env = Environment::default();
@@ -99,11 +115,12 @@ impl Harness {
             issuer: FakeSts {
                 clock: clock.clone(),
                 failing: failing.clone(),
+                no_source_identity: no_source_identity.clone(),
                 calls: calls.clone(),
             },
             instance: FakeInstance(role.clone()),
             store: store.clone(),
-            metrics: crate::metrics::Metrics::new().lock_series(None),
+            metrics: series,
             clock: clock.clone(),
             config: crate::config::from_toml("", &Default::default())
                 .unwrap()
@@ -111,7 +128,7 @@ impl Harness {
             template: policy::parse_template(policy::BUILTIN_TEMPLATE).unwrap(),
             environment: env_rx,
             recheck: Duration::from_secs(300),
-            status: Arc::new(ArcSwap::from_pointee(LockStatus::default())),
+            status: status.clone(),
             on_identity: None,
             ready: ready_tx,
         };
@@ -120,8 +137,11 @@ impl Harness {
             clock,
             store,
             failing,
+            no_source_identity,
             calls,
             role,
+            status,
+            marked,
             env: env_tx,
             ready: ready_rx,
             _shutdown: shutdown_tx,
@@ -257,4 +277,50 @@ async fn no_environment_means_no_lock() {
     sleep_secs(3600).await;
     assert_eq!(h.call_times().len(), before);
     assert!(!h.servable_at_now());
+}
+
+#[tokio::test(start_paused = true)]
+async fn sessions_are_marked_and_a_role_refusing_the_marker_locks_unmarked_loudly() {
+    let mut h = Harness::start();
+    h.ready.wait_for(|r| *r).await.unwrap();
+    let first = h.calls.lock().unwrap()[0].1.clone();
+    assert_eq!(
+        first.source_identity.as_deref(),
+        Some("credlock-i-0123456789abcdef0"),
+        "marked by default, with the credlock- prefix"
+    );
+    assert_eq!((h.status.load().marked, h.marked.get()), (Some(true), 1));
+
+    // The role's trust policy loses sts:SetSourceIdentity: the next lock is refused marked,
+    // retried at once unmarked, and served; status and gauge say the tripwire is blind.
+    *h.no_source_identity.lock().unwrap() = true;
+    let before = h.calls.lock().unwrap().len();
+    h.env.send_replace(Some(Arc::new({
+        let mut env = Environment::default();
+        env.add_ip("203.0.113.99");
+        env
+    })));
+    sleep_secs(1).await;
+    let calls = h.calls.lock().unwrap()[before..].to_vec();
+    assert_eq!(calls.len(), 2, "one marked try, one unmarked: {calls:?}");
+    assert!(calls[0].1.source_identity.is_some() && calls[1].1.source_identity.is_none());
+    assert!(h.servable_at_now(), "never fails to lock over the marker");
+    let status = h.status.load();
+    assert_eq!((status.marked, h.marked.get()), (Some(false), 0));
+    assert!(
+        status
+            .unmarked_reason
+            .as_deref()
+            .is_some_and(|why| why.contains("sts:SetSourceIdentity")),
+        "{:?}",
+        status.unmarked_reason
+    );
+    assert_eq!(status.consecutive_failures, 0);
+
+    // Fixed: the next refresh is marked again.
+    *h.no_source_identity.lock().unwrap() = false;
+    sleep_secs(3600).await;
+    let status = h.status.load();
+    assert_eq!((status.marked, h.marked.get()), (Some(true), 1));
+    assert_eq!(status.unmarked_reason, None);
 }
