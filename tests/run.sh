@@ -50,6 +50,7 @@ suite adversarial python -m pytest -q tests/adversarial
 suite lint tests/lint.sh
 suite fuzz tests/fuzz.sh 30
 suite prometheus tests/root/prometheus_e2e_test.sh
+suite tripwire tests/tripwire/run.sh
 suite firewall-nft need_root tests/root/netns_firewall_test.sh --backend nft
 suite firewall-iptables need_root tests/root/netns_firewall_test.sh --backend iptables
 suite systemd-nspawn need_root tests/root/nspawn_systemd_test.sh
