@@ -49,6 +49,7 @@ pub mod credentials;
 #[cfg(feature = "daemon")]
 pub mod discovery;
 pub mod environment;
+pub mod evaluate;
 #[cfg(feature = "proxy")]
 pub mod firewall;
 #[cfg(feature = "proxy")]

@@ -1,5 +1,6 @@
 //! `credlock`: run the proxy, check a config, print the session policy or the discovered
-//! environment. Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 invalid configuration.
+//! environment, explain whether a call passes the lock. Exit codes: 0 ok, 1 runtime failure,
+//! 2 usage, 78 invalid configuration; `explain` (and `audit`) say theirs in their help.
 // One exception, with its reason: `release_free_memory` (malloc_trim). The library crate
 // forbids unsafe code outright.
 #![deny(unsafe_code)]
@@ -36,7 +37,41 @@ enum Command {
     Policy(CommonArgs),
     /// Print the environment each discovery source finds, and the merged result.
     Discover(CommonArgs),
+    /// Would this call pass the lock? Evaluates the session policy credlock would inject here
+    /// (or --policy FILE) and says which statement and condition decided.
+    /// Exit: 0 allowed, 1 denied, 2 usage, 3 cannot evaluate (no policy), 78 invalid config.
+    Explain(ExplainArgs),
 }
+
+#[derive(Args)]
+struct ExplainArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The action, as IAM names it (s3:GetObject)
+    #[arg(long, value_name = "SERVICE:ACTION")]
+    action: String,
+    /// The resource ARN [default: any resource]
+    #[arg(long, value_name = "ARN")]
+    resource: Option<String>,
+    /// The caller's address as AWS sees it (aws:SourceIp); absent for calls through a VPC endpoint
+    #[arg(long, value_name = "IP")]
+    source_ip: Option<std::net::IpAddr>,
+    /// The VPC of a call through a VPC endpoint (aws:SourceVpc)
+    #[arg(long, value_name = "VPC-ID")]
+    vpc: Option<String>,
+    /// The VPC endpoint of the call (aws:SourceVpce)
+    #[arg(long, value_name = "VPCE-ID")]
+    vpce: Option<String>,
+    /// An AWS service makes the call on the caller's behalf (aws:ViaAWSService = true)
+    #[arg(long)]
+    via_aws_service: bool,
+    /// Evaluate this policy document instead of the one credlock would inject here
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
+}
+
+/// `explain`: the policy could not be had or read.
+const EXIT_EXPLAIN_FAILED: u8 = 3;
 
 #[derive(Args)]
 struct CommonArgs {
@@ -73,6 +108,7 @@ fn main() -> ExitCode {
         Command::CheckConfig(c) | Command::Policy(c) | Command::Discover(c) => {
             (c, Vec::new(), None)
         }
+        Command::Explain(e) => (&e.common, Vec::new(), None),
     };
     let overrides = Overrides {
         listen,
@@ -128,6 +164,7 @@ fn main() -> ExitCode {
             }
             Command::Policy(_) => print_policy(config).await,
             Command::Discover(_) => print_discovery(config).await,
+            Command::Explain(args) => explain(config, args).await,
         }
     })
 }
@@ -303,21 +340,16 @@ async fn discover_once(
     Ok((identity, results))
 }
 
-async fn print_policy(config: Config) -> ExitCode {
-    let template = match app::load_template(&config) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("credlock: {e}");
-            return ExitCode::from(EXIT_CONFIG as u8);
-        }
-    };
-    let (identity, results) = match discover_once(&config).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("credlock: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+/// The session policy credlock would inject here: discovery once, then the template.
+/// `Err((exit code, message))`.
+async fn policy_here(
+    config: &Config,
+) -> Result<(policy::SessionPolicy, credlock::identity::RoleArn), (ExitCode, String)> {
+    let template =
+        app::load_template(config).map_err(|e| (ExitCode::from(EXIT_CONFIG as u8), e.to_string()))?;
+    let (identity, results) = discover_once(config)
+        .await
+        .map_err(|e| (ExitCode::FAILURE, e))?;
     let mut env = credlock::environment::Environment::default();
     for (kind, result) in &results {
         match result {
@@ -325,21 +357,97 @@ async fn print_policy(config: Config) -> ExitCode {
             Err(e) => eprintln!("credlock: source {} failed: {e}", kind.label()),
         }
     }
-    match policy::render(&template, &env, &identity.role) {
-        Ok(p) => {
+    policy::render(&template, &env, &identity.role)
+        .map(|p| (p, identity.role))
+        .map_err(|e| (ExitCode::FAILURE, e.to_string()))
+}
+
+async fn print_policy(config: Config) -> ExitCode {
+    match policy_here(&config).await {
+        Ok((p, role)) => {
             println!("{}", p.text);
             eprintln!(
-                "credlock: {} characters of {} for role {}",
+                "credlock: {} characters of {} for role {role}",
                 p.characters,
                 policy::MAX_POLICY_CHARS,
-                identity.role
             );
             ExitCode::SUCCESS
         }
-        Err(e) => {
+        Err((code, e)) => {
             eprintln!("credlock: {e}");
-            ExitCode::FAILURE
+            code
         }
+    }
+}
+
+async fn explain(config: Config, args: ExplainArgs) -> ExitCode {
+    use credlock::evaluate::{PolicyDocument, RequestContext, evaluate};
+    let (text, origin) = match &args.policy {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => (text, path.display().to_string()),
+            Err(e) => {
+                eprintln!("credlock: cannot read {}: {e}", path.display());
+                return ExitCode::from(EXIT_EXPLAIN_FAILED);
+            }
+        },
+        None => match policy_here(&config).await {
+            Ok((p, role)) => (
+                p.text,
+                format!("the session policy credlock would inject here for {role}"),
+            ),
+            Err((_, e)) => {
+                eprintln!(
+                    "credlock: {e}\ncredlock: off an instance, give the policy with --policy FILE (credlock policy > FILE on an instance)"
+                );
+                return ExitCode::from(EXIT_EXPLAIN_FAILED);
+            }
+        },
+    };
+    let document = match PolicyDocument::parse(&text) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("credlock: {origin}: {e}");
+            return ExitCode::from(EXIT_EXPLAIN_FAILED);
+        }
+    };
+    let request = RequestContext {
+        action: args.action.clone(),
+        resource: args.resource.clone(),
+        source_ip: args.source_ip,
+        source_vpc: args.vpc.clone(),
+        source_vpce: args.vpce.clone(),
+        via_aws_service: Some(args.via_aws_service),
+        ..RequestContext::default()
+    };
+    let evaluation = evaluate(&document, &request);
+    let absent = || "(absent)".to_string();
+    println!(
+        "{}: {}{}",
+        if evaluation.allowed() { "ALLOW" } else { "DENY" },
+        evaluation.decision,
+        evaluation
+            .statement
+            .as_ref()
+            .map(|s| format!(" by {s}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "request: {} on {}, aws:SourceIp {}, aws:SourceVpc {}, aws:SourceVpce {}, aws:ViaAWSService {}",
+        request.action,
+        request.resource.as_deref().unwrap_or("any resource"),
+        request.source_ip.map_or_else(absent, |ip| ip.to_string()),
+        request.source_vpc.clone().unwrap_or_else(absent),
+        request.source_vpce.clone().unwrap_or_else(absent),
+        args.via_aws_service
+    );
+    println!("policy: {origin}");
+    for reason in &evaluation.reasons {
+        println!("  {reason}");
+    }
+    if evaluation.allowed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 
