@@ -127,27 +127,27 @@ fn access_control(
             metrics.identified.with_label_values(&[reason.label()]),
         )
     });
-    let identify: server::Identify = Arc::new(move |stream| {
+    let identify: server::Identify = Arc::new(move |stream, peer, local| {
         // The fast part now, while the client waits for its answer; a new cgroup's path is
         // looked for on the blocking pool.
         let found = identifier
-            .owner_of(stream)
+            .owner_of(stream, peer, local)
             .map(|owner| identifier.cached(owner));
         let identifier = identifier.clone();
         let (identified, reasons) = (identified.clone(), reasons.clone());
         Box::pin(async move {
             let who = match found {
-                Err(reason) => Identity::Unidentified(reason),
+                Err(reason) => Arc::new(Identity::Unidentified(reason)),
                 Ok(Ok(known)) => known,
-                Ok(Err(owner)) => {
+                Ok(Err(owner)) => Arc::new(
                     tokio::task::spawn_blocking(move || identifier.resolve_blocking(owner))
                         .await
                         .unwrap_or(Identity::Unidentified(
                             crate::access::Unidentified::LookupFailed,
-                        ))
-                }
+                        )),
+                ),
             };
-            match &who {
+            match &*who {
                 Identity::Identified(_) => identified.inc(),
                 Identity::Unidentified(reason) => {
                     if let Some((_, counter)) = reasons.iter().find(|(r, _)| r == reason) {

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla};
@@ -77,6 +77,9 @@ pub struct Identifier {
     walk: Mutex<Option<Instant>>,
     /// cgroup ids a walk did not find, and when.
     unnamed: Mutex<HashMap<u64, Instant>>,
+    /// The identities handed out, by (uid, cgroup id): a connection from a known caller costs
+    /// a lookup and a reference count, not three strings (bounded like `paths`).
+    shared: Mutex<HashMap<(u32, u64), Arc<Identity>>>,
 }
 
 impl Default for Identifier {
@@ -113,25 +116,34 @@ impl Identifier {
             paths: Mutex::new(HashMap::new()),
             walk: Mutex::new(None),
             unnamed: Mutex::new(HashMap::new()),
+            shared: Mutex::new(HashMap::new()),
         }
     }
 
     /// The identity behind `stream` (an accepted connection), all steps in a row (blocking:
     /// may walk the cgroup tree). Never fails: a failure is an [`Identity::Unidentified`].
     pub fn identify(&self, stream: &tokio::net::TcpStream) -> Identity {
-        match self.owner_of(stream) {
+        let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
+            return Identity::Unidentified(Unidentified::SocketGone);
+        };
+        match self.owner_of(stream, peer, local) {
             Err(reason) => Identity::Unidentified(reason),
-            Ok(owner) => self
-                .cached(owner)
-                .unwrap_or_else(|owner| self.resolve_blocking(owner)),
+            Ok(owner) => match self.cached(owner) {
+                Ok(known) => Identity::clone(&known),
+                Err(owner) => self.resolve_blocking(owner),
+            },
         }
     }
 
     /// The fast step (a getsockopt and one sock_diag exchange): the client socket's owner.
-    pub fn owner_of(&self, stream: &tokio::net::TcpStream) -> Result<SocketOwner, Unidentified> {
-        let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
-            return Err(Unidentified::SocketGone);
-        };
+    /// `peer` and `local`: the accepted socket's addresses (from accept and the listener, so
+    /// no getpeername or getsockname per connection).
+    pub fn owner_of(
+        &self,
+        stream: &tokio::net::TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<SocketOwner, Unidentified> {
         let destination = original_destination(stream, local).unwrap_or(local);
         match lookup(peer, destination) {
             Ok(Some(owner)) => Ok(owner),
@@ -146,18 +158,22 @@ impl Identifier {
 
     /// The identity from what is already known. `Err(owner)`: its cgroup is new, and
     /// [`Identifier::resolve_blocking`] must walk the tree.
-    pub fn cached(&self, owner: SocketOwner) -> Result<Identity, SocketOwner> {
-        let Some(id) = owner.cgroup_id else {
-            return Ok(Identity::Unidentified(Unidentified::LookupFailed));
+    pub fn cached(&self, owner: SocketOwner) -> Result<Arc<Identity>, SocketOwner> {
+        let (Some(id), Some(_)) = (owner.cgroup_id, &self.root) else {
+            return Ok(Arc::new(Identity::Unidentified(Unidentified::LookupFailed)));
         };
-        if self.root.is_none() {
-            return Ok(Identity::Unidentified(Unidentified::LookupFailed));
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(known) = shared.get(&(owner.uid, id)) {
+            return Ok(known.clone());
         }
         let paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
-        match paths.get(&id) {
-            Some(path) => Ok(caller(owner.uid, path)),
-            None => Err(owner),
+        let path = paths.get(&id).ok_or(owner)?;
+        let known = Arc::new(caller(owner.uid, path));
+        if shared.len() >= MAX_CGROUPS {
+            shared.clear();
         }
+        shared.insert((owner.uid, id), known.clone());
+        Ok(known)
     }
 
     /// Walks the cgroup tree once (start-up, on a blocking thread), whatever the rate limit.
@@ -189,7 +205,7 @@ impl Identifier {
         }
         let mut last_walk = self.walk.lock().unwrap_or_else(|e| e.into_inner());
         if let Ok(known) = self.cached(owner) {
-            return known;
+            return Identity::clone(&known);
         }
         if !last_walk.is_some_and(|started| started >= arrived) {
             if let Some(wait) = last_walk.and_then(|t| REWALK_INTERVAL.checked_sub(t.elapsed())) {
@@ -202,14 +218,16 @@ impl Identifier {
         }
         // A walk that started after this connection arrived saw every cgroup that existed then,
         // this one's included, if it is visible at all.
-        self.cached(owner).unwrap_or_else(|_| {
-            let mut unnamed = self.unnamed.lock().unwrap_or_else(|e| e.into_inner());
-            if unnamed.len() >= MAX_UNNAMED {
-                unnamed.clear();
-            }
-            unnamed.insert(id, Instant::now());
-            unidentified
-        })
+        self.cached(owner)
+            .map(|known| Identity::clone(&known))
+            .unwrap_or_else(|_| {
+                let mut unnamed = self.unnamed.lock().unwrap_or_else(|e| e.into_inner());
+                if unnamed.len() >= MAX_UNNAMED {
+                    unnamed.clear();
+                }
+                unnamed.insert(id, Instant::now());
+                unidentified
+            })
     }
 
     fn learn(&self, found: HashMap<u64, String>) {
@@ -289,13 +307,13 @@ pub fn lookup(
                 &TimeVal::new(0, LOOKUP_TIMEOUT.as_micros() as _),
             )
             .map_err(std::io::Error::from)?;
-            *slot = Some((socket, 0));
+            *slot = Some((socket, 0, vec![0; ANSWER_BUFFER]));
         }
-        let Some((socket, sequence)) = slot.as_mut() else {
+        let Some((socket, sequence, buf)) = slot.as_mut() else {
             return Err(LookupError::Decode("no netlink socket".into()));
         };
         *sequence = sequence.wrapping_add(1);
-        let result = exchange(socket, *sequence, family, source, destination);
+        let result = exchange(socket, buf, *sequence, family, source, destination);
         if result.is_err() {
             // A socket that failed or fell out of step is replaced on the next lookup.
             *slot = None;
@@ -305,21 +323,26 @@ pub fn lookup(
 }
 
 thread_local! {
-    /// One sock_diag socket per thread, kept: a lookup is then one send and one receive.
-    static DIAG: std::cell::RefCell<Option<(Socket, u32)>> = const { std::cell::RefCell::new(None) };
+    /// One sock_diag socket per thread, kept, with its sequence number and receive buffer: a
+    /// lookup is then one send and one receive, without an allocation or a buffer to clear.
+    static DIAG: std::cell::RefCell<Option<(Socket, u32, Vec<u8>)>> = const { std::cell::RefCell::new(None) };
 }
+
+/// Room for one answer: an exact lookup's is a few hundred bytes (one `inet_diag_msg` and its
+/// attributes, or an error echoing the request).
+const ANSWER_BUFFER: usize = 8192;
 
 /// One request and its answer. An answer to an earlier request that timed out carries another
 /// sequence number and is skipped.
 fn exchange(
     socket: &Socket,
+    buf: &mut [u8],
     sequence: u32,
     family: u8,
     source: SocketAddr,
     destination: SocketAddr,
 ) -> Result<Option<SocketOwner>, LookupError> {
     socket.send(&request_bytes(family, source, destination, sequence), 0)?;
-    let mut buf = [0u8; 8192];
     for _ in 0..4 {
         let n = socket.recv(&mut &mut buf[..], 0)?;
         let answered = buf

@@ -371,10 +371,17 @@ fn new_cgroups_are_named_by_one_shared_walk_and_unnamed_ones_are_not_walked_for_
     let identifier = Identifier::with_cgroup_root(Some(root.clone()));
     identifier.prime();
     let a = owner(ino("system.slice/a.service"));
-    let Ok(Identity::Identified(c)) = identifier.cached(a) else {
+    let Ok(known) = identifier.cached(a) else {
         panic!("primed: a.service is known")
     };
+    let Identity::Identified(c) = &*known else {
+        panic!("{known:?}")
+    };
     assert_eq!((c.uid, c.unit.as_deref()), (7, Some("a.service")));
+    assert!(
+        Arc::ptr_eq(&known, &identifier.cached(a).unwrap()),
+        "the same caller shares one identity"
+    );
 
     // A service started after the walk: unknown to the cache, named by the next walk, which
     // waits for the rate limit instead of giving up.
@@ -413,7 +420,7 @@ fn new_cgroups_are_named_by_one_shared_walk_and_unnamed_ones_are_not_walked_for_
         cgroup_id: None,
     };
     assert_eq!(
-        identifier.cached(none),
+        identifier.cached(none).map(|i| Identity::clone(&i)),
         Ok(Identity::Unidentified(Unidentified::LookupFailed))
     );
     std::fs::remove_dir_all(&root).unwrap();

@@ -39,8 +39,11 @@ pub struct Limits {
 /// at accept (the fast, synchronous part: the socket is there to be found while its client
 /// waits), its future finishes in the connection's own task (a slow part runs on the blocking
 /// pool, never on the serving thread). The handler gets it with every request of the connection.
-pub type Identify = Arc<dyn Fn(&TcpStream) -> IdentifyFuture + Send + Sync>;
-pub type IdentifyFuture = std::pin::Pin<Box<dyn Future<Output = crate::access::Identity> + Send>>;
+/// Who is behind an accepted connection: given the stream, its peer address (from accept) and
+/// its local address (the listener's), once per connection.
+pub type Identify = Arc<dyn Fn(&TcpStream, SocketAddr, SocketAddr) -> IdentifyFuture + Send + Sync>;
+pub type IdentifyFuture =
+    std::pin::Pin<Box<dyn Future<Output = Arc<crate::access::Identity>> + Send>>;
 
 /// Binds every address; the first failure is returned with the address that failed.
 pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, (SocketAddr, std::io::Error)> {
@@ -155,11 +158,24 @@ pub async fn serve<H, Fut>(
     let registry = Arc::new(Registry::default());
     let epoch = tokio::time::Instant::now();
     let now_ms = move || epoch.elapsed().as_millis() as u64;
-    let (tx, mut rx) = mpsc::channel::<(TcpStream, SocketAddr, OwnedSemaphorePermit)>(64);
+    /// An accepted connection: its peer, its listener's address (`None`: a wildcard), its slot.
+    type Accepted = (
+        TcpStream,
+        SocketAddr,
+        Option<SocketAddr>,
+        OwnedSemaphorePermit,
+    );
+    let (tx, mut rx) = mpsc::channel::<Accepted>(64);
     let mut acceptors = Vec::with_capacity(listeners.len());
     for listener in listeners {
         let evicted = counters.as_ref().map(|c| c.evicted.clone());
         let (tx, slots, registry) = (tx.clone(), slots.clone(), registry.clone());
+        // An accepted socket's local address is the listener's, unless it listens on a
+        // wildcard address: then it is asked per connection.
+        let bound = listener
+            .local_addr()
+            .ok()
+            .filter(|a| !a.ip().is_unspecified());
         acceptors.push(tokio::spawn(async move {
             loop {
                 let (stream, peer) = match listener.accept().await {
@@ -190,7 +206,7 @@ pub async fn serve<H, Fut>(
                         }
                     }
                 };
-                if tx.send((stream, peer, permit)).await.is_err() {
+                if tx.send((stream, peer, bound, permit)).await.is_err() {
                     return;
                 }
             }
@@ -202,7 +218,7 @@ pub async fn serve<H, Fut>(
     loop {
         tokio::select! {
             accepted = rx.recv() => {
-                let Some((stream, peer, permit)) = accepted else { break };
+                let Some((stream, peer, bound, permit)) = accepted else { break };
                 let _ = stream.set_nodelay(true);
                 // Looked up in the connection's own task, not here: this loop hands out every
                 // connection, and a lookup (a few syscalls) here would serialise them all.
@@ -219,7 +235,14 @@ pub async fn serve<H, Fut>(
                 tokio::spawn(
                     async move {
                         let who = match identify {
-                            Some(identify) => Some(Arc::new(identify(&stream).await)),
+                            Some(identify) => Some(
+                                match bound.or_else(|| stream.local_addr().ok()) {
+                                    Some(local) => identify(&stream, peer, local).await,
+                                    None => Arc::new(crate::access::Identity::Unidentified(
+                                        crate::access::Unidentified::SocketGone,
+                                    )),
+                                },
+                            ),
                             None => None,
                         };
                         let seen = conn_state.clone();

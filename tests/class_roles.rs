@@ -89,8 +89,8 @@ async fn serve(emu: &Emulator) -> Proxy {
     let state = Arc::new(state);
     let caller_now = Arc::new(Mutex::new(caller(WORKER_UID)));
     let who = caller_now.clone();
-    let identify: server::Identify = Arc::new(move |_| {
-        let id = who.lock().unwrap().clone();
+    let identify: server::Identify = Arc::new(move |_, _, _| {
+        let id = Arc::new(who.lock().unwrap().clone());
         Box::pin(async move { id })
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
