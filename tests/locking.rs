@@ -5,6 +5,7 @@ mod common;
 
 use aws_credential_types::provider::ProvideCredentials;
 use common::*;
+use std::time::Duration;
 
 const ROLE: &str = "credlock-test-role";
 
@@ -203,5 +204,97 @@ async fn a_rotated_or_changed_role_upstream_is_followed() {
     .await;
     assert_eq!(status, 404, "{body}");
     assert!(!body.contains("AccessKeyId"));
+    let _ = running.shutdown.send(true);
+}
+
+/// STS's documented AssumeRole answer (STS API Reference, "AssumeRole": Response Elements;
+/// the Query API wraps them in `AssumeRoleResponse`/`AssumeRoleResult`), valid for an hour.
+fn assume_role_answer(key: &str) -> String {
+    let expires = humantime::format_rfc3339_seconds(
+        credlock::clock::Clock::now(&credlock::clock::SystemClock) + Duration::from_secs(3600),
+    );
+    format!(
+        "<AssumeRoleResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><AssumeRoleResult>\
+         <AssumedRoleUser><Arn>arn:aws:sts::123456789012:assumed-role/{ROLE}/i-0123456789abcdef0</Arn>\
+         <AssumedRoleId>AROA3XFRBF535PLBIFPI4:i-0123456789abcdef0</AssumedRoleId></AssumedRoleUser>\
+         <Credentials><AccessKeyId>{key}</AccessKeyId><SecretAccessKey>wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY</SecretAccessKey>\
+         <SessionToken>FwoGZXIvYXdzEXAMPLETOKEN</SessionToken><Expiration>{expires}</Expiration></Credentials>\
+         <PackedPolicySize>6</PackedPolicySize></AssumeRoleResult>\
+         <ResponseMetadata><RequestId>c6104cbe-af31-11e0-8154-cbc7ccf896c7</RequestId></ResponseMetadata></AssumeRoleResponse>"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_carry_the_source_identity_and_a_role_refusing_it_is_locked_unmarked() {
+    let emu = Emulator::start(&[]);
+    // STS refuses a SourceIdentity (the role's trust policy lacks sts:SetSourceIdentity) with
+    // its documented error document, and answers a request without one.
+    let sts = FakeHttp::start(&assume_role_answer("ASIAUNMARKED")).await;
+    *sts.unless.lock().unwrap() = Some((
+        "SourceIdentity=".into(),
+        Answer {
+            status: 403,
+            body: "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error><Type>Sender</Type>\
+                   <Code>AccessDenied</Code><Message>User: arn:aws:sts::123456789012:assumed-role/credlock-test-role/i-0123456789abcdef0 \
+                   is not authorized to perform: sts:SetSourceIdentity on resource: arn:aws:iam::123456789012:role/credlock-test-role</Message>\
+                   </Error><RequestId>x</RequestId></ErrorResponse>"
+                .into(),
+            delay: Duration::ZERO,
+            down: false,
+        },
+    ));
+    let running = start(config(&emu.url(), Some(sts.url.trim_end_matches('/')), "")).await;
+    wait_ready(&running).await;
+    let bodies = sts.bodies.lock().unwrap().clone();
+    let assumes: Vec<&String> = bodies
+        .iter()
+        .filter(|b| b.contains("Action=AssumeRole"))
+        .collect();
+    assert!(assumes.len() >= 2, "{bodies:?}");
+    assert!(
+        assumes[0].contains("SourceIdentity=credlock-i-0123456789abcdef0"),
+        "marked first, with the credlock- prefix: {}",
+        assumes[0]
+    );
+    assert!(
+        !assumes[1].contains("SourceIdentity"),
+        "then unmarked: {}",
+        assumes[1]
+    );
+    let admin = format!("http://{}", running.admin_addr);
+    let status: serde_json::Value = reqwest::get(format!("{admin}/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["lock"]["marked"], false, "{status}");
+    assert!(
+        status["lock"]["unmarked_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("sts:SetSourceIdentity")),
+        "{status}"
+    );
+    let metrics = reqwest::get(format!("{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("\ncredlock_sessions_marked 0\n"),
+        "{metrics}"
+    );
+    let raw = get(
+        &base(&running),
+        &format!("/latest/meta-data/iam/security-credentials/{ROLE}"),
+        None,
+    )
+    .await;
+    assert!(
+        raw.1.contains("ASIAUNMARKED"),
+        "locked and served unmarked: {}",
+        raw.1
+    );
     let _ = running.shutdown.send(true);
 }

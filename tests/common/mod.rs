@@ -211,11 +211,13 @@ pub struct Answer {
     pub down: bool,
 }
 
-/// A tiny HTTP/1.1 server on loopback standing in for an echo service or a boot provider:
-/// answers every request with the current [`Answer`] and records request bodies.
+/// A tiny HTTP/1.1 server on loopback standing in for an echo service, a boot provider or STS:
+/// answers every request with the current [`Answer`] (or, for a request body containing the
+/// `unless` text, with its own answer) and records request bodies.
 pub struct FakeHttp {
     pub url: String,
     pub answer: std::sync::Arc<std::sync::Mutex<Answer>>,
+    pub unless: std::sync::Arc<std::sync::Mutex<Option<(String, Answer)>>>,
     pub bodies: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -238,13 +240,14 @@ impl FakeHttp {
             down: false,
         }));
         let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (a, b) = (answer.clone(), bodies.clone());
+        let unless = std::sync::Arc::new(std::sync::Mutex::new(None::<(String, Answer)>));
+        let (a, b, u) = (answer.clone(), bodies.clone(), unless.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut stream, _)) = listener.accept().await else {
                     return;
                 };
-                let (a, b) = (a.clone(), b.clone());
+                let (a, b, u) = (a.clone(), b.clone(), u.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 4096];
@@ -276,10 +279,12 @@ impl FakeHttp {
                         }
                         buf.extend_from_slice(&chunk[..n]);
                     }
-                    b.lock()
-                        .unwrap()
-                        .push(String::from_utf8_lossy(&buf[head_end..]).into_owned());
-                    let answer = a.lock().unwrap().clone();
+                    let body = String::from_utf8_lossy(&buf[head_end..]).into_owned();
+                    let answer = match &*u.lock().unwrap() {
+                        Some((text, other)) if body.contains(text.as_str()) => other.clone(),
+                        _ => a.lock().unwrap().clone(),
+                    };
+                    b.lock().unwrap().push(body);
                     if answer.down {
                         return;
                     }
@@ -297,6 +302,7 @@ impl FakeHttp {
         FakeHttp {
             url,
             answer,
+            unless,
             bodies,
             task,
         }
