@@ -13,7 +13,8 @@
 #       connect), 16 connections                          target: on >= 0.90x off; and vs nginx
 #
 # Usage: benches/identify.sh [--rounds N] [--seconds S]   (default 5 rounds of 2 s per cell)
-# Environment: CREDLOCK_BIN (default /work/target-release/release/credlock), PYTHON, MOTO_SERVER.
+# Environment: CREDLOCK_BIN (default /work/target-release/release/credlock), PYTHON, MOTO_SERVER;
+# CREDLOCK_BENCH_KEEP=1 keeps the work directory (configs, logs) for a look afterwards.
 # Exit: 0 measured (a target may MISS), 1 something could not be measured, 2 usage.
 set -euo pipefail
 
@@ -49,7 +50,7 @@ cleanup() {
     sleep 0.3
     for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -rf "$work"
+    if [[ -n ${CREDLOCK_BENCH_KEEP:-} ]]; then log "kept $work (CREDLOCK_BENCH_KEEP)"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -132,8 +133,8 @@ for name in keepalive close; do
     printf '%-24s %12s %12s %12s %10s %10s\n' "$name" "$off" "$on" "$ngx" "$(ratio "$on" "$off")" "$(ratio "$on" "$ngx")"
     declare "ratio_$name=$(ratio "$on" "$off")"
 done
-printf '\nconnections identified by "on": %s (socket gone first: %s; lookup failed or forwarded: %s)\n' \
-    "${identified:-0}" "$(count socket_gone)" "$unidentified"
+printf '\nconnections identified by "on": %s (socket gone first: %s; lookup failed: %s; forwarded: %s)\n' \
+    "${identified:-0}" "$(count socket_gone)" "$(count lookup_failed)" "$(count forwarded)"
 verdict() { awk -v r="$1" -v t="$2" 'BEGIN { print (r + 0 >= t) ? "PASS" : "MISS" }'; }
 # shellcheck disable=SC2154 # ratio_keepalive, ratio_close: declared in the loop above
 printf 'target keep-alive on >= 0.95x off: %s (%s)\n' "$(verdict "$ratio_keepalive" 0.95)" "$ratio_keepalive"

@@ -160,6 +160,7 @@ impl Identifier {
     /// [`Identifier::resolve_blocking`] must walk the tree.
     pub fn cached(&self, owner: SocketOwner) -> Result<Arc<Identity>, SocketOwner> {
         let (Some(id), Some(_)) = (owner.cgroup_id, &self.root) else {
+            tracing::debug!(uid = owner.uid, "sock_diag answered without a cgroup id");
             return Ok(Arc::new(Identity::Unidentified(Unidentified::LookupFailed)));
         };
         let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
@@ -201,6 +202,7 @@ impl Identifier {
             return unidentified;
         };
         if self.is_unnamed(id) {
+            tracing::debug!(cgroup_id = id, "a cgroup no walk could name (remembered)");
             return unidentified;
         }
         let mut last_walk = self.walk.lock().unwrap_or_else(|e| e.into_inner());
@@ -226,6 +228,7 @@ impl Identifier {
                     unnamed.clear();
                 }
                 unnamed.insert(id, Instant::now());
+                tracing::debug!(cgroup_id = id, "a walk did not find this cgroup");
                 unidentified
             })
     }

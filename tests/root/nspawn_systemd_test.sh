@@ -1005,6 +1005,14 @@ check_access_policy() {
         fail "access policy: credlock identified credlock-example-app.service and served it locked credentials" \
             "$(grep 'served to a caller' <<<"$journal" | head -3 | tr '\n' ' ')"
     fi
+    # Under the real unit's sandbox (ProtectControlGroups, ProtectProc=invisible) the log still
+    # names the caller's processes: cgroup.procs is readable where /proc/<pid> is not.
+    if grep 'access policy: request answered locally' <<<"$journal" | grep "$DENIED_UNIT" | grep -qE 'pids=[0-9]+'; then
+        pass "access policy: the denial's log line names $DENIED_UNIT's processes (pids=...)"
+    else
+        fail "access policy: the denial's log line names $DENIED_UNIT's processes (pids=...)" \
+            "$(grep 'answered locally' <<<"$journal" | head -2 | tr '\n' ' ')"
+    fi
 }
 
 # Issue 14: credlock's direct IMDS access belongs to its service, not to its uid number. A process
