@@ -422,6 +422,7 @@ async fn run_background(
     // environment and template, assumed with the instance role's credentials. Not readiness:
     // see `class_role.rs`.
     let mut class_loops = tokio::task::JoinSet::new();
+    let served_roles: Vec<RoleArn> = class_roles.roles().iter().map(|r| r.arn.clone()).collect();
     for (role, status) in class_roles.roles().iter().zip(class_lock_status) {
         let label = role.arn.to_string();
         let locker = Locker {
@@ -448,6 +449,7 @@ async fn run_background(
             recheck: config.discovery.interval,
             status,
             ready: watch::channel(false).0,
+            also_deny: served_roles.clone(),
             on_identity: None,
         };
         class_loops.spawn(locker.run(shutdown.clone()));
@@ -471,6 +473,7 @@ async fn run_background(
         recheck: config.discovery.interval,
         status: lock_status,
         ready,
+        also_deny: served_roles,
         on_identity: Some(Box::new(move |identity| {
             told.set_instance_role(&identity.role.name)
         })),

@@ -92,7 +92,11 @@ pub struct IdentityDocument {
 pub struct InstanceIdentity {
     pub instance_id: String,
     pub region: String,
+    /// The role to lock.
     pub role: RoleArn,
+    /// For an access rule's role: the instance role, whose credentials assume `role` (`None`:
+    /// `role` is the instance role itself).
+    pub assumed_with: Option<RoleArn>,
 }
 
 #[cfg(test)]

@@ -206,6 +206,7 @@ impl Imds {
             instance_id: doc.instance_id,
             region: doc.region,
             role,
+            assumed_with: None,
         })
     }
 

@@ -66,6 +66,20 @@ pub fn render(
     env: &Environment,
     role: &RoleArn,
 ) -> Result<SessionPolicy, PolicyError> {
+    render_denying(template, env, role, &[])
+}
+
+/// [`render`], plus a statement denying `sts:AssumeRole` on `others` (each under any path: IMDS
+/// and the configuration may name a role without its path): the other roles
+/// credlock serves. Their trust policies admit the instance role, so a locked session that
+/// could assume one would get a session without the lock. Added to whatever the template says,
+/// so a custom template cannot forget it.
+pub fn render_denying(
+    template: &Value,
+    env: &Environment,
+    role: &RoleArn,
+    others: &[RoleArn],
+) -> Result<SessionPolicy, PolicyError> {
     if env.is_empty() {
         return Err(PolicyError::EmptyEnvironment);
     }
@@ -76,8 +90,11 @@ pub fn render(
         vpces: &env.vpc_endpoints.iter().cloned().collect::<Vec<_>>(),
         role,
     };
-    let rendered = substitute(template, &lists)?
+    let mut rendered = substitute(template, &lists)?
         .ok_or_else(|| PolicyError::Template("the template rendered to nothing".into()))?;
+    if !others.is_empty() {
+        deny_assuming(&mut rendered, others)?;
+    }
     let text =
         serde_json::to_string(&rendered).map_err(|e| PolicyError::Template(e.to_string()))?;
     let characters = text.chars().count();
@@ -91,6 +108,48 @@ pub fn render(
         });
     }
     Ok(SessionPolicy { text, characters })
+}
+
+/// Appends `DenyAssumingOtherCredlockRoles` to the policy's statements.
+fn deny_assuming(policy: &mut Value, others: &[RoleArn]) -> Result<(), PolicyError> {
+    let mut resources: Vec<Value> = Vec::new();
+    for r in others {
+        // Role names are unique in an account whatever the path: deny the name under any path.
+        for arn in [
+            r.to_string(),
+            format!("arn:{}:iam::{}:role/{}", r.partition, r.account, r.name),
+            format!("arn:{}:iam::{}:role/*/{}", r.partition, r.account, r.name),
+        ] {
+            let arn = Value::String(arn);
+            if !resources.contains(&arn) {
+                resources.push(arn);
+            }
+        }
+    }
+    let statement = serde_json::json!({
+        "Sid": "DenyAssumingOtherCredlockRoles",
+        "Effect": "Deny",
+        "Action": "sts:AssumeRole",
+        "Resource": resources,
+    });
+    let Some(statements) = policy.get_mut("Statement") else {
+        return Err(PolicyError::Template(
+            "the template has no Statement".into(),
+        ));
+    };
+    match statements {
+        Value::Array(list) => list.push(statement),
+        Value::Object(_) => {
+            let single = statements.take();
+            *statements = Value::Array(vec![single, statement]);
+        }
+        _ => {
+            return Err(PolicyError::Template(
+                "Statement is neither a list nor an object".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 struct Lists<'a> {

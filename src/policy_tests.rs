@@ -321,3 +321,64 @@ fn the_no_role_chaining_template_denies_assuming_any_role_from_inside() {
         Decision::Allow
     );
 }
+
+#[test]
+fn no_locked_session_may_assume_another_role_credlock_serves() {
+    use crate::evaluate::{PolicyDocument, RequestContext, evaluate};
+    let template = parse_template(BUILTIN_TEMPLATE).unwrap();
+    let class = RoleArn::parse("arn:aws:iam::123456789012:role/team/worker-s3").unwrap();
+    let other_account = RoleArn::parse("arn:aws:iam::999999999999:role/reports").unwrap();
+    let rendered = render_denying(
+        &template,
+        &env(),
+        &RoleArn::parse(ROLE).unwrap(),
+        &[class, other_account],
+    )
+    .unwrap();
+    let doc = PolicyDocument::parse(&rendered.text).unwrap();
+    let from_inside = |resource: &str| {
+        evaluate(
+            &doc,
+            &RequestContext {
+                action: "sts:AssumeRole".into(),
+                resource: Some(resource.into()),
+                source_ip: Some("203.0.113.10".parse().unwrap()),
+                via_aws_service: Some(false),
+                ..RequestContext::default()
+            },
+        )
+    };
+    for denied in [
+        "arn:aws:iam::123456789012:role/team/worker-s3",
+        // IMDS and the configuration may name the role without its path.
+        "arn:aws:iam::123456789012:role/other/path/worker-s3",
+        "arn:aws:iam::999999999999:role/reports",
+        ROLE,
+    ] {
+        let e = from_inside(denied);
+        assert!(!e.allowed(), "{denied}: {e:?}");
+    }
+    let e = from_inside("arn:aws:iam::123456789012:role/worker-s3");
+    assert!(!e.allowed(), "without the path: {e:?}");
+    // The same check by the independent evaluator.
+    assert_eq!(
+        decide(
+            &rendered,
+            "sts:AssumeRole",
+            "arn:aws:iam::123456789012:role/team/worker-s3",
+            From::Ip("203.0.113.10")
+        ),
+        Decision::Deny
+    );
+    // Any other role: the template's business, unchanged.
+    assert!(from_inside("arn:aws:iam::123456789012:role/unrelated").allowed());
+    // Without other roles, render_denying is render.
+    assert_eq!(
+        render_denying(&template, &env(), &RoleArn::parse(ROLE).unwrap(), &[]).unwrap(),
+        rendered_plain(),
+    );
+}
+
+fn rendered_plain() -> SessionPolicy {
+    rendered(&env())
+}

@@ -386,7 +386,7 @@ async fn class_credentials(
         return Outcome::Local(StatusCode::NOT_FOUND, "404 - Not Found\n");
     };
     let upstream_path = format!("{prefix}{instance_role}{slash}");
-    credentials(
+    match credentials(
         state,
         &class.store,
         Some(&class.arn),
@@ -395,6 +395,48 @@ async fn class_credentials(
         who,
     )
     .await
+    {
+        // The extended form names the account of the credentials: the class role's, which
+        // may be another account than the instance role's.
+        Outcome::Upstream(mut response) if response.status == StatusCode::OK => {
+            if let Some(body) = with_account(&response.body, &class.arn.account) {
+                response.body = body;
+            }
+            Outcome::Upstream(response)
+        }
+        other => other,
+    }
+}
+
+/// `body` with the value of its `"AccountId"` member (12 digits) replaced by `account`; `None`
+/// when it has none (the plain credential form) or it is not 12 digits.
+fn with_account(body: &[u8], account: &str) -> Option<Bytes> {
+    const KEY: &[u8] = b"\"AccountId\"";
+    let at = body.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let rest = &body[at..];
+    let skip = |bytes: &[u8], from: usize| {
+        from + bytes[from..]
+            .iter()
+            .take_while(|b| b.is_ascii_whitespace())
+            .count()
+    };
+    let colon = skip(rest, 0);
+    if rest.get(colon) != Some(&b':') {
+        return None;
+    }
+    let quote = skip(rest, colon + 1);
+    let digits = rest.get(quote + 1..quote + 13)?;
+    if rest.get(quote) != Some(&b'"')
+        || rest.get(quote + 13) != Some(&b'"')
+        || !digits.iter().all(u8::is_ascii_digit)
+        || account.len() != 12
+    {
+        return None;
+    }
+    let start = at + quote + 1;
+    let mut out = body.to_vec();
+    out[start..start + 12].copy_from_slice(account.as_bytes());
+    Some(Bytes::from(out))
 }
 
 /// What [`RewriteCache::judge`] decided.
@@ -577,6 +619,30 @@ mod tests {
             cache.judge(StatusCode::OK, &error, &b, &none),
             Judged::PassError
         );
+    }
+
+    #[test]
+    fn a_class_roles_account_replaces_the_instances_in_the_extended_form() {
+        let acct = "999999999999";
+        let cases = [
+            (
+                r#"{"Code":"Success","AccountId":"123456789012"}"#,
+                Some(r#"{"Code":"Success","AccountId":"999999999999"}"#),
+            ),
+            (
+                "{\n  \"AccountId\" : \"123456789012\",\n  \"Type\": \"AWS-HMAC\"}",
+                Some("{\n  \"AccountId\" : \"999999999999\",\n  \"Type\": \"AWS-HMAC\"}"),
+            ),
+            (r#"{"Code":"Success","Type":"AWS-HMAC"}"#, None),
+            (r#"{"AccountId":"12345"}"#, None),
+            (r#"{"AccountId":12345678901}"#, None),
+            (r#"{"AccountId":"12345678901x"}"#, None),
+            (r#"{"AccountId""#, None),
+        ];
+        for (body, want) in cases {
+            let got = with_account(body.as_bytes(), acct);
+            assert_eq!(got.as_deref(), want.map(str::as_bytes), "{body}");
+        }
     }
 
     #[test]

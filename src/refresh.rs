@@ -61,8 +61,9 @@ impl InstanceSource for ImdsInstance {
 }
 
 /// The identity a class role's lock loop locks: the instance's own (read from IMDS the same way
-/// as for the instance role, so a role change or an unreachable IMDS is noticed the same way)
-/// with the class's role in place of the instance role. The session name stays the instance
+/// as for the instance role, so an unreachable IMDS is noticed the same way) with the class's
+/// role in place of the instance role, which is kept as `assumed_with`: a change of the
+/// instance role drops the class's set too (it was assumed with the old role's credentials). The session name stays the instance
 /// id, so CloudTrail shows which instance assumed the role.
 pub struct ClassInstance {
     pub instance: ImdsInstance,
@@ -72,7 +73,8 @@ pub struct ClassInstance {
 impl InstanceSource for ClassInstance {
     async fn identity(&self) -> Result<InstanceIdentity, ImdsError> {
         let mut identity = self.instance.identity().await?;
-        identity.role = self.role.clone();
+        let instance_role = std::mem::replace(&mut identity.role, self.role.clone());
+        identity.assumed_with = Some(instance_role);
         Ok(identity)
     }
 }
@@ -130,6 +132,9 @@ pub struct Locker<I, S> {
     pub recheck: Duration,
     pub status: Arc<ArcSwap<LockStatus>>,
     pub ready: watch::Sender<bool>,
+    /// The access rules' roles: every locked session is denied `sts:AssumeRole` on them
+    /// (the locked role itself is denied by the template's own statement).
+    pub also_deny: Vec<RoleArn>,
     /// Told the identity each time it is read (the instance role's loop tells the per-class
     /// roles which role name IMDS answers credentials for).
     pub on_identity: Option<OnIdentity>,
@@ -173,10 +178,9 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
         if let Some(tell) = &self.on_identity {
             tell(&identity);
         }
-        if locked
-            .as_ref()
-            .is_some_and(|l| l.identity.role != identity.role)
-        {
+        if locked.as_ref().is_some_and(|l| {
+            l.identity.role != identity.role || l.identity.assumed_with != identity.assumed_with
+        }) {
             tracing::warn!(
                 old = %locked.as_ref().map(|l| l.identity.role.to_string()).unwrap_or_default(),
                 new = %identity.role,
@@ -199,11 +203,22 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
                 .min(self.recheck);
         }
 
-        let policy =
-            match policy::render(&self.template, &wanted.environment, &wanted.identity.role) {
-                Ok(p) => p,
-                Err(e) => return self.failed(failures, e.to_string()),
-            };
+        // No locked session may assume another role credlock serves (the instance role from a
+        // class role's session, a class role from any other): that session would carry no lock.
+        let others: Vec<RoleArn> = (self.also_deny.iter())
+            .chain(&wanted.identity.assumed_with)
+            .filter(|r| **r != wanted.identity.role)
+            .cloned()
+            .collect();
+        let policy = match policy::render_denying(
+            &self.template,
+            &wanted.environment,
+            &wanted.identity.role,
+            &others,
+        ) {
+            Ok(p) => p,
+            Err(e) => return self.failed(failures, e.to_string()),
+        };
         self.metrics.policy_characters.set(policy.characters as i64);
         let request = AssumeRequest {
             role_arn: wanted.identity.role.to_string(),

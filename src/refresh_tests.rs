@@ -66,7 +66,8 @@ impl Issuer for FakeSts {
     }
 }
 
-struct FakeInstance(Arc<Mutex<String>>);
+/// The role to lock, and (for a class role) the instance role that assumes it.
+struct FakeInstance(Arc<Mutex<String>>, Arc<Mutex<Option<String>>>);
 
 impl InstanceSource for FakeInstance {
     async fn identity(&self) -> Result<InstanceIdentity, ImdsError> {
@@ -74,6 +75,8 @@ impl InstanceSource for FakeInstance {
             instance_id: "i-0123456789abcdef0".into(),
             region: "us-east-1".into(),
             role: RoleArn::derived("aws", "123456789012", &self.0.lock().unwrap()),
+            assumed_with: (self.1.lock().unwrap().as_deref())
+                .map(|name| RoleArn::derived("aws", "123456789012", name)),
         })
     }
 }
@@ -85,6 +88,7 @@ struct Harness {
     no_source_identity: Arc<Mutex<bool>>,
     calls: Arc<Mutex<Vec<(u64, AssumeRequest)>>>,
     role: Arc<Mutex<String>>,
+    assumed_with: Arc<Mutex<Option<String>>>,
     status: Arc<ArcSwap<LockStatus>>,
     marked: prometheus::IntGauge,
     env: watch::Sender<Option<Arc<Environment>>>,
@@ -106,6 +110,7 @@ impl Harness {
         let marked = series.marked.clone();
         let calls = Arc::new(Mutex::new(Vec::new()));
         let role = Arc::new(Mutex::new("app-role".to_string()));
+        let assumed_with = Arc::new(Mutex::new(None));
         let mut env = Environment::default();
         env.add_ip("203.0.113.10");
         let (env_tx, env_rx) = watch::channel(Some(Arc::new(env)));
@@ -118,7 +123,7 @@ impl Harness {
                 no_source_identity: no_source_identity.clone(),
                 calls: calls.clone(),
             },
-            instance: FakeInstance(role.clone()),
+            instance: FakeInstance(role.clone(), assumed_with.clone()),
             store: store.clone(),
             metrics: series,
             clock: clock.clone(),
@@ -130,6 +135,7 @@ impl Harness {
             recheck: Duration::from_secs(300),
             status: status.clone(),
             on_identity: None,
+            also_deny: Vec::new(),
             ready: ready_tx,
         };
         tokio::spawn(locker.run(shutdown_rx));
@@ -140,6 +146,7 @@ impl Harness {
             no_source_identity,
             calls,
             role,
+            assumed_with,
             status,
             marked,
             env: env_tx,
@@ -323,4 +330,46 @@ async fn sessions_are_marked_and_a_role_refusing_the_marker_locks_unmarked_loudl
     let status = h.status.load();
     assert_eq!((status.marked, h.marked.get()), (Some(true), 1));
     assert_eq!(status.unmarked_reason, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_class_roles_set_is_dropped_when_the_instance_role_that_assumed_it_changes() {
+    let mut h = Harness::start();
+    *h.role.lock().unwrap() = "worker-s3".into();
+    *h.assumed_with.lock().unwrap() = Some("instance-a".into());
+    sleep_secs(301).await;
+    h.ready.wait_for(|r| *r).await.unwrap();
+    let last = h.calls.lock().unwrap().last().unwrap().1.clone();
+    assert_eq!(last.role_arn, "arn:aws:iam::123456789012:role/worker-s3");
+    // The class role's session may not assume the instance role (nor itself).
+    let policy: serde_json::Value = serde_json::from_str(&last.policy).unwrap();
+    let deny = policy["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["Sid"] == "DenyAssumingOtherCredlockRoles")
+        .expect("the other roles are denied");
+    assert_eq!(
+        deny["Resource"],
+        serde_json::json!([
+            "arn:aws:iam::123456789012:role/instance-a",
+            "arn:aws:iam::123456789012:role/*/instance-a"
+        ]),
+        "a role without a path: its two forms, once each"
+    );
+
+    // The instance profile is swapped (say, to a quarantine role): the class's set, assumed
+    // with the old role's credentials, is dropped at the next identity check, not served on.
+    let held = h.store.peek().unwrap().access_key_id.clone();
+    *h.failing.lock().unwrap() = true;
+    *h.assumed_with.lock().unwrap() = Some("quarantine".into());
+    sleep_secs(301).await;
+    assert!(
+        h.store.peek().is_none_or(|s| s.access_key_id != held),
+        "the old set is gone"
+    );
+    assert!(
+        !h.servable_at_now(),
+        "nothing to serve until the new role locks"
+    );
 }

@@ -56,7 +56,7 @@ fn caller(uid: u32) -> Identity {
 async fn serve(emu: &Emulator) -> Proxy {
     let cfg: AccessConfig = toml::from_str::<toml::Table>(&format!(
         "[[access.rule]]\nname = \"workers\"\nusers = [\"{WORKER_UID}\"]\n\
-         role = \"arn:aws:iam::123456789012:role/{CLASS_ROLE}\"\n"
+         role = \"arn:aws:iam::999999999999:role/{CLASS_ROLE}\"\n"
     ))
     .unwrap()["access"]
         .clone()
@@ -177,6 +177,12 @@ async fn a_class_role_is_served_only_its_own_set_and_fails_closed() {
                 let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
                 assert_eq!(doc["AccessKeyId"], "ASIACLASSSET", "{path}");
                 assert_eq!(doc["Code"], "Success", "{path}: IMDS's own fields kept");
+                if kind.ends_with("extended") {
+                    assert_eq!(
+                        doc["AccountId"], "999999999999",
+                        "{path}: the class role's account"
+                    );
+                }
                 for secret in &raw {
                     assert!(!body.contains(secret.as_str()), "{path} leaked a raw value");
                 }

@@ -60,19 +60,23 @@ pub async fn discover(
             body.len()
         ));
     }
-    let doc: StaticEnvironment =
-        serde_json::from_slice(&body).map_err(|e| format!("environment document: {e}"))?;
+    parse_document(&body, allow_wide).map_err(|e| format!("environment document: {e}"))
+}
+
+/// An environment document (the boot provider's answer; also what `credlock audit
+/// --environment` reads), validated: unknown fields, IDs that are not VPC or endpoint IDs and
+/// prefixes wider than allowed (unless `allow_wide`) are errors.
+pub fn parse_document(bytes: &[u8], allow_wide: bool) -> Result<Environment, String> {
+    let doc: StaticEnvironment = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     for v in &doc.vpcs {
         if !crate::config::is_aws_id(v, "vpc-") {
-            return Err(format!("environment document: {v:?} is not a VPC ID"));
+            return Err(format!("{v:?} is not a VPC ID"));
         }
     }
     for v in &doc.vpc_endpoints {
         if !crate::config::is_aws_id(v, "vpce-") {
-            return Err(format!(
-                "environment document: {v:?} is not a VPC endpoint ID"
-            ));
+            return Err(format!("{v:?} is not a VPC endpoint ID"));
         }
     }
-    super::static_environment(&doc, allow_wide).map_err(|e| format!("environment document: {e}"))
+    super::static_environment(&doc, allow_wide)
 }
