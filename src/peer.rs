@@ -415,7 +415,14 @@ pub fn parse_answer(
                 && id.source_port == source.port()
                 && id.destination_address.to_canonical() == destination.ip().to_canonical()
                 && id.destination_port == destination.port();
-            if !same_tuple || !CONNECTED_STATES.contains(&response.header.state) {
+            // No inode: no process holds the socket any more. A TIME_WAIT mini-socket is
+            // reported in its substate (FIN_WAIT2 among them) with uid 0, inode 0 and no
+            // cgroup; an orphan (closed by its process, still sending) has inode 0 too. Either
+            // way the caller is gone, not unknown.
+            if !same_tuple
+                || !CONNECTED_STATES.contains(&response.header.state)
+                || response.header.inode == 0
+            {
                 return Ok(None);
             }
             let cgroup_id = response.nlas.iter().find_map(|nla| match nla {

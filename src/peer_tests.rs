@@ -134,6 +134,8 @@ fn answer(state: u8, uid: u32, cgroup: Option<u64>) -> Vec<u8> {
     answer_for(state, uid, cgroup, addr(SRC), addr(DST))
 }
 
+const FIN_WAIT2: u8 = 5;
+
 fn answer_for(
     state: u8,
     uid: u32,
@@ -227,6 +229,15 @@ fn only_a_connected_socket_with_exactly_that_tuple_is_the_caller() {
             None,
             "state {state}"
         );
+    }
+    // A TIME_WAIT mini-socket in its FIN_WAIT2 substate, or an orphan: connected state, but no
+    // inode (and, for the mini-socket, uid 0 and no cgroup). No process holds it: gone.
+    for cgroup in [None, Some(9)] {
+        let mut orphan = answer(FIN_WAIT2, 0, cgroup);
+        let inode_at = 16 + 4 + 48 + 16;
+        assert_eq!(&orphan[inode_at..inode_at + 4], &12345u32.to_ne_bytes());
+        orphan[inode_at..inode_at + 4].copy_from_slice(&0u32.to_ne_bytes());
+        assert_eq!(parse(&orphan).unwrap(), None, "inode 0, cgroup {cgroup:?}");
     }
     // The kernel's lookup falls back to a listener on the source port when no connection has
     // the tuple: a forwarded container choosing that port must not become the listener's owner.
