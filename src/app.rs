@@ -64,7 +64,7 @@ fn access_control(
     cfg: &crate::access::AccessConfig,
     metrics: &Arc<Metrics>,
 ) -> Result<Option<(Arc<crate::gate::AccessControl>, server::Identify)>, StartError> {
-    use crate::access::{Identity, Policy};
+    use crate::access::{Identity, Policy, Unidentified};
     use crate::peer::{GroupCache, Identifier, SystemDirectory};
     // The configuration was validated at load: compile cannot fail here but for a name that
     // resolves differently now, which is a warning, not an error, at run time.
@@ -127,36 +127,47 @@ fn access_control(
             metrics.identified.with_label_values(&[reason.label()]),
         )
     });
-    let identify: server::Identify = Arc::new(move |stream, peer, local| {
-        // The fast part now, while the client waits for its answer; a new cgroup's path is
-        // looked for on the blocking pool.
-        let found = identifier
-            .owner_of(stream, peer, local)
-            .map(|owner| identifier.cached(owner));
-        let identifier = identifier.clone();
-        let (identified, reasons) = (identified.clone(), reasons.clone());
-        Box::pin(async move {
-            let who = match found {
-                Err(reason) => Arc::new(Identity::Unidentified(reason)),
-                Ok(Ok(known)) => known,
-                Ok(Err(owner)) => Arc::new(
-                    tokio::task::spawn_blocking(move || identifier.resolve_blocking(owner))
-                        .await
-                        .unwrap_or(Identity::Unidentified(
-                            crate::access::Unidentified::LookupFailed,
-                        )),
-                ),
-            };
-            match &*who {
-                Identity::Identified(_) => identified.inc(),
-                Identity::Unidentified(reason) => {
-                    if let Some((_, counter)) = reasons.iter().find(|(r, _)| r == reason) {
-                        counter.inc();
-                    }
+    let counters = Arc::new((identified, reasons));
+    fn count(
+        (identified, reasons): &(
+            prometheus::IntCounter,
+            [(Unidentified, prometheus::IntCounter); 3],
+        ),
+        who: &Identity,
+    ) {
+        match who {
+            Identity::Identified(_) => identified.inc(),
+            Identity::Unidentified(reason) => {
+                if let Some((_, counter)) = reasons.iter().find(|(r, _)| r == reason) {
+                    counter.inc();
                 }
             }
-            who
-        })
+        }
+    }
+    let identify: server::Identify = Arc::new(move |stream, peer, local| {
+        // The fast part now, while the client waits for its answer (a known caller costs no
+        // more); a new cgroup's path is looked for on the blocking pool.
+        let who = match identifier
+            .owner_of(stream, peer, local)
+            .map(|owner| identifier.cached(owner))
+        {
+            Err(reason) => Arc::new(Identity::Unidentified(reason)),
+            Ok(Ok(known)) => known,
+            Ok(Err(owner)) => {
+                let (identifier, counters) = (identifier.clone(), counters.clone());
+                return Box::pin(async move {
+                    let who = Arc::new(
+                        tokio::task::spawn_blocking(move || identifier.resolve_blocking(owner))
+                            .await
+                            .unwrap_or(Identity::Unidentified(Unidentified::LookupFailed)),
+                    );
+                    count(&counters, &who);
+                    who
+                });
+            }
+        };
+        count(&counters, &who);
+        Box::pin(std::future::ready(who))
     });
     Ok(Some((access, identify)))
 }

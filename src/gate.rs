@@ -262,7 +262,7 @@ pub fn ask_of<'a>(route: &Route<'a>) -> Option<Ask<'a>> {
             // The classifier lets through only one credential form as passthrough: the
             // instance identity credentials (`identity-credentials/ec2/...`). Anything naming
             // credentials is governed by `credentials`, never by a metadata prefix.
-            if path.to_ascii_lowercase().contains("credentials") {
+            if crate::route::contains_ignore_case(path.as_bytes(), b"credentials") {
                 Ask::IdentityCredentials
             } else {
                 Ask::Metadata { path }

@@ -336,7 +336,7 @@ fn is_version(segment: &str) -> bool {
 }
 
 /// Whether `haystack` contains `needle`, ASCII case-insensitively.
-fn contains_ignore_case(haystack: &[u8], needle: &[u8]) -> bool {
+pub fn contains_ignore_case(haystack: &[u8], needle: &[u8]) -> bool {
     let Some((&first, tail)) = needle.split_first() else {
         return true;
     };
