@@ -40,6 +40,8 @@ pub mod access;
 pub mod admin;
 #[cfg(feature = "daemon")]
 pub mod app;
+#[cfg(feature = "daemon")]
+pub mod audit;
 #[cfg(feature = "proxy")]
 pub mod class_role;
 pub mod clock;
@@ -67,6 +69,8 @@ pub mod policy;
 pub mod proxy;
 #[cfg(feature = "daemon")]
 pub mod refresh;
+#[cfg(feature = "daemon")]
+pub mod rollout;
 pub mod route;
 #[cfg(feature = "proxy")]
 pub mod server;

@@ -41,6 +41,34 @@ enum Command {
     /// (or --policy FILE) and says which statement and condition decided.
     /// Exit: 0 allowed, 1 denied, 2 usage, 3 cannot evaluate (no policy), 78 invalid config.
     Explain(ExplainArgs),
+    /// Read CloudTrail logs: calls of locked sessions denied by the lock (theft signals), and
+    /// calls of instance-profile sessions the lock would deny (rollout readiness).
+    /// Exit: 0 nothing found, 1 findings, 2 usage, 3 cannot run, 78 invalid config.
+    Audit(AuditArgs),
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// CloudTrail log files or directories (S3 delivery format, gzipped or not, or one event
+    /// per line), read recursively
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<PathBuf>,
+    /// Environment documents (the boot-provider format, `credlock discover`'s `merged`): a file
+    /// named after an instance (i-....json) applies to it, any other to every instance; a
+    /// directory holds such files. Repeatable. Required off an instance.
+    #[arg(long, value_name = "FILE|DIR")]
+    environment: Vec<PathBuf>,
+    /// The instance role (for the lock's self-assume deny) [default: this instance's role]
+    #[arg(long, value_name = "ARN")]
+    role: Option<String>,
+    /// Print one JSON object instead of tables
+    #[arg(long)]
+    json: bool,
+    /// Groups kept per list; beyond it the smallest are dropped and counted
+    #[arg(long, value_name = "N", default_value_t = credlock::audit::DEFAULT_MAX_GROUPS)]
+    max_groups: usize,
 }
 
 #[derive(Args)]
@@ -70,7 +98,7 @@ struct ExplainArgs {
     policy: Option<PathBuf>,
 }
 
-/// `explain`: the policy could not be had or read.
+/// `explain` and `audit`: cannot run (no policy or environment to judge with, nothing read).
 const EXIT_EXPLAIN_FAILED: u8 = 3;
 
 #[derive(Args)]
@@ -109,6 +137,7 @@ fn main() -> ExitCode {
             (c, Vec::new(), None)
         }
         Command::Explain(e) => (&e.common, Vec::new(), None),
+        Command::Audit(a) => (&a.common, Vec::new(), None),
     };
     let overrides = Overrides {
         listen,
@@ -165,6 +194,7 @@ fn main() -> ExitCode {
             Command::Policy(_) => print_policy(config).await,
             Command::Discover(_) => print_discovery(config).await,
             Command::Explain(args) => explain(config, args).await,
+            Command::Audit(args) => audit(config, args).await,
         }
     })
 }
@@ -345,8 +375,8 @@ async fn discover_once(
 async fn policy_here(
     config: &Config,
 ) -> Result<(policy::SessionPolicy, credlock::identity::RoleArn), (ExitCode, String)> {
-    let template =
-        app::load_template(config).map_err(|e| (ExitCode::from(EXIT_CONFIG as u8), e.to_string()))?;
+    let template = app::load_template(config)
+        .map_err(|e| (ExitCode::from(EXIT_CONFIG as u8), e.to_string()))?;
     let (identity, results) = discover_once(config)
         .await
         .map_err(|e| (ExitCode::FAILURE, e))?;
@@ -423,7 +453,11 @@ async fn explain(config: Config, args: ExplainArgs) -> ExitCode {
     let absent = || "(absent)".to_string();
     println!(
         "{}: {}{}",
-        if evaluation.allowed() { "ALLOW" } else { "DENY" },
+        if evaluation.allowed() {
+            "ALLOW"
+        } else {
+            "DENY"
+        },
         evaluation.decision,
         evaluation
             .statement
@@ -483,4 +517,95 @@ async fn print_discovery(config: Config) -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+async fn audit(config: Config, args: AuditArgs) -> ExitCode {
+    use credlock::audit::{AuditOptions, audit_paths, render_table};
+    use credlock::rollout::{Environments, LockJudge};
+    let cannot = |e: String| {
+        eprintln!("credlock: {e}");
+        ExitCode::from(EXIT_EXPLAIN_FAILED)
+    };
+    if args.max_groups == 0 {
+        eprintln!("credlock: --max-groups must be at least 1");
+        return ExitCode::from(2);
+    }
+    let template = match app::load_template(&config) {
+        Ok(t) => t,
+        Err(e) => return cannot(e.to_string()),
+    };
+    let given_role = match args
+        .role
+        .as_deref()
+        .map(|r| (r, credlock::identity::RoleArn::parse(r)))
+    {
+        Some((_, Some(role))) => Some(role),
+        Some((text, None)) => {
+            eprintln!("credlock: --role {text:?} is not an IAM role ARN");
+            return ExitCode::from(2);
+        }
+        None => None,
+    };
+    let (envs, role) = if args.environment.is_empty() {
+        // On an instance: this instance's environment, for every instance's calls.
+        match discover_once(&config).await {
+            Ok((identity, results)) => {
+                let mut envs = Environments::default();
+                for (kind, result) in &results {
+                    match result {
+                        Ok(e) => envs.fleet.merge(e),
+                        Err(e) => eprintln!("credlock: source {} failed: {e}", kind.label()),
+                    }
+                }
+                (envs, given_role.unwrap_or(identity.role))
+            }
+            Err(e) => {
+                return cannot(format!(
+                    "{e}\ncredlock: off an instance, give the environment with --environment (documents in the boot-provider format)"
+                ));
+            }
+        }
+    } else {
+        match Environments::load(&args.environment) {
+            // Off an instance the role is only needed for the self-assume deny.
+            Ok(envs) => (
+                envs,
+                given_role.unwrap_or_else(|| {
+                    credlock::identity::RoleArn::derived("aws", "000000000000", "instance-role")
+                }),
+            ),
+            Err(e) => return cannot(e),
+        }
+    };
+    let judge = LockJudge::new(template, role, envs);
+    let options = AuditOptions {
+        max_groups: args.max_groups,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let paths = args.paths.clone();
+    // Blocking reads on the runtime's one thread: nothing else runs in this command.
+    let report = audit_paths(&paths, &judge, &options);
+    // The table lists skipped files itself; JSON keeps stdout to the one object.
+    if args.json || report.files_read == 0 {
+        for skipped in &report.skipped {
+            eprintln!("credlock: skipped {}: {}", skipped.path, skipped.reason);
+        }
+    }
+    if report.files_read == 0 {
+        return cannot("no CloudTrail file could be read".into());
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        print!("{}", render_table(&report));
+    }
+    if report.denied_locked.is_empty() && report.would_deny.is_empty() && report.dropped_groups == 0
+    {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
