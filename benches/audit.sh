@@ -118,7 +118,7 @@ if ((groups_mb > 0)); then
     generate groups "$groups_mb" --seed 8 --distinct-sources
     echo
     echo "2. groups corpus: $records records, $uncompressed_mb MB uncompressed JSON, $compressed_mb MB gzipped, $files files"
-    echo "   (almost every event a denial from a new address; default cap: 100,000 groups per list)"
+    echo "   (almost every event a denial from a new address; default cap: 50,000 groups per list)"
     measure groups "run 1" 0
 fi
 ((status == 0)) || die "the report differs from the generator's answers (see the run output above)"
