@@ -26,10 +26,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla};
+use netlink_packet_core::{
+    ErrorBuffer, NLM_F_REQUEST, NLMSG_ERROR, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
+    NlasIterator, Parseable,
+};
 use netlink_packet_sock_diag::SockDiagMessage;
-use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
-use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, SOCK_DIAG_BY_FAMILY};
+use netlink_packet_sock_diag::inet::{
+    ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags,
+};
 use netlink_sys::Socket;
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 use nix::sys::socket::{getsockopt, setsockopt, sockopt};
@@ -345,7 +350,9 @@ fn exchange(
     source: SocketAddr,
     destination: SocketAddr,
 ) -> Result<Option<SocketOwner>, LookupError> {
-    socket.send(&request_bytes(family, source, destination, sequence), 0)?;
+    let mut request = [0u8; REQUEST_ROOM];
+    let len = write_request(&mut request, family, source, destination, sequence)?;
+    socket.send(&request[..len], 0)?;
     for _ in 0..4 {
         let n = socket.recv(&mut &mut buf[..], 0)?;
         let answered = buf
@@ -367,6 +374,22 @@ pub fn request_bytes(
     destination: SocketAddr,
     sequence: u32,
 ) -> Vec<u8> {
+    let mut buf = [0u8; REQUEST_ROOM];
+    let len = write_request(&mut buf, family, source, destination, sequence).unwrap_or(0);
+    buf[..len].to_vec()
+}
+
+/// Room for one request (a netlink header and an `inet_diag_req_v2`: 72 bytes).
+const REQUEST_ROOM: usize = 128;
+
+/// [`request_bytes`] into `buf`, without allocating; the request's length.
+fn write_request(
+    buf: &mut [u8; REQUEST_ROOM],
+    family: u8,
+    source: SocketAddr,
+    destination: SocketAddr,
+    sequence: u32,
+) -> Result<usize, LookupError> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST;
     header.sequence_number = sequence;
@@ -389,9 +412,12 @@ pub fn request_bytes(
         .into(),
     );
     packet.finalize();
-    let mut buf = vec![0; packet.buffer_len()];
-    packet.serialize(&mut buf);
-    buf
+    let len = packet.buffer_len();
+    let Some(room) = buf.get_mut(..len) else {
+        return Err(LookupError::Decode(format!("a request of {len} bytes")));
+    };
+    packet.serialize(room);
+    Ok(len)
 }
 
 /// Reads the kernel's answer to [`request_bytes`] for the tuple `source -> destination`: one
@@ -403,11 +429,15 @@ pub fn parse_answer(
     source: SocketAddr,
     destination: SocketAddr,
 ) -> Result<Option<SocketOwner>, LookupError> {
-    let message = NetlinkMessage::<SockDiagMessage>::deserialize(bytes)
-        .map_err(|e| LookupError::Decode(e.to_string()))?;
-    match message.payload {
-        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-            let id = &response.header.socket_id;
+    // The crates' buffer views (no allocation on the per-connection path), not the owned
+    // message types.
+    let decode = |e: netlink_packet_core::DecodeError| LookupError::Decode(e.to_string());
+    let message = NetlinkBuffer::new_checked(bytes).map_err(decode)?;
+    let payload = message.payload();
+    match message.message_type() {
+        SOCK_DIAG_BY_FAMILY => {
+            let header = InetResponseHeader::parse(payload).map_err(decode)?;
+            let id = &header.socket_id;
             // A dual-stack client (an AF_INET6 socket connected to `::ffff:169.254.169.254`,
             // Java's default) sends IPv4 and is looked up as IPv4; the kernel answers in the
             // socket's own family, with IPv4-mapped addresses: compare canonical forms.
@@ -419,37 +449,38 @@ pub fn parse_answer(
             // reported in its substate (FIN_WAIT2 among them) with uid 0, inode 0 and no
             // cgroup; an orphan (closed by its process, still sending) has inode 0 too. Either
             // way the caller is gone, not unknown.
-            if !same_tuple
-                || !CONNECTED_STATES.contains(&response.header.state)
-                || response.header.inode == 0
-            {
+            if !same_tuple || !CONNECTED_STATES.contains(&header.state) || header.inode == 0 {
                 return Ok(None);
             }
-            let cgroup_id = response.nlas.iter().find_map(|nla| match nla {
-                netlink_packet_sock_diag::inet::nlas::Nla::Other(raw)
-                    if raw.kind() == INET_DIAG_CGROUP_ID && raw.value_len() == 8 =>
+            let mut cgroup_id = None;
+            for nla in NlasIterator::new(payload.get(INET_DIAG_MSG_LEN..).unwrap_or_default()) {
+                let nla = nla.map_err(decode)?;
+                if nla.kind() == INET_DIAG_CGROUP_ID
+                    && let Ok(value) = <[u8; 8]>::try_from(nla.value())
                 {
-                    let mut value = [0u8; 8];
-                    raw.emit_value(&mut value);
-                    Some(u64::from_ne_bytes(value))
+                    cgroup_id = Some(u64::from_ne_bytes(value));
                 }
-                _ => None,
-            });
+            }
             Ok(Some(SocketOwner {
-                uid: response.header.uid,
+                uid: header.uid,
                 cgroup_id,
             }))
         }
-        NetlinkPayload::Error(error) => match error.code {
+        NLMSG_ERROR => match ErrorBuffer::new_checked(payload).map_err(decode)?.code() {
             Some(code) if code.get() == -libc::ENOENT => Ok(None),
             Some(code) => Err(LookupError::Kernel(code.get())),
             None => Err(LookupError::Decode(
                 "an acknowledgement instead of an answer".into(),
             )),
         },
-        other => Err(LookupError::Decode(format!("unexpected message {other:?}"))),
+        other => Err(LookupError::Decode(format!(
+            "unexpected message type {other}"
+        ))),
     }
 }
+
+/// `struct inet_diag_msg` (linux/inet_diag.h): its attributes follow it.
+const INET_DIAG_MSG_LEN: usize = 72;
 
 /// Whether `ip` is assigned to one of this host's interfaces (a DNATed local client) rather than
 /// a forwarded container's address.

@@ -436,3 +436,22 @@ fn new_cgroups_are_named_by_one_shared_walk_and_unnamed_ones_are_not_walked_for_
     );
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+proptest::proptest! {
+    /// Whatever the kernel (or anything on the netlink socket) answers, parsing never panics:
+    /// arbitrary bytes, and every truncation and single-byte change of a real answer.
+    #[test]
+    fn any_answer_parses_or_is_an_error_never_a_panic(
+        bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+        cut in 0usize..200,
+        at in 0usize..200,
+        byte in proptest::prelude::any::<u8>(),
+    ) {
+        let _ = parse(&bytes);
+        let mut real = answer(ESTABLISHED, 1000, Some(9));
+        let _ = parse(&real[..cut.min(real.len())]);
+        let i = at % real.len();
+        real[i] = byte;
+        let _ = parse(&real);
+    }
+}
