@@ -51,7 +51,7 @@ ticks_to_s() { awk -v t="$1" -v h="$clk_tck" 'BEGIN {printf "%.2f", t / h}'; }
 kb_to_mib() { awk -v k="$1" 'BEGIN {printf "%.1f", k / 1024}'; }
 fmt_us() { awk -v u="$1" 'BEGIN { if (u >= 1000) printf "%.2fms", u / 1000; else printf "%dus", u }'; }
 median() { tr -s ' ' '\n' <<<"$*" | sed '/^$/d' | sort -g | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else printf "-" }'; }
 
 # write_upstream WORK WORKERS UPSTREAM_PORT PROXY_PORT: the nginx upstream (the static metadata
 # tree, with the role's credentials valid for six hours from now) and nginx as a reverse proxy in

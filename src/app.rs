@@ -155,7 +155,7 @@ fn access_control(
             Ok(Ok(known)) => known,
             Ok(Err(owner)) => {
                 let (identifier, counters) = (identifier.clone(), counters.clone());
-                return Box::pin(async move {
+                return server::Identified::Pending(Box::pin(async move {
                     let who = Arc::new(
                         tokio::task::spawn_blocking(move || identifier.resolve_blocking(owner))
                             .await
@@ -163,11 +163,11 @@ fn access_control(
                     );
                     count(&counters, &who);
                     who
-                });
+                }));
             }
         };
         count(&counters, &who);
-        Box::pin(std::future::ready(who))
+        server::Identified::Known(who)
     });
     Ok(Some((access, identify)))
 }

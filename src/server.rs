@@ -41,9 +41,14 @@ pub struct Limits {
 /// pool, never on the serving thread). The handler gets it with every request of the connection.
 /// Who is behind an accepted connection: given the stream, its peer address (from accept) and
 /// its local address (the listener's), once per connection.
-pub type Identify = Arc<dyn Fn(&TcpStream, SocketAddr, SocketAddr) -> IdentifyFuture + Send + Sync>;
-pub type IdentifyFuture =
-    std::pin::Pin<Box<dyn Future<Output = Arc<crate::access::Identity>> + Send>>;
+pub type Identify = Arc<dyn Fn(&TcpStream, SocketAddr, SocketAddr) -> Identified + Send + Sync>;
+
+/// What [`Identify`] found: the caller at once (the common case: no allocation), or a lookup
+/// still to finish (a new cgroup's path, found on the blocking pool).
+pub enum Identified {
+    Known(Arc<crate::access::Identity>),
+    Pending(std::pin::Pin<Box<dyn Future<Output = Arc<crate::access::Identity>> + Send>>),
+}
 
 /// Binds every address; the first failure is returned with the address that failed.
 pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, (SocketAddr, std::io::Error)> {
@@ -237,7 +242,10 @@ pub async fn serve<H, Fut>(
                         let who = match identify {
                             Some(identify) => Some(
                                 match bound.or_else(|| stream.local_addr().ok()) {
-                                    Some(local) => identify(&stream, peer, local).await,
+                                    Some(local) => match identify(&stream, peer, local) {
+                                        Identified::Known(who) => who,
+                                        Identified::Pending(lookup) => lookup.await,
+                                    },
                                     None => Arc::new(crate::access::Identity::Unidentified(
                                         crate::access::Unidentified::SocketGone,
                                     )),

@@ -89,10 +89,8 @@ async fn serve(emu: &Emulator) -> Proxy {
     let state = Arc::new(state);
     let caller_now = Arc::new(Mutex::new(caller(WORKER_UID)));
     let who = caller_now.clone();
-    let identify: server::Identify = Arc::new(move |_, _, _| {
-        let id = Arc::new(who.lock().unwrap().clone());
-        Box::pin(async move { id })
-    });
+    let identify: server::Identify =
+        Arc::new(move |_, _, _| server::Identified::Known(Arc::new(who.lock().unwrap().clone())));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::watch::channel(false);
