@@ -178,7 +178,9 @@ def test_put_with_x_forwarded_for_gets_upstream_403_and_xff_is_relayed_unchanged
     mark = marker()
     headers = {TTL_HEADER: "300", "X-Forwarded-For": xff, "User-Agent": mark}
     direct = stack.direct("PUT", "/latest/api/token", headers)
-    assert direct.status == 403, direct  # the protocol (ref §1.2)
+    # The protocol: rejected (Amazon EC2 User Guide, "How Instance Metadata Service Version 2
+    # works"); ❓ that page gives no status code: 403 is presumed (imds_emulator.py).
+    assert direct.status == 403, direct
     via = stack.via("PUT", "/latest/api/token", headers)
     assert_same_answer(direct, via, "PUT token with X-Forwarded-For")
     assert via.header(TTL_HEADER) is None and b"AQAE" not in via.body, "a token leaked out"
@@ -222,7 +224,9 @@ def test_bad_token_ttl_gets_upstream_400(any_stack, ttl):
     if ttl is not None:
         headers[TTL_HEADER] = ttl
     direct = stack.direct("PUT", "/latest/api/token", headers)
-    assert direct.status == 400, direct  # the protocol (ref §1.2, §1.3)
+    # The protocol (Amazon EC2 User Guide, "Retrieve instance metadata", Responses and error
+    # messages: 400 - Missing or Invalid Parameters).
+    assert direct.status == 400, direct
     via = stack.via("PUT", "/latest/api/token", headers)
     assert_same_answer(direct, via, f"PUT token TTL={ttl!r}")
     assert len(stack.seen(mark)) == 2, "the 400 did not come from the upstream"
@@ -259,7 +263,8 @@ def test_put_on_a_versioned_token_path_gets_upstream_403(any_stack):
     stack = any_stack
     headers = {TTL_HEADER: "300", "User-Agent": marker()}
     direct = stack.direct("PUT", "/2021-03-23/api/token", headers)
-    assert direct.status == 403, direct  # ref §1.2
+    # Amazon EC2 User Guide, "Retrieve instance metadata", Considerations: 403 by design.
+    assert direct.status == 403, direct
     via = stack.via("PUT", "/2021-03-23/api/token", headers)
     assert_same_answer(direct, via, "PUT /2021-03-23/api/token")
 
@@ -284,7 +289,9 @@ def test_credential_paths_are_locked(any_stack, version, kind, trailing, auth):
     stack.assert_no_raw(head.body, f"on HEAD {path} ({auth})")
     if auth == "bogus" or (auth == "v1" and stack.tokens == "required"):
         # An unknown token, or no token with HttpTokens=required: the upstream's 401, for GET
-        # and HEAD alike (ref §1.3) -- credlock must not hand out credentials IMDS refused.
+        # and HEAD alike (Amazon EC2 User Guide, "How Instance Metadata Service Version 2 works";
+        # "Retrieve instance metadata", Responses and error messages) -- credlock must not hand
+        # out credentials IMDS refused.
         direct = stack.direct("GET", path, headers)
         assert direct.status == 401
         assert_same_answer(direct, get, f"GET {path} ({auth})")
@@ -335,7 +342,9 @@ def test_odd_spellings_are_refused_locally_or_locked(stack, target, auth):
 
 
 def test_no_role_attached_gives_upstream_404_not_credentials(stack):
-    """IMDS without a role answers 404 on the credential paths (ref §1.3): credlock must relay
+    """IMDS without a role answers 404 on the credential paths (Amazon EC2 User Guide, "Retrieve
+    instance metadata", Responses and error messages; "Instance metadata categories":
+    iam/security-credentials/role-name is not present without a role): credlock must relay
     that, not serve the credentials it holds."""
     role = stack.role
     token = stack.token()
@@ -357,7 +366,9 @@ def test_no_role_attached_gives_upstream_404_not_credentials(stack):
 
 def test_upstream_error_document_is_relayed_not_replaced(stack):
     """IMDS can answer 200 with {"Code": "AssumeRoleUnauthorizedAccess", ...} and no keys
-    (ref §1.7 "Error form"): that is not a credential document, so it passes through as is."""
+    (🟡 not in the Amazon EC2 User Guide; AWS SDKs handle it: botocore/utils.py
+    InstanceMetadataFetcher, smithy-rs aws-config src/imds/credentials.rs): that is not a
+    credential document, so it passes through as is."""
     role = stack.role
     error = {"Code": "AssumeRoleUnauthorizedAccess",
              "Message": "EC2 cannot assume the role credlock-test-role."}

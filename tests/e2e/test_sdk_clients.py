@@ -129,7 +129,9 @@ def test_tokens_required_tokenless_and_bogus_token_get_upstream_401(stack_requir
     for headers in ({}, {TOKEN_HEADER: "AQAEAbogusbogusbogusbogusbogusbogusbogusbogusbogus=="}):
         direct = stack.direct("GET", path, headers)
         via = stack.via("GET", path, headers)
-        assert direct.status == 401, direct  # the protocol (ref §1.3)
+        # The protocol (Amazon EC2 User Guide, "How Instance Metadata Service Version 2 works":
+        # with token usage required, no or an invalid token gets 401).
+        assert direct.status == 401, direct
         assert via.status == 401, f"credlock answered {via!r} where IMDS says 401"
         assert via.body == direct.body, "credlock did not relay the upstream's 401 page"
         assert b"AccessKeyId" not in via.body and b"SecretAccessKey" not in via.body

@@ -2,9 +2,10 @@
 """A faithful local emulator of the EC2 Instance Metadata Service (IMDS), the upstream of every
 credlock test and of the README demo.
 
-Standard library only (Python 3.11). Citations such as "ref §1.2" point at
-/work/shared/reference/aws-imds-sts-iam.md; the AWS sources behind each rule are listed there.
-Rules marked ❓ are presumptions the reference could not verify; each says what was picked.
+Standard library only (Python 3.11). Citations name AWS documents (page title and section;
+"AWS sources" at the end of this docstring lists them). Rules marked ❓ are presumptions that no
+AWS document confirms; each says what was picked. 🟡 marks behaviour reported from real
+instances that AWS documentation does not state.
 
     python3 imds_emulator.py --listen 127.0.0.1:0 [--listen [::1]:0] [--tokens optional|required]
                              [--instance FILE.json] [--control 127.0.0.1:0]
@@ -16,16 +17,21 @@ SIGTERM/SIGINT (exit 0):
     listening [::1]:41235
     control 127.0.0.1:41236
 
-IMDS protocol implemented (ref §1):
+IMDS protocol implemented (EC2 UG "How Instance Metadata Service Version 2 works" and
+"Retrieve instance metadata"):
   * PUT /latest/api/token with X-aws-ec2-metadata-token-ttl-seconds: 1..21600 -> 200 + token
-    (ref §1.2); bad TTL -> 400; X-Forwarded-For -> 403; versioned or other PUT paths -> 403.
+    ("How Instance Metadata Service Version 2 works"); bad TTL -> 400; X-Forwarded-For -> 403;
+    versioned or other PUT paths -> 403.
   * GET/HEAD with X-aws-ec2-metadata-token: unknown/expired token -> 401; with --tokens required,
-    no token -> 401 (ref §1.3). Any other method -> 405 (❓ ref §1.3).
+    no token -> 401 ("How Instance Metadata Service Version 2 works"; "Retrieve instance
+    metadata", Responses and error messages). Any other method -> 405 (❓ no AWS document gives
+    IMDS's answer to other methods).
   * With tokens optional, IMDSv1 (no token) and IMDSv2 (token) requests get DIFFERENT role
-    credential sets (ref §1.8): AccessKeyId ASIAV1... versus ASIAV2..., so tests can prove which
-    set (if any) leaked through the proxy.
-  * The metadata tree of ref §1.5, §1.7 and §6.1 under every version in VERSIONS, with the
-    categories newer than a version answering 404 under it.
+    credential sets (EC2 API Reference, ModifyInstanceMetadataOptions, HttpTokens): AccessKeyId
+    ASIAV1... versus ASIAV2..., so tests can prove which set (if any) leaked through the proxy.
+  * The metadata tree of EC2 UG "Instance metadata categories", "IAM roles for Amazon EC2" and
+    "Instance identity documents" under every version in VERSIONS, with the categories newer
+    than a version answering 404 under it.
 
 Control API (JSON, only on the --control listener; never on an IMDS listener):
   GET  /state            the whole state, including the current credential sets
@@ -44,9 +50,24 @@ any other unknown key is an error (exit 2).
 
 Deliberate leniency: like an ordinary web server, the emulator collapses repeated '/' and
 ignores a query string (`//latest//meta-data/iam/info?x=1` answers like `/latest/meta-data/iam/info`).
-Whether real IMDS does is ❓ (ref §1.6, §8). It is lenient on purpose: proxy tests must show that
+Whether real IMDS does is ❓: EC2 UG "Retrieve instance metadata" does not say how IMDS treats
+'//', a query string, '%2F' or '..'. It is lenient on purpose: proxy tests must show that
 credlock refuses such targets itself instead of relying on the upstream to 404 them. It does NOT
 decode percent-escapes or resolve '.'/'..' segments: those simply match nothing and get 404.
+
+AWS sources cited in this file:
+  * Amazon EC2 User Guide ("EC2 UG"), https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/<page>:
+      "How Instance Metadata Service Version 2 works"  instance-metadata-v2-how-it-works.html
+      "Retrieve instance metadata"                     instancedata-data-retrieval.html
+      "Instance metadata categories"                   instancedata-data-categories.html
+      "IAM roles for Amazon EC2"                       iam-roles-for-amazon-ec2.html
+      "Instance identity documents"                    instance-identity-documents.html
+  * Amazon EC2 API Reference, ModifyInstanceMetadataOptions (parameter HttpTokens),
+    https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_ModifyInstanceMetadataOptions.html
+  * AWS SDKs and Tools Reference Guide, "IMDS credential provider",
+    https://docs.aws.amazon.com/sdkref/latest/guide/feature-imds-credentials.html
+  * AWS SDK source: botocore/utils.py (github.com/boto/botocore) and
+    aws/rust-runtime/aws-config/src/imds/ (github.com/smithy-lang/smithy-rs).
 """
 
 from __future__ import annotations
@@ -71,25 +92,37 @@ import time
 import urllib.parse
 
 # --------------------------------------------------------------------------------------------
-# Protocol constants (ref §1.2, §1.3)
+# Protocol constants (EC2 UG "How Instance Metadata Service Version 2 works", "Retrieve instance
+# metadata")
 # --------------------------------------------------------------------------------------------
 
-TOKEN_PATH = "/latest/api/token"  # the only path that issues tokens (ref §1.2)
+# The only path that issues tokens (EC2 UG "Retrieve instance metadata", Considerations).
+TOKEN_PATH = "/latest/api/token"
 TOKEN_HEADER = "X-aws-ec2-metadata-token"  # header names are matched case-insensitively
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
-TTL_MIN_SECONDS = 1  # ref §1.2: "1 s to 21,600 s (6 h)"
+# "a minimum of one second and a maximum of six hours" (EC2 UG "How Instance Metadata Service
+# Version 2 works")
+TTL_MIN_SECONDS = 1
 TTL_MAX_SECONDS = 21600
-FORWARDED_FOR_HEADER = "X-Forwarded-For"  # rejected on PUT (ref §1.2)
+# Rejected on PUT (EC2 UG "How Instance Metadata Service Version 2 works").
+FORWARDED_FOR_HEADER = "X-Forwarded-For"
 
-SERVER_HEADER = "EC2ws"  # ref §1.3 "Other response facts" 🟡
-CREDENTIAL_LIFETIME = datetime.timedelta(hours=6)  # ref §1.8: typical lifetime about 6 h 🟡
+# 🟡 No AWS document names the Server header; "EC2ws" is what real instances were reported to
+# send (e.g. in github.com/awslabs/aws-sdk-rust/issues/560).
+SERVER_HEADER = "EC2ws"
+# Typical lifetime about 6 h 🟡: AWS documents no lifetime, only that new credentials appear "at
+# least five minutes before the expiration of the old credentials" (EC2 UG "IAM roles for Amazon
+# EC2", Retrieve security credentials from instance metadata); 6 h is a community observation.
+CREDENTIAL_LIFETIME = datetime.timedelta(hours=6)
 REQUEST_LOG_SIZE = 1000
 MAX_DISCARDED_BODY = 1 << 20  # request bodies are read and dropped, up to 1 MiB
 IDLE_CONNECTION_TIMEOUT = 60.0  # seconds a keep-alive connection may sit idle
 
-# Metadata versions listed by GET / (ref §1.5: "1.0, 2007-01-19, … latest"). These are the dates
-# seen on real instances, plus the category-introduction dates 2018-05-23 and 2020-08-24 of
-# ref §1.5 so tests can probe both sides of each boundary. Listed in this (chronological) order.
+# Metadata versions listed by GET / ("1.0, 2007-01-19, … latest": EC2 UG "Retrieve instance
+# metadata", Get the available versions of the instance metadata). These are the dates seen on
+# real instances, plus the category-introduction dates 2018-05-23 and 2020-08-24 of EC2 UG
+# "Instance metadata categories" (column "Version introduced") so tests can probe both sides of
+# each boundary. Listed in this (chronological) order.
 VERSIONS = (
     "1.0", "2007-01-19", "2007-03-01", "2007-08-29", "2007-10-10", "2007-12-15", "2008-02-01",
     "2008-09-01", "2009-04-04", "2011-01-01", "2011-05-01", "2012-01-12", "2014-02-25",
@@ -98,13 +131,14 @@ VERSIONS = (
     "2021-01-03", "2021-03-23", "2021-07-15", "2022-09-24", "latest",
 )
 
-# Version that introduced a category (ref §1.5, §6.1). Under an older version the category is
-# absent: not listed, and 404. Everything else exists under every version (a simplification).
-# security-credentials-extended has no documented date (❓ ref §1.5): it follows iam/.
+# Version that introduced a category (EC2 UG "Instance metadata categories", column "Version
+# introduced"). Under an older version the category is absent: not listed, and 404. Everything
+# else exists under every version (a simplification). security-credentials-extended has no
+# documented date (❓ that page does not list it): it follows iam/.
 SINCE_IAM = "2012-01-12"
 SINCE_IDENTITY_CREDENTIALS = "2018-05-23"
 SINCE_PLACEMENT_REGION = "2020-08-24"
-SINCE_IPV6 = "2021-01-03"  # meta-data/ipv6 (ref §6.1)
+SINCE_IPV6 = "2021-01-03"  # meta-data/ipv6 (EC2 UG "Instance metadata categories")
 
 # --------------------------------------------------------------------------------------------
 # Default instance (the contract's "IMDS emulator CLI" section)
@@ -178,7 +212,8 @@ INTERFACE_LIST_KEYS = {
 
 # Runtime keys (control API only, not --instance).
 DEFAULT_RUNTIME = {
-    "tokens": "optional",  # HttpTokens (ref §1.8): optional | required
+    # HttpTokens (EC2 API Reference, ModifyInstanceMetadataOptions): optional | required
+    "tokens": "optional",
     "delay_ms": 0,  # sleep before every IMDS answer (simulates a hanging upstream)
     "down": False,  # True: close IMDS connections without answering
     "extended": True,  # False: security-credentials-extended is 404 (an IMDS without it)
@@ -192,7 +227,8 @@ MUTABLE_KEYS = {
 
 CREDENTIAL_SETS = ("v1", "v2", "identity")  # IMDSv1 role creds, IMDSv2 role creds, identity role
 
-# Key order of the credentials document (ref §1.7, [EC2-roles]).
+# Key order of the credentials document (the example in EC2 UG "IAM roles for Amazon EC2",
+# Retrieve security credentials from instance metadata).
 CREDENTIAL_KEYS = ("Code", "LastUpdated", "Type", "AccessKeyId", "SecretAccessKey", "Token",
                    "Expiration")
 
@@ -202,13 +238,15 @@ CREDENTIAL_KEYS = ("Code", "LastUpdated", "Type", "AccessKeyId", "SecretAccessKe
 # --------------------------------------------------------------------------------------------
 
 def utc_timestamp(moment: datetime.datetime) -> str:
-    """YYYY-MM-DDTHH:MM:SSZ, no fraction: botocore's strptime needs exactly this (ref §1.7)."""
+    """YYYY-MM-DDTHH:MM:SSZ, no fraction, as in EC2 UG "IAM roles for Amazon EC2": botocore's
+    strptime needs exactly this (botocore/utils.py, _evaluate_expiration)."""
     return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def aws_json(document: dict) -> str:
     """Render JSON the way IMDS does: two-space indent, `" : "` separators, keys in the given
-    order, no trailing newline (ref §1.7; identity document as in ref §6.1 / [EC2-iid])."""
+    order, no trailing newline (the credentials example in EC2 UG "IAM roles for Amazon EC2";
+    the identity document as in EC2 UG "Instance identity documents"; no trailing newline 🟡)."""
     return json.dumps(document, indent=2, separators=(",", " : "))
 
 
@@ -359,12 +397,13 @@ class Emulator:
             self.requests.clear()
 
     def rotate(self) -> None:
-        """New credential sets, as IMDS publishes before the old ones expire (ref §1.8).
+        """New credential sets, as IMDS publishes "at least five minutes before the expiration of
+        the old credentials" (EC2 UG "IAM roles for Amazon EC2").
         Nothing rotates on its own: tests set Expiration (POST /state) or call this."""
         with self.lock:
             self.state["credentials"] = fresh_credential_sets()
 
-    # ---- tokens (ref §1.2) ----
+    # ---- tokens (EC2 UG "How Instance Metadata Service Version 2 works") ----
 
     def issue_token(self, ttl: int) -> str:
         now = time.monotonic()
@@ -481,13 +520,16 @@ def profile_id(name: str) -> str:
 
 
 def credential_document(fields: dict, account_id: str | None) -> str:
-    """The credentials JSON of ref §1.7.
+    """The credentials JSON of EC2 UG "IAM roles for Amazon EC2" (Retrieve security credentials
+    from instance metadata).
 
     Code Success: the documented keys in the documented order, then any extra fields a test
     added. Other Code (e.g. AssumeRoleUnauthorizedAccess): IMDS answers 200 with only Code,
-    Message and LastUpdated (ref §1.7 "Error form"). account_id is set on the extended path:
-    AccountId goes LAST, after Expiration (❓ ref §1.7 gives no order; appending keeps the legacy
-    document as an exact prefix, matching "the same JSON plus AccountId")."""
+    Message and LastUpdated (🟡 not in the EC2 UG; AWS SDKs handle it: botocore/utils.py
+    InstanceMetadataFetcher, aws-config src/imds/credentials.rs). account_id is set on the
+    extended path: AccountId goes LAST, after Expiration (❓ the EC2 UG does not document
+    security-credentials-extended, so no order is given; AWS SDK code and tests only show that
+    AccountId is added. Appending keeps the legacy document as an exact prefix)."""
     if fields.get("Code", "Success") != "Success":
         keys = [k for k in ("Code", "Message", "LastUpdated") if k in fields]
     else:
@@ -500,7 +542,8 @@ def credential_document(fields: dict, account_id: str | None) -> str:
 
 
 def interface_tree(state: dict, iface: dict) -> dict:
-    """network/interfaces/macs/<mac>/ (ref §6.1). Empty lists are absent fields -> 404."""
+    """network/interfaces/macs/<mac>/ (EC2 UG "Instance metadata categories"). Empty lists are
+    absent fields -> 404."""
     node: dict = {
         "mac": iface["mac"],
         "device-number": str(iface.get("device_number", 0)),
@@ -573,10 +616,12 @@ def build_tree(state: dict, version: str, delivery: str) -> dict:
         meta["hostname"] = meta["local-hostname"] = (primary.get("local_hostname")
                                                      or private_hostname(state, local[0]))
     if public:
-        meta["public-ipv4"] = public[0]  # the primary ENI's first public IPv4 (ref §6.1)
+        # The primary ENI's first public IPv4 (EC2 UG "Instance metadata categories").
+        meta["public-ipv4"] = public[0]
         meta["public-hostname"] = primary.get("public_hostname") or public_hostname(state, public[0])
     if ipv6 and version_has(version, SINCE_IPV6):
-        meta["ipv6"] = ipv6[0]  # eth0's first IPv6, 404 if none (ref §6.1)
+        # eth0's first IPv6, 404 if none (EC2 UG "Instance metadata categories").
+        meta["ipv6"] = ipv6[0]
     if version_has(version, SINCE_PLACEMENT_REGION):
         meta["placement"]["region"] = state["region"]
 
@@ -584,10 +629,13 @@ def build_tree(state: dict, version: str, delivery: str) -> dict:
     creds = state["credentials"]
     if role is not None and version_has(version, SINCE_IAM):
         profile = state["instance_profile"] or role
-        role_set = creds[delivery]  # IMDSv1 and IMDSv2 get different sets (ref §1.8)
+        # IMDSv1 and IMDSv2 get different sets (EC2 API Reference, ModifyInstanceMetadataOptions,
+        # HttpTokens).
+        role_set = creds[delivery]
         last_updated = max(creds["v1"].get("LastUpdated", ""), creds["v2"].get("LastUpdated", ""))
         iam: dict = {
-            # iam/info: exact format of ref §1.7; present only with a role attached.
+            # iam/info: present only with a role attached (EC2 UG "Instance metadata
+            # categories"); the exact format 🟡 is from real-instance transcripts, not AWS docs.
             "info": aws_json({
                 "Code": "Success",
                 "LastUpdated": last_updated,
@@ -598,21 +646,23 @@ def build_tree(state: dict, version: str, delivery: str) -> dict:
             "security-credentials": {role: credential_document(role_set, None)},
         }
         if state["extended"]:
-            # Listed under iam/ (❓ ref §1.5 "whether iam/ listings include it").
+            # Listed under iam/ (❓ no AWS document says whether iam/ listings include it).
             iam["security-credentials-extended"] = {
                 role: credential_document(role_set, state["account_id"])}
         meta["iam"] = iam
 
     if version_has(version, SINCE_IDENTITY_CREDENTIALS):
         identity = creds["identity"]
-        # ec2/info shape is ❓ (not in the reference): Code, LastUpdated, AccountId.
+        # ec2/info shape is ❓ (EC2 UG "Instance metadata categories" reserves it for internal
+        # use and gives no format): Code, LastUpdated, AccountId.
         meta["identity-credentials"] = {"ec2": {
             "info": aws_json({"Code": "Success", "LastUpdated": identity.get("LastUpdated", ""),
                               "AccountId": state["account_id"]}),
             "security-credentials": {"ec2-instance": credential_document(identity, None)},
         }}
 
-    document = {  # key order and nulls as on real instances ([EC2-iid])
+    # Key order and nulls as on real instances (EC2 UG "Instance identity documents").
+    document = {
         "accountId": state["account_id"],
         "architecture": state["architecture"],
         "availabilityZone": state["availability_zone"],
@@ -635,14 +685,16 @@ def build_tree(state: dict, version: str, delivery: str) -> dict:
         "meta-data": meta,
     }
     if state["user_data"] is not None:
-        # Listed only when configured; 404 otherwise (ref §1.3: resource not available).
+        # Listed only when configured; 404 otherwise (EC2 UG "Retrieve instance metadata",
+        # Responses and error messages: 404 if the resource is not available).
         tree["user-data"] = state["user_data"].encode()
     return tree
 
 
 def listing(directory: dict, mark_directories: bool = True) -> str:
-    """Children, one per line (LF), sub-directories with a trailing '/', no final newline
-    (ref §1.3 "Other response facts"). Sorted by name, as real listings are alphabetical."""
+    """Children, one per line (LF), sub-directories with a trailing '/' (EC2 UG "Retrieve
+    instance metadata", Responses and error messages), no final newline (🟡 not stated by AWS).
+    Sorted by name, as real listings are alphabetical."""
     return "\n".join(name + "/" if mark_directories and isinstance(child, dict) else name
                      for name, child in sorted(directory.items()))
 
@@ -666,7 +718,8 @@ REASONS = {
     200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
     405: "Method Not Allowed", 500: "Internal Server Error",
 }
-# HTML titles of the error pages; 400 is "Missing or Invalid Parameters" (ref §1.3).
+# HTML titles of the error pages; 400 is "Missing or Invalid Parameters" (EC2 UG "Retrieve
+# instance metadata", Responses and error messages).
 ERROR_TITLES = {400: "Missing or Invalid Parameters"}
 
 
@@ -680,7 +733,9 @@ def reason(code: int) -> str:
 
 
 def error_page(code: int) -> bytes:
-    """The XHTML error page IMDS serves, e.g. "404 - Not Found" (ref §1.3, [NDB-47])."""
+    """The XHTML error page IMDS serves, e.g. "404 - Not Found" (the code's name as in EC2 UG
+    "Retrieve instance metadata", Responses and error messages; the XHTML body 🟡 is as seen on
+    real instances, not documented by AWS)."""
     title = f"{code} - {ERROR_TITLES.get(code, reason(code))}"
     return (
         '<?xml version="1.0" encoding="iso-8859-1"?>\n'
@@ -716,7 +771,8 @@ def fail(status: int, headers: list[tuple[str, str]] | None = None) -> Response:
 
 class BaseHandler(http.server.BaseHTTPRequestHandler):
     """HTTP/1.1 with keep-alive and Content-Length on every response, so a pooling proxy can
-    reuse connections (real IMDS is HTTP/1.0 + close, ref §1.3; both must work through credlock).
+    reuse connections (real IMDS is HTTP/1.0 + close, 🟡 reported from real instances, not in
+    AWS docs; both must work through credlock).
     HTTP/1.0 requests get "Connection: close" and the connection is closed."""
 
     protocol_version = "HTTP/1.1"
@@ -838,29 +894,37 @@ class ImdsHandler(BaseHandler):
             return self.respond_to_put()
         if self.command in ("GET", "HEAD"):
             return self.respond_to_get()
-        # ❓ ref §1.3: IMDS answering 405 to other methods is not in the AWS docs; SDKs expect it.
+        # ❓ IMDS answering 405 to other methods is in no AWS document; SDKs expect it (AWS SDKs
+        # and Tools Reference Guide, "IMDS credential provider": 403, 404, 405 -> IMDSv1).
         return fail(405, [("Allow", "GET, HEAD, PUT")])
 
     def respond_to_put(self) -> Response:
         segments, _ = canonical_segments(self.path)
         if segments != TOKEN_PATH.strip("/").split("/"):
-            # /2021-03-23/api/token -> 403 by design (ref §1.2, [EC2-retrieve]). A PUT anywhere
-            # else is also 403 ❓: "the request is not allowed" (ref §1.3), and SDKs treat 403 on
-            # the token PUT as "IMDSv2 unavailable".
+            # /2021-03-23/api/token -> 403 by design (EC2 UG "Retrieve instance metadata",
+            # Considerations). A PUT anywhere else is also 403 ❓ (no AWS document says): 403 is
+            # "The request is not allowed" (same page, Responses and error messages), and SDKs
+            # treat 403 on the token PUT as "IMDSv2 unavailable" (AWS SDKs and Tools Reference
+            # Guide, "IMDS credential provider").
             return fail(403)
         if self.headers.get(FORWARDED_FOR_HEADER) is not None:
-            # Rejected (ref §1.2); the code is ❓, 403 as the reference presumes.
+            # Rejected (EC2 UG "How Instance Metadata Service Version 2 works"); the code is ❓:
+            # that page gives none, so 403, the documented code for "The request is not allowed".
             return fail(403)
         ttl_values = self.headers.get_all(TTL_HEADER) or []
         if len(ttl_values) != 1:  # missing, or ambiguous duplicates
             return fail(400)
         ttl_text = ttl_values[0].strip()
         if not ttl_text.isdigit() or not TTL_MIN_SECONDS <= int(ttl_text) <= TTL_MAX_SECONDS:
-            return fail(400)  # "Missing or Invalid Parameters" (ref §1.3)
+            # "Missing or Invalid Parameters" (EC2 UG "Retrieve instance metadata", Responses and
+            # error messages)
+            return fail(400)
         ttl = int(ttl_text)
         token = self.emulator.issue_token(ttl)
         response = ok(token)
-        response.headers.append((TTL_HEADER, str(ttl)))  # Rust's SDK requires it (ref §1.2)
+        # Rust's SDK requires it (smithy-rs aws-config src/imds/client/token.rs,
+        # parse_token_response).
+        response.headers.append((TTL_HEADER, str(ttl)))
         return response
 
     def respond_to_get(self) -> Response:
@@ -868,16 +932,21 @@ class ImdsHandler(BaseHandler):
         _, _, tokens_mode = self.emulator.runtime()
         if token is not None:
             if not self.emulator.token_valid(token.strip()):
-                return fail(401)  # invalid or expired token (ref §1.3)
+                # Invalid or expired token (EC2 UG "Retrieve instance metadata", Responses and
+                # error messages).
+                return fail(401)
             delivery = "v2"
         elif tokens_mode == "required":
-            return fail(401)  # HttpTokens=required and no token (ref §1.3)
+            # HttpTokens=required and no token (EC2 UG "How Instance Metadata Service Version 2
+            # works").
+            return fail(401)
         else:
             delivery = "v1"
 
         segments, _ = canonical_segments(self.path)
         if not segments:
-            return ok("\n".join(VERSIONS))  # GET / lists the versions (ref §1.5)
+            # GET / lists the versions (EC2 UG "Retrieve instance metadata").
+            return ok("\n".join(VERSIONS))
         version, rest = segments[0], segments[1:]
         if version not in VERSIONS:
             return fail(404)
@@ -890,8 +959,10 @@ class ImdsHandler(BaseHandler):
                 return fail(404)
             node = node[segment]
         # A trailing slash does not matter: a directory lists itself with or without it (200,
-        # never a redirect: ref §0.2, §1.3 "By 2022 both forms returned 200"), and a leaf is
-        # served with it too (ref §1.6: …/<role>/ returns the credentials).
+        # never a redirect), and a leaf is served with it too (…/<role>/ returns the
+        # credentials). 🟡 No AWS document covers trailing slashes: real IMDS was reported to
+        # answer 301 in 2017-18 and 200 for both forms by 2022 (e.g.
+        # github.com/awslabs/aws-sdk-rust/issues/560).
         if isinstance(node, dict):
             # Real IMDS lists /<version>/ as "dynamic", "meta-data", "user-data" with no '/'
             # (the one listing that does not mark directories, like GET / listing versions).
