@@ -2,7 +2,8 @@
 """A faithful local stand-in for the Amazon ECS container agent's task-credential endpoint (the
 server that ecs-init exposes to containers as 169.254.170.2:80), for credlock's ECS tests.
 
-Standard library only (Python 3.11). Same CLI shape and control conventions as imds_emulator.py:
+Standard library only (Python 3.11). Same CLI shape and control conventions as imds_emulator.py
+(standin.py holds them):
 
     python3 ecs_agent_emulator.py --listen 127.0.0.1:0 [--listen [::1]:0] [--control 127.0.0.1:0]
 
@@ -99,26 +100,18 @@ Control API (JSON, only on the --control listener):
 from __future__ import annotations
 
 import argparse
-import base64
-import collections
 import copy
 import datetime
-import http.server
-import json
-import re
-import secrets
-import signal
-import socket
-import socketserver
-import string
 import sys
-import threading
-import time
 import urllib.parse
 import uuid
 
+import standin
+from standin import (RAW_MARKERS, Backend, Response, TokenBucket, ValidationError,  # noqa: F401
+                     check_keys, check_runtime_keys, format_address, go_http_error, go_json,
+                     json_response, raw_secrets, utc_timestamp)
+
 RAW_ACCESS_KEY_PREFIX = "ASIARAWE"
-RAW_MARKERS = ("ASIARAW", "RAWSECRET", "RAWTOKEN")
 
 ACCOUNT_ID = "123456789012"
 DEFAULT_ROLE_ARN = f"arn:aws:iam::{ACCOUNT_ID}:role/credlock-task-role"
@@ -137,141 +130,16 @@ ERR_UNINITIALIZED = "CredentialsUninitialized"
 DEFAULT_RATE_LIMIT = {"steady": 40, "burst": 60}  # [cfg]
 RATE_LIMIT_MESSAGE = "You have reached maximum request limit."  # [toll] limiter.New defaults
 
-REQUEST_LOG_SIZE = 1000
-MAX_BODY = 1 << 20
-IDLE_CONNECTION_TIMEOUT = 60.0
-
 
 # --------------------------------------------------------------------------------------------
-# Helpers shared in shape with the other stand-ins (each file is self-contained on purpose)
+# Helpers (the ones every stand-in shares, and Go's answers, are in standin.py)
 # --------------------------------------------------------------------------------------------
-
-def utc_timestamp(moment: datetime.datetime) -> str:
-    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def random_chars(alphabet: str, count: int) -> str:
-    return "".join(secrets.choice(alphabet) for _ in range(count))
-
 
 def raw_credentials(prefix: str, lifetime_s: int) -> dict:
     """A fresh raw set, marked so a test can grep for it (module docstring)."""
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-    upper_digits = string.ascii_uppercase + string.digits
-    secret_alphabet = string.ascii_letters + string.digits + "+/"
-    return {
-        "AccessKeyId": prefix + random_chars(upper_digits, 20 - len(prefix)),
-        "SecretAccessKey": "RAWSECRET" + random_chars(secret_alphabet, 31),
-        "Token": "RAWTOKEN" + base64.b64encode(secrets.token_bytes(216)).decode(),
-        "Expiration": utc_timestamp(now + datetime.timedelta(seconds=lifetime_s)),
-    }
-
-
-def go_json(document) -> str:
-    """encoding/json.Marshal: compact, HTML characters escaped, no trailing newline."""
-    text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
-    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
-                          ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
-        text = text.replace(char, escaped)
-    return text
-
-
-def go_clean_path(path: str) -> str:
-    """gorilla/mux cleanPath: Go's path.Clean, rooted, keeping a trailing slash."""
-    if not path:
-        return "/"
-    if not path.startswith("/"):
-        path = "/" + path
-    parts: list[str] = []
-    for segment in path.split("/"):
-        if segment in ("", "."):
-            continue
-        if segment == "..":
-            if parts:
-                parts.pop()
-            continue
-        parts.append(segment)
-    cleaned = "/" + "/".join(parts)
-    if path.endswith("/") and cleaned != "/":
-        cleaned += "/"
-    return cleaned
-
-
-BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-
-
-def split_target(target: str) -> tuple[str, str, bool] | None:
-    """(raw path, raw query, has '?') of a request target, as Go's url.ParseRequestURI sees it;
-    None when a percent escape is malformed (Go answers 400)."""
-    if target.startswith(("http://", "https://")):
-        parts = urllib.parse.urlsplit(target)
-        raw_path, query, has_query = parts.path or "/", parts.query, "?" in target
-    else:
-        raw_path, sep, query = target.partition("?")
-        has_query = bool(sep)
-    if BAD_ESCAPE.search(raw_path):
-        return None
-    return raw_path, query, has_query
-
-
-def go_escape_path(path: str) -> str:
-    return urllib.parse.quote(path, safe="/$&+,:;=@-._~")
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """HOST:PORT or [IPV6]:PORT -> (host, port)."""
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"{text!r}: expected [IPV6]:PORT")
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep or ":" in host or not host:
-            raise ValueError(f"{text!r}: expected HOST:PORT or [IPV6]:PORT")
-    if not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"{text!r}: bad port")
-    return host, int(port)
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class ValidationError(ValueError):
-    pass
-
-
-class TokenBucket:
-    """golang.org/x/time/rate.Limiter.Allow: starts full (burst), refills at `rate` per second."""
-
-    def __init__(self, rate: float, burst: int):
-        self.rate, self.burst = rate, burst
-        self.tokens = float(burst)
-        self.last = time.monotonic()
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(float(self.burst), self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
-class Response:
-    def __init__(self, status: int, body: bytes = b"", headers: list[tuple[str, str]] | None = None):
-        self.status, self.body, self.headers = status, body, headers or []
-
-
-def go_http_error(status: int, message: str) -> Response:
-    """net/http.Error: text/plain; charset=utf-8, nosniff, the message plus a newline."""
-    return Response(status, (message + "\n").encode(), [
-        ("Content-Type", "text/plain; charset=utf-8"), ("X-Content-Type-Options", "nosniff")])
-
-
-def json_response(status: int, text: str) -> Response:
-    return Response(status, text.encode(), [("Content-Type", "application/json")])
+    return {**raw_secrets(prefix),
+            "Expiration": utc_timestamp(now + datetime.timedelta(seconds=lifetime_s))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,13 +157,12 @@ def validate_rate_limit(value) -> None:
             raise ValidationError(f"rate_limit.{key} must be a number > 0")
 
 
-class Agent:
+class Agent(Backend):
     """All mutable state behind one lock. credentials: id -> entry; pending: known IDs without
     credentials ([mgr] knownCredentialsIDs minus idToTaskCredentials)."""
 
     def __init__(self):
-        self.lock = threading.Lock()
-        self.requests: collections.deque = collections.deque(maxlen=REQUEST_LOG_SIZE)
+        super().__init__()
         self.reset()
 
     def reset(self) -> None:
@@ -327,12 +194,7 @@ class Agent:
         if unknown:
             raise ValidationError(f"unknown keys {sorted(unknown)}; allowed: delay_ms, down, "
                                   "rate_limit")
-        if "delay_ms" in patch:
-            delay = patch["delay_ms"]
-            if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0:
-                raise ValidationError("delay_ms must be a number >= 0")
-        if "down" in patch and not isinstance(patch["down"], bool):
-            raise ValidationError("down must be true or false")
+        check_runtime_keys(patch)
         if "rate_limit" in patch:
             validate_rate_limit(patch["rate_limit"])
         with self.lock:
@@ -344,11 +206,7 @@ class Agent:
 
     def set_credentials(self, spec) -> dict:
         """SetTaskCredentials ([mgr]): the ID and the task ARN must not be empty."""
-        if not isinstance(spec, dict):
-            raise ValidationError("body must be a JSON object")
-        unknown = set(spec) - {"id", "task_arn", "role_arn", "role_type", "lifetime_s", "document"}
-        if unknown:
-            raise ValidationError(f"unknown keys {sorted(unknown)}")
+        check_keys(spec, {"id", "task_arn", "role_arn", "role_type", "lifetime_s", "document"})
         cred_id = spec.get("id", str(uuid.uuid4()))
         if not isinstance(cred_id, str) or not cred_id:
             raise ValidationError("CredentialsId is empty")  # [mgr] SetTaskCredentials
@@ -390,7 +248,7 @@ class Agent:
         with self.lock:
             entry = self.credentials.get(cred_id) if isinstance(cred_id, str) else None
             if entry is None:
-                raise KeyError(cred_id)
+                raise standin.ControlError(404, "no such credential ID")
             fresh = raw_credentials(RAW_ACCESS_KEY_PREFIX, entry["lifetime_s"])
             entry["document"].update(fresh)
             return copy.deepcopy(entry)
@@ -427,172 +285,23 @@ class Agent:
                 bucket = self.buckets[key] = TokenBucket(limit["steady"], int(limit["burst"]))
             return bucket.allow(), limit
 
-    def runtime(self) -> tuple[float, bool]:
-        with self.lock:
-            return self.delay_ms, self.down
-
-    def log_request(self, entry: dict) -> None:
-        with self.lock:
-            self.requests.append(entry)
-
-    def set_status(self, entry: dict, status) -> None:
-        with self.lock:
-            entry["status"] = status
-
-    def request_log(self) -> list:
-        with self.lock:
-            return copy.deepcopy(list(self.requests))
-
-    def clear_requests(self) -> None:
-        with self.lock:
-            self.requests.clear()
-
 
 # --------------------------------------------------------------------------------------------
 # HTTP
 # --------------------------------------------------------------------------------------------
 
-class BaseHandler(http.server.BaseHTTPRequestHandler):
-    """HTTP/1.1 keep-alive like Go's net/http: Date and Content-Length on every answer, no Server
-    header; every method goes to dispatch()."""
+class AgentHandler(standin.GoRouterHandler):
+    """Go's net/http framing and gorilla/mux's path handling ([mux]: percent escapes decoded
+    before matching, unclean paths redirected); the agent ignores request bodies."""
 
-    protocol_version = "HTTP/1.1"
-    default_request_version = "HTTP/1.0"
-    timeout = IDLE_CONNECTION_TIMEOUT
-    wbufsize = -1
-    disable_nagle_algorithm = True
-    agent: Agent
+    def redirect(self, location: str, query: str, has_query: bool) -> Response:
+        # [mux] Router.ServeHTTP: 301, Location = the cleaned URL, query kept, no body.
+        return Response(301, b"", [("Location", location + ("?" + query if has_query else ""))])
 
-    def log_message(self, format, *args) -> None:
-        pass
-
-    def __getattr__(self, name: str):
-        if name.startswith("do_"):
-            return self.dispatch
-        raise AttributeError(name)
-
-    def send_response(self, code, message=None) -> None:
-        self.log_request(code)
-        self.send_response_only(code, message)
-        self.send_header("Date", self.date_time_string())
-
-    def read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline().strip():
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = self.headers.get("Content-Length", "0").strip()
-        if not length.isdigit() or int(length) > MAX_BODY:
-            self.close_connection = True
-            return b""
-        return self.rfile.read(int(length)) if int(length) else b""
-
-    def send(self, response: Response) -> None:
-        if self.request_version == "HTTP/1.0":
-            self.close_connection = True
-        self.send_response(response.status)
-        names = set()
-        for name, value in response.headers:
-            self.send_header(name, value)
-            names.add(name.lower())
-        self.send_header("Content-Length", str(len(response.body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(response.body)
-        self.wfile.flush()
-
-    def send_error(self, code, message=None, explain=None) -> None:
-        self.send_go_bad_request("")
-
-    def send_go_bad_request(self, reason: str) -> None:
-        """Go's net/http answer to a request it cannot parse: 400, then close."""
-        self.close_connection = True
-        body = ("400 Bad Request" + (": " + reason if reason else "")).encode()
-        self.send_response_only(400)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-        self.wfile.flush()
-
-    def raw_target(self) -> str:
-        """The request target as sent: http.server rewrites a leading "//" in self.path."""
-        words = self.requestline.split()
-        return words[1] if len(words) == 3 else self.path
-
-    def host_problem(self) -> str | None:
-        hosts = self.headers.get_all("Host") or []
-        if len(hosts) > 1:
-            return "too many Host headers"
-        if not hosts and self.request_version == "HTTP/1.1":
-            return "missing required Host header"
-        return None
-
-
-class AgentHandler(BaseHandler):
-    def dispatch(self) -> None:
-        self.read_body()  # the agent ignores bodies; read it so keep-alive stays in sync
-        entry = {
-            "method": self.command,
-            "path": self.raw_target(),
-            "version": self.request_version,
-            "headers": [[name, value] for name, value in self.headers.items()],
-            "client": list(self.client_address[:2]),
-            "listener": format_address(*self.server.server_address[:2]),
-            "status": None,
-            "time": time.time(),
-        }
-        self.agent.log_request(entry)
-        problem = self.host_problem()
-        if problem:
-            self.agent.set_status(entry, 400)
-            self.send_go_bad_request(problem)
-            return
-        delay_ms, _ = self.agent.runtime()
-        if delay_ms:
-            time.sleep(delay_ms / 1000.0)
-        _, down = self.agent.runtime()
-        if down:
-            self.close_connection = True
-            self.agent.set_status(entry, "dropped")
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            return
-        target = split_target(self.raw_target())
-        if target is None:
-            self.agent.set_status(entry, 400)
-            self.send_go_bad_request("")
-            return
-        try:
-            response = self.respond(*target)
-        except Exception:
-            import traceback
-            traceback.print_exc()
-            response = go_http_error(500, "Internal Server Error")
-        self.agent.set_status(entry, response.status)
-        self.send(response)
-
-    def respond(self, raw_path: str, query: str, has_query: bool) -> Response:
-        path = urllib.parse.unquote(raw_path)
-        cleaned = go_clean_path(path)
-        if cleaned != path:
-            # [mux] Router.ServeHTTP: 301, Location = the cleaned URL, query kept, no body.
-            location = go_escape_path(cleaned) + ("?" + query if has_query else "")
-            return Response(301, b"", [("Location", location)])
-
+    def serve_path(self, path: str, query: str) -> Response:
         # [tmds] tollbooth in front of every route; headers on every answer ([toll]).
         client_ip = self.client_address[0]
-        allowed, limit = self.agent.rate_allowed(client_ip, path)
+        allowed, limit = self.backend.rate_allowed(client_ip, path)
         rate_headers = []
         if limit is not None:
             rate_headers = [
@@ -621,7 +330,7 @@ class AgentHandler(BaseHandler):
         """[v1] processCredentialsRequest, in its order: no ID, pending, not found, success."""
         if cred_id == "":
             return self.error(ERR_NO_ID, prefix + "No Credential ID in the request", 400)
-        state, entry = self.agent.lookup(cred_id)
+        state, entry = self.backend.lookup(cred_id)
         if state == "pending":
             return self.error(ERR_UNINITIALIZED, prefix + "Credentials uninitialized for ID", 503)
         if state == "missing":
@@ -635,113 +344,33 @@ class AgentHandler(BaseHandler):
                                               "HTTPErrorCode": status}))
 
 
-class ControlHandler(BaseHandler):
-    def dispatch(self) -> None:
-        body = self.read_body()
-        route = (self.command, urllib.parse.urlsplit(self.path).path.rstrip("/") or "/")
-        try:
-            try:
-                payload = json.loads(body) if body.strip() else {}
-            except json.JSONDecodeError as err:
-                raise ValidationError(f"invalid JSON: {err}") from None
-            if route == ("GET", "/state"):
-                result = self.agent.snapshot()
-            elif route == ("POST", "/state"):
-                result = self.agent.merge(payload)
-            elif route == ("POST", "/credentials"):
-                result = self.agent.set_credentials(payload)
-            elif route == ("POST", "/credentials/rotate"):
-                try:
-                    result = self.agent.rotate(payload.get("id") if isinstance(payload, dict) else None)
-                except KeyError:
-                    self.send_json(404, {"error": "no such credential ID"})
-                    return
-            elif route == ("POST", "/credentials/remove"):
-                cred_id = payload.get("id") if isinstance(payload, dict) else None
-                result = {"removed": self.agent.remove(cred_id)}
-            elif route == ("POST", "/pending"):
-                self.agent.add_pending(payload.get("id") if isinstance(payload, dict) else None)
-                result = self.agent.snapshot()
-            elif route == ("GET", "/requests"):
-                result = self.agent.request_log()
-            elif route == ("POST", "/requests/clear"):
-                self.agent.clear_requests()
-                result = {"cleared": True}
-            elif route == ("POST", "/reset"):
-                self.agent.reset()
-                result = self.agent.snapshot()
-            else:
-                self.send_json(404, {"error": f"no route {route[0]} {route[1]}"})
-                return
-        except ValidationError as err:
-            self.send_json(400, {"error": str(err)})
-            return
-        self.send_json(200, result)
-
-    def send_json(self, status: int, document) -> None:
-        self.send(Response(status, json.dumps(document, indent=2).encode(),
-                           [("Content-Type", "application/json")]))
+class ControlHandler(standin.ControlAPI, standin.GoHandler):
+    def route(self, method: str, path: str):
+        if (method, path) == ("POST", "/credentials"):
+            return self.backend.set_credentials(self.payload())
+        if (method, path) == ("POST", "/credentials/rotate"):
+            return self.backend.rotate(self.field("id"))
+        if (method, path) == ("POST", "/credentials/remove"):
+            return {"removed": self.backend.remove(self.field("id"))}
+        if (method, path) == ("POST", "/pending"):
+            self.backend.add_pending(self.field("id"))
+            return self.backend.snapshot()
+        return super().route(method, path)
 
 
 # --------------------------------------------------------------------------------------------
-# Servers and main
+# Main
 # --------------------------------------------------------------------------------------------
-
-class Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = host, port
-
-
-def make_server(address: str, handler: type, agent: Agent) -> Server:
-    host, port = parse_address(address)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server_class = type("Server", (Server,), {"address_family": family})
-    handler_class = type(handler.__name__, (handler,), {"agent": agent})
-    return server_class((host, port), handler_class)
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Local stand-in for the ECS agent's task-credential endpoint "
                     "(see the module docstring).")
-    parser.add_argument("--listen", action="append", metavar="ADDR",
-                        help="agent listener, HOST:PORT or [IPV6]:PORT; repeatable "
-                             "(default 127.0.0.1:0)")
-    parser.add_argument("--control", metavar="ADDR", help="control API listener, HOST:PORT")
+    standin.add_listen_argument(parser, "agent")
+    standin.add_control_argument(parser)
     args = parser.parse_args(argv)
-    agent = Agent()
-    servers = []
-    try:
-        for address in args.listen or ["127.0.0.1:0"]:
-            servers.append(("listening", make_server(address, AgentHandler, agent)))
-        if args.control:
-            servers.append(("control", make_server(args.control, ControlHandler, agent)))
-    except ValueError as err:
-        parser.error(str(err))
-    except OSError as err:
-        print(f"ecs_agent_emulator: cannot bind: {err}", file=sys.stderr, flush=True)
-        return 1
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    for label, server in servers:
-        print(f"{label} {format_address(*server.server_address[:2])}", flush=True)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                         daemon=True).start()
-    while not stop.wait(1.0):
-        pass
-    for _, server in servers:
-        server.shutdown()
-        server.server_close()
-    return 0
+    return standin.serve(parser, args, "ecs_agent_emulator", AgentHandler, ControlHandler,
+                         Agent())
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 """A faithful local emulator of the EC2 Instance Metadata Service (IMDS), the upstream of every
 credlock test and of the README demo.
 
-Standard library only (Python 3.11). Citations name AWS documents (page title and section;
-"AWS sources" at the end of this docstring lists them). Rules marked ❓ are presumptions that no
+Standard library only (Python 3.11); the plumbing it shares with the other stand-ins (CLI,
+start-up lines, request log, control API) is in standin.py next to it, which must travel with
+it. Citations name AWS documents (page title and section; "AWS sources" at the end of this
+docstring lists them). Rules marked ❓ are presumptions that no
 AWS document confirms; each says what was picked. 🟡 marks behaviour reported from real
 instances that AWS documentation does not state.
 
@@ -36,7 +38,7 @@ IMDS protocol implemented (EC2 UG "How Instance Metadata Service Version 2 works
 Control API (JSON, only on the --control listener; never on an IMDS listener):
   GET  /state            the whole state, including the current credential sets
   POST /state            merge keys: tokens, role, instance_profile, interfaces, delay_ms, down,
-                         credentials, extended, user_data (see ControlHandler for the semantics)
+                         credentials, extended, user_data (see Emulator.merge for the semantics)
   POST /rotate           new v1, v2 and identity credential sets (new LastUpdated/Expiration)
   GET  /requests         the last 1000 IMDS requests: method, path (raw target), version,
                          headers [[name, value], ...], client, listener, status
@@ -74,22 +76,21 @@ from __future__ import annotations
 
 import argparse
 import base64
-import collections
 import copy
 import datetime
 import hashlib
 import http
-import http.server
 import json
 import secrets
-import signal
-import socket
-import socketserver
 import string
 import sys
-import threading
 import time
 import urllib.parse
+
+import standin
+from standin import Backend, ValidationError, check_runtime_keys, random_chars
+# Kept importable from here: tests/adversarial/adv_upstream.py uses them.
+from standin import format_address, parse_address  # noqa: F401
 
 # --------------------------------------------------------------------------------------------
 # Protocol constants (EC2 UG "How Instance Metadata Service Version 2 works", "Retrieve instance
@@ -114,9 +115,6 @@ SERVER_HEADER = "EC2ws"
 # least five minutes before the expiration of the old credentials" (EC2 UG "IAM roles for Amazon
 # EC2", Retrieve security credentials from instance metadata); 6 h is a community observation.
 CREDENTIAL_LIFETIME = datetime.timedelta(hours=6)
-REQUEST_LOG_SIZE = 1000
-MAX_DISCARDED_BODY = 1 << 20  # request bodies are read and dropped, up to 1 MiB
-IDLE_CONNECTION_TIMEOUT = 60.0  # seconds a keep-alive connection may sit idle
 
 # Metadata versions listed by GET / ("1.0, 2007-01-19, … latest": EC2 UG "Retrieve instance
 # metadata", Get the available versions of the instance metadata). These are the dates seen on
@@ -219,7 +217,7 @@ DEFAULT_RUNTIME = {
     "extended": True,  # False: security-credentials-extended is 404 (an IMDS without it)
 }
 
-# Keys POST /state may change. Top-level values replace; "credentials" merges (see ControlHandler).
+# Keys POST /state may change. Top-level values replace; "credentials" merges (see Emulator.merge).
 MUTABLE_KEYS = {
     "tokens", "role", "instance_profile", "interfaces", "delay_ms", "down", "credentials",
     "extended", "user_data",
@@ -237,10 +235,9 @@ CREDENTIAL_KEYS = ("Code", "LastUpdated", "Type", "AccessKeyId", "SecretAccessKe
 # Small helpers
 # --------------------------------------------------------------------------------------------
 
-def utc_timestamp(moment: datetime.datetime) -> str:
-    """YYYY-MM-DDTHH:MM:SSZ, no fraction, as in EC2 UG "IAM roles for Amazon EC2": botocore's
-    strptime needs exactly this (botocore/utils.py, _evaluate_expiration)."""
-    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+# standin.utc_timestamp: YYYY-MM-DDTHH:MM:SSZ, no fraction, as in EC2 UG "IAM roles for Amazon
+# EC2": botocore's strptime needs exactly this (botocore/utils.py, _evaluate_expiration).
+utc_timestamp = standin.utc_timestamp
 
 
 def aws_json(document: dict) -> str:
@@ -248,10 +245,6 @@ def aws_json(document: dict) -> str:
     order, no trailing newline (the credentials example in EC2 UG "IAM roles for Amazon EC2";
     the identity document as in EC2 UG "Instance identity documents"; no trailing newline 🟡)."""
     return json.dumps(document, indent=2, separators=(",", " : "))
-
-
-def random_chars(alphabet: str, count: int) -> str:
-    return "".join(secrets.choice(alphabet) for _ in range(count))
 
 
 def new_credentials(label: str) -> dict:
@@ -295,32 +288,9 @@ def version_has(version: str, since: str) -> bool:
     return version >= since  # dated versions compare correctly as strings
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """HOST:PORT or [IPV6]:PORT -> (host, port)."""
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"{text!r}: expected [IPV6]:PORT")
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep or ":" in host:
-            raise ValueError(f"{text!r}: expected HOST:PORT or [IPV6]:PORT")
-    if not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"{text!r}: bad port")
-    return host, int(port)
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 # --------------------------------------------------------------------------------------------
 # State
 # --------------------------------------------------------------------------------------------
-
-class ValidationError(ValueError):
-    pass
-
 
 def validate_interfaces(interfaces) -> None:
     if not isinstance(interfaces, list):
@@ -355,12 +325,9 @@ def validate_state(state: dict) -> None:
     if state["role"] is not None and (not isinstance(state["role"], str) or not state["role"]
                                       or "/" in state["role"]):
         raise ValidationError("role must be a non-empty name without '/', or null")
-    if not isinstance(state["delay_ms"], (int, float)) or isinstance(state["delay_ms"], bool) \
-            or state["delay_ms"] < 0:
-        raise ValidationError("delay_ms must be a number >= 0")
-    for key in ("down", "extended"):
-        if not isinstance(state[key], bool):
-            raise ValidationError(f"{key} must be true or false")
+    check_runtime_keys(state)
+    if not isinstance(state["extended"], bool):
+        raise ValidationError("extended must be true or false")
     if state["user_data"] is not None and not isinstance(state["user_data"], str):
         raise ValidationError("user_data must be a string or null")
     for key in ("instance_profile", "instance_profile_id"):
@@ -375,18 +342,17 @@ def validate_state(state: dict) -> None:
             raise ValidationError(f"credentials.{name} must map field names to strings")
 
 
-class Emulator:
-    """All mutable state, behind one lock (requests are tiny, so contention does not matter).
+class Emulator(Backend):
+    """All mutable state, behind one lock (standin.Backend, with the request log).
 
     Tokens map to their monotonic expiry, so wall-clock jumps cannot extend or cut them."""
 
     def __init__(self, instance: dict, tokens: str):
-        self.lock = threading.Lock()
+        super().__init__()
         self.initial = copy.deepcopy(instance)
         self.initial.update(DEFAULT_RUNTIME, tokens=tokens)
         self.state: dict = {}
         self.issued_tokens: dict[str, float] = {}
-        self.requests: collections.deque = collections.deque(maxlen=REQUEST_LOG_SIZE)
         self.reset()
 
     def reset(self) -> None:
@@ -463,22 +429,6 @@ class Emulator:
             validate_state(candidate)
             self.state = candidate
         return self.snapshot()
-
-    def log_request(self, entry: dict) -> None:
-        with self.lock:
-            self.requests.append(entry)
-
-    def set_status(self, entry: dict, status) -> None:
-        with self.lock:
-            entry["status"] = status
-
-    def request_log(self) -> list:
-        with self.lock:
-            return copy.deepcopy(list(self.requests))
-
-    def clear_requests(self) -> None:
-        with self.lock:
-            self.requests.clear()
 
     def runtime(self) -> tuple[float, bool, str]:
         with self.lock:
@@ -769,38 +719,17 @@ def fail(status: int, headers: list[tuple[str, str]] | None = None) -> Response:
     return Response(status, error_page(status), "text/html", headers)
 
 
-class BaseHandler(http.server.BaseHTTPRequestHandler):
+class BaseHandler(standin.BaseHandler):
     """HTTP/1.1 with keep-alive and Content-Length on every response, so a pooling proxy can
     reuse connections (real IMDS is HTTP/1.0 + close, 🟡 reported from real instances, not in
     AWS docs; both must work through credlock).
-    HTTP/1.0 requests get "Connection: close" and the connection is closed."""
+    HTTP/1.0 requests get "Connection: close" and the connection is closed. IMDS clients never
+    speak HTTP/0.9 either (standin.BaseHandler always sends a status line and headers)."""
 
-    protocol_version = "HTTP/1.1"
-    # The stdlib treats a request line without a version as HTTP/0.9 and answers with a bare
-    # body; IMDS clients never speak 0.9, so always send a status line and headers.
-    default_request_version = "HTTP/1.0"
-    timeout = IDLE_CONNECTION_TIMEOUT
-    # Buffer the response and send it in one write, with Nagle off: headers and body written
-    # separately meet the peer's delayed ACK and cost ~40 ms per keep-alive request.
-    wbufsize = -1
-    disable_nagle_algorithm = True
-    emulator: Emulator  # set on the per-listener subclass
+    backend: Emulator  # set on the per-listener subclass
 
     def version_string(self) -> str:
         return SERVER_HEADER
-
-    def log_message(self, format, *args) -> None:  # quiet: tests read GET /requests instead
-        pass
-
-    def __getattr__(self, name: str):
-        # BaseHTTPRequestHandler looks up do_<METHOD> and answers 501 if it is missing; route
-        # every method (POST, DELETE, PATCH, OPTIONS, made-up ones) to one dispatcher instead.
-        if name.startswith("do_"):
-            return self.dispatch
-        raise AttributeError(name)
-
-    def dispatch(self) -> None:
-        raise NotImplementedError
 
     def discard_body(self) -> None:
         """Read and drop a request body so the next request on the connection parses cleanly.
@@ -808,19 +737,7 @@ class BaseHandler(http.server.BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             return
-        length = self.headers.get("Content-Length", "0").strip()
-        if not length.isdigit() or int(length) > MAX_DISCARDED_BODY:
-            self.close_connection = True
-            return
-        if int(length):
-            self.rfile.read(int(length))
-
-    def read_body(self) -> bytes:
-        length = self.headers.get("Content-Length", "0").strip()
-        if not length.isdigit() or int(length) > MAX_DISCARDED_BODY:
-            self.close_connection = True
-            return b""
-        return self.rfile.read(int(length)) if int(length) else b""
+        self.read_body()  # standin.BaseHandler: Content-Length, up to 1 MiB
 
     def send(self, response: Response) -> None:
         if self.request_version == "HTTP/1.0":
@@ -836,6 +753,10 @@ class BaseHandler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":  # HEAD: the headers of GET, no body
             self.wfile.write(response.body)
         self.wfile.flush()
+
+    @staticmethod
+    def json_response(status: int, body: bytes) -> Response:
+        return Response(status, body, "application/json")
 
     def send_error(self, code, message=None, explain=None) -> None:
         # Malformed requests (bad request line, oversized headers, ...): same HTML pages.
@@ -856,37 +777,11 @@ class ImdsHandler(BaseHandler):
 
     def dispatch(self) -> None:
         self.discard_body()
-        entry = {
-            "method": self.command,
-            "path": self.path,  # the raw request target, exactly as received
-            "version": self.request_version,
-            "headers": [[name, value] for name, value in self.headers.items()],
-            "client": list(self.client_address[:2]),
-            "listener": format_address(*self.server.server_address[:2]),
-            "status": None,
-            "time": time.time(),
-        }
-        self.emulator.log_request(entry)
-        delay_ms, _, _ = self.emulator.runtime()
-        if delay_ms:
-            time.sleep(delay_ms / 1000.0)
-        _, down, _ = self.emulator.runtime()  # as it is when the answer would go out
-        if down:
-            # Simulated outage: no status line at all, just a closed connection.
-            self.close_connection = True
-            self.emulator.set_status(entry, "dropped")
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        entry = self.record(self.path)  # the raw request target, exactly as received
+        if self.delay_or_drop(entry):
             return
-        try:
-            response = self.respond()
-        except Exception:  # an emulator bug: say so loudly rather than drop the connection
-            import traceback
-            traceback.print_exc()
-            response = fail(500)
-        self.emulator.set_status(entry, response.status)
+        response = self.respond_safely(self.respond, lambda: fail(500))
+        self.backend.set_status(entry, response.status)
         self.send(response)
 
     def respond(self) -> Response:
@@ -920,7 +815,7 @@ class ImdsHandler(BaseHandler):
             # error messages)
             return fail(400)
         ttl = int(ttl_text)
-        token = self.emulator.issue_token(ttl)
+        token = self.backend.issue_token(ttl)
         response = ok(token)
         # Rust's SDK requires it (smithy-rs aws-config src/imds/client/token.rs,
         # parse_token_response).
@@ -929,9 +824,9 @@ class ImdsHandler(BaseHandler):
 
     def respond_to_get(self) -> Response:
         token = self.headers.get(TOKEN_HEADER)
-        _, _, tokens_mode = self.emulator.runtime()
+        _, _, tokens_mode = self.backend.runtime()
         if token is not None:
-            if not self.emulator.token_valid(token.strip()):
+            if not self.backend.token_valid(token.strip()):
                 # Invalid or expired token (EC2 UG "Retrieve instance metadata", Responses and
                 # error messages).
                 return fail(401)
@@ -953,7 +848,7 @@ class ImdsHandler(BaseHandler):
         if rest[:2] == ["api", "token"]:
             # ❓ GET/HEAD of the token path: only PUT is allowed there.
             return fail(405, [("Allow", "PUT")])
-        node = self.emulator.tree(version, delivery)
+        node = self.backend.tree(version, delivery)
         for segment in rest:
             if not isinstance(node, dict) or segment not in node:
                 return fail(404)
@@ -972,73 +867,25 @@ class ImdsHandler(BaseHandler):
         return ok(node)
 
 
-class ControlHandler(BaseHandler):
+class ControlHandler(standin.ControlAPI, BaseHandler):
     """The JSON control API (module docstring). Separate socket, so the IMDS listeners never
     expose it and tests can steer the emulator while a proxy sits in front of it."""
 
-    def dispatch(self) -> None:
-        body = self.read_body()
-        route = (self.command, urllib.parse.urlsplit(self.path).path.rstrip("/") or "/")
-        try:
-            if route == ("GET", "/state"):
-                result = self.emulator.snapshot()
-            elif route == ("POST", "/state"):
-                try:
-                    patch = json.loads(body or b"{}")
-                except json.JSONDecodeError as err:
-                    raise ValidationError(f"invalid JSON: {err}") from None
-                result = self.emulator.merge(patch)
-            elif route == ("POST", "/rotate"):
-                self.emulator.rotate()
-                result = self.emulator.snapshot()
-            elif route == ("GET", "/requests"):
-                result = self.emulator.request_log()
-            elif route == ("POST", "/requests/clear"):
-                self.emulator.clear_requests()
-                result = {"cleared": True}
-            elif route == ("POST", "/tokens/clear"):
-                self.emulator.clear_tokens()
-                result = {"cleared": True}
-            elif route == ("POST", "/reset"):
-                self.emulator.reset()
-                result = self.emulator.snapshot()
-            else:
-                self.send_json(404, {"error": f"no route {route[0]} {route[1]}"})
-                return
-        except ValidationError as err:
-            self.send_json(400, {"error": str(err)})
-            return
-        self.send_json(200, result)
+    json_body_checked_first = False  # only POST /state reads the body
 
-    def send_json(self, status: int, document) -> None:
-        self.send(Response(status, json.dumps(document, indent=2).encode(), "application/json"))
+    def route(self, method: str, path: str):
+        if (method, path) == ("POST", "/rotate"):
+            self.backend.rotate()
+            return self.backend.snapshot()
+        if (method, path) == ("POST", "/tokens/clear"):
+            self.backend.clear_tokens()
+            return {"cleared": True}
+        return super().route(method, path)
 
 
 # --------------------------------------------------------------------------------------------
-# Servers and main
+# Main
 # --------------------------------------------------------------------------------------------
-
-class Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True  # a sleeping (delay_ms) handler must not block shutdown
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6:
-            # [::]:80 must not also grab 0.0.0.0:80.
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        socketserver.TCPServer.server_bind(self)  # skip HTTPServer's getfqdn() (can be slow)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = host, port
-
-
-def make_server(address: str, handler: type, emulator: Emulator) -> Server:
-    host, port = parse_address(address)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server_class = type("Server", (Server,), {"address_family": family})
-    handler_class = type(handler.__name__, (handler,), {"emulator": emulator})
-    return server_class((host, port), handler_class)
-
 
 def load_instance(path: str | None) -> dict:
     instance = copy.deepcopy(DEFAULT_INSTANCE)
@@ -1060,14 +907,12 @@ def load_instance(path: str | None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Faithful local EC2 IMDS emulator (see the module docstring).")
-    parser.add_argument("--listen", action="append", metavar="ADDR",
-                        help="IMDS listener, HOST:PORT or [IPV6]:PORT; repeatable "
-                             "(default 127.0.0.1:0)")
+    standin.add_listen_argument(parser, "IMDS")
     parser.add_argument("--tokens", choices=("optional", "required"), default="optional",
                         help="HttpTokens: whether IMDSv1 (tokenless) requests are allowed")
     parser.add_argument("--instance", metavar="FILE.json",
                         help="JSON object overriding the default instance (see DEFAULT_INSTANCE)")
-    parser.add_argument("--control", metavar="ADDR", help="control API listener, HOST:PORT")
+    standin.add_control_argument(parser)
     args = parser.parse_args(argv)
 
     try:
@@ -1078,34 +923,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--instance: {err}")
     emulator = Emulator(instance, args.tokens)
 
-    servers = []
-    try:
-        for address in args.listen or ["127.0.0.1:0"]:
-            servers.append(("listening", make_server(address, ImdsHandler, emulator)))
-        if args.control:
-            servers.append(("control", make_server(args.control, ControlHandler, emulator)))
-    except ValueError as err:
-        parser.error(str(err))
-    except OSError as err:
-        print(f"imds_emulator: cannot bind: {err}", file=sys.stderr, flush=True)
-        return 1
-
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    threads = []
-    for label, server in servers:
-        print(f"{label} {format_address(*server.server_address[:2])}", flush=True)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                                  daemon=True)
-        thread.start()
-        threads.append(thread)
-    while not stop.wait(1.0):
-        pass
-    for _, server in servers:
-        server.shutdown()
-        server.server_close()
-    return 0
+    # ":PORT" (all interfaces) has always been accepted here.
+    return standin.serve(parser, args, "imds_emulator", ImdsHandler, ControlHandler, emulator,
+                         allow_empty_host=True)
 
 
 if __name__ == "__main__":

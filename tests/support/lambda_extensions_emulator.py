@@ -2,7 +2,8 @@
 """A faithful local stand-in for the AWS Lambda Extensions API (version 2020-01-01), the API an
 external extension such as credlock's layer talks to inside a Lambda execution environment.
 
-Standard library only (Python 3.11). Same CLI shape and control conventions as imds_emulator.py:
+Standard library only (Python 3.11). Same CLI shape and control conventions as imds_emulator.py
+(standin.py holds them):
 
     python3 lambda_extensions_emulator.py --listen 127.0.0.1:0 [--control 127.0.0.1:0]
         [--extension NAME ...] [--function-name NAME] [--region REGION]
@@ -154,25 +155,23 @@ Control API (JSON, only on the --control listener):
 from __future__ import annotations
 
 import argparse
-import base64
 import collections
 import copy
 import datetime
-import http.server
 import json
 import secrets
-import signal
-import socket
-import socketserver
-import string
 import sys
 import threading
 import time
 import urllib.parse
 import uuid
 
+import standin
+from standin import (RAW_MARKERS, Backend, Response, ValidationError,  # noqa: F401
+                     check_keys, check_runtime_keys, format_address, go_http_error, go_json,
+                     json_kind, raw_secrets)
+
 RAW_ACCESS_KEY_PREFIX = "ASIARAWL"
-RAW_MARKERS = ("ASIARAW", "RAWSECRET", "RAWTOKEN")
 
 API_PREFIX = "/2020-01-01"  # [router] version20200101
 REGISTER_PATH = API_PREFIX + "/extension/register"
@@ -228,37 +227,17 @@ RUNTIME_ONLY_VARIABLES = (
     "_AWS_XRAY_DAEMON_ADDRESS", "_AWS_XRAY_DAEMON_PORT", "_HANDLER",
 )
 
-REQUEST_LOG_SIZE = 1000
 MAX_BODY = 6 << 20
 LOGGED_BODY = 4096
 IDLE_CONNECTION_TIMEOUT = 600.0  # Next blocks for as long as the environment is idle
 
 
 # --------------------------------------------------------------------------------------------
-# Helpers (each stand-in is self-contained on purpose)
+# Helpers (the ones every stand-in shares, and Go's answers, are in standin.py)
 # --------------------------------------------------------------------------------------------
 
-def random_chars(alphabet: str, count: int) -> str:
-    return "".join(secrets.choice(alphabet) for _ in range(count))
-
-
 def raw_credentials() -> dict:
-    upper_digits = string.ascii_uppercase + string.digits
-    secret_alphabet = string.ascii_letters + string.digits + "+/"
-    prefix = RAW_ACCESS_KEY_PREFIX
-    return {
-        "AccessKeyId": prefix + random_chars(upper_digits, 20 - len(prefix)),
-        "SecretAccessKey": "RAWSECRET" + random_chars(secret_alphabet, 31),
-        "Token": "RAWTOKEN" + base64.b64encode(secrets.token_bytes(216)).decode(),
-    }
-
-
-def go_json(document) -> str:
-    text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
-    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
-                          ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
-        text = text.replace(char, escaped)
-    return text
+    return raw_secrets(RAW_ACCESS_KEY_PREFIX)
 
 
 def epoch_ms() -> int:
@@ -296,35 +275,11 @@ def go_parse_uuid(text: str) -> str | None:
     return str(uuid.UUID(hex=digits))
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"{text!r}: expected [IPV6]:PORT")
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep or ":" in host or not host:
-            raise ValueError(f"{text!r}: expected HOST:PORT or [IPV6]:PORT")
-    if not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"{text!r}: bad port")
-    return host, int(port)
+class Conflict(standin.ControlError):
+    """A control request the environment's state does not allow now: 409."""
 
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class ValidationError(ValueError):
-    pass
-
-
-class Conflict(Exception):
-    pass
-
-
-class Response:
-    def __init__(self, status: int, body: bytes = b"", headers: list[tuple[str, str]] | None = None):
-        self.status, self.body, self.headers = status, body, headers or []
+    def __init__(self, message: str):
+        super().__init__(409, message)
 
 
 def api_error(status: int, error_type: str, message: str) -> Response:
@@ -344,23 +299,6 @@ def internal_error() -> Response:
 def accepted() -> Response:
     return Response(202, (go_json({"status": "OK"}) + "\n").encode(),
                     [("Content-Type", "application/json")])
-
-
-def go_http_error(status: int, message: str) -> Response:
-    return Response(status, (message + "\n").encode(), [
-        ("Content-Type", "text/plain; charset=utf-8"), ("X-Content-Type-Options", "nosniff")])
-
-
-def json_kind(value) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
 
 
 def parse_register_body(body: bytes) -> list[str]:
@@ -412,18 +350,17 @@ def parse_register_body(body: bytes) -> list[str]:
 # State
 # --------------------------------------------------------------------------------------------
 
-class Environment:
+class Environment(Backend):
     """The execution environment: function, raw credentials, extensions and their lifecycle.
     One Condition guards everything; blocked Next calls wait on it."""
 
     def __init__(self, function: dict, external: list[str]):
-        self.lock = threading.Lock()
+        super().__init__()
         self.cond = threading.Condition(self.lock)
         self.initial_function = dict(function)
         self.initial_external = list(external)
         self.runtime_api = ""
         self.generation = 0
-        self.requests: collections.deque = collections.deque(maxlen=REQUEST_LOG_SIZE)
         self.reset()
 
     def reset(self) -> None:
@@ -480,12 +417,8 @@ class Environment:
             }
 
     def merge(self, patch) -> dict:
-        if not isinstance(patch, dict):
-            raise ValidationError("body must be a JSON object")
-        allowed = {"function", "credentials", "delay_ms", "down", "external_extensions"}
-        if set(patch) - allowed:
-            raise ValidationError(f"unknown keys {sorted(set(patch) - allowed)}; allowed: "
-                                  f"{sorted(allowed)}")
+        check_keys(patch, {"function", "credentials", "delay_ms", "down", "external_extensions"},
+                   list_allowed=True)
         function = patch.get("function", {})
         if not isinstance(function, dict) or set(function) - set(DEFAULT_FUNCTION):
             raise ValidationError(f"function keys must be among {sorted(DEFAULT_FUNCTION)}")
@@ -501,12 +434,7 @@ class Environment:
                 isinstance(v, str) and v for v in credentials.values()):
             raise ValidationError("credentials maps AccessKeyId, SecretAccessKey, Token to "
                                   "non-empty strings")
-        if "delay_ms" in patch:
-            delay = patch["delay_ms"]
-            if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0:
-                raise ValidationError("delay_ms must be a number >= 0")
-        if "down" in patch and not isinstance(patch["down"], bool):
-            raise ValidationError("down must be true or false")
+        check_runtime_keys(patch)
         external = patch.get("external_extensions")
         if "external_extensions" in patch and (not isinstance(external, list) or not all(
                 isinstance(n, str) and n for n in external) or len(set(external)) != len(external)
@@ -569,12 +497,8 @@ class Environment:
             e["state"] == "Ready" and e["waiting"] and not self.queues[e["id"]])]
 
     def invoke(self, spec) -> dict:
-        if not isinstance(spec, dict):
-            raise ValidationError("body must be a JSON object")
-        allowed = {"requestId", "invokedFunctionArn", "deadlineMs", "tracing", "wait_s",
-                   "wait_done"}
-        if set(spec) - allowed:
-            raise ValidationError(f"unknown keys {sorted(set(spec) - allowed)}")
+        check_keys(spec, {"requestId", "invokedFunctionArn", "deadlineMs", "tracing", "wait_s",
+                          "wait_done"})
         for key in ("requestId", "invokedFunctionArn"):
             if key in spec and not isinstance(spec[key], str):
                 raise ValidationError(f"{key} must be a string")
@@ -785,155 +709,24 @@ class Environment:
             self.cond.notify_all()
             return accepted()
 
-    def runtime(self) -> tuple[float, bool]:
-        with self.cond:
-            return self.delay_ms, self.down
-
-    def log_request(self, entry: dict) -> None:
-        with self.cond:
-            self.requests.append(entry)
-
-    def set_status(self, entry: dict, status) -> None:
-        with self.cond:
-            entry["status"] = status
-
-    def request_log(self) -> list:
-        with self.cond:
-            return copy.deepcopy(list(self.requests))
-
-    def clear_requests(self) -> None:
-        with self.cond:
-            self.requests.clear()
-
 
 # --------------------------------------------------------------------------------------------
 # HTTP
 # --------------------------------------------------------------------------------------------
 
-class BaseHandler(http.server.BaseHTTPRequestHandler):
-    """HTTP/1.1 keep-alive like Go's net/http: Date and Content-Length, no Server header."""
+class Handler(standin.GoHandler):
+    """Go's net/http framing (standin.GoHandler), with Lambda's limits."""
 
-    protocol_version = "HTTP/1.1"
-    default_request_version = "HTTP/1.0"
     timeout = IDLE_CONNECTION_TIMEOUT
-    wbufsize = -1
-    disable_nagle_algorithm = True
-    env: Environment
-
-    def log_message(self, format, *args) -> None:
-        pass
-
-    def __getattr__(self, name: str):
-        if name.startswith("do_"):
-            return self.dispatch
-        raise AttributeError(name)
-
-    def send_response(self, code, message=None) -> None:
-        self.log_request(code)
-        self.send_response_only(code, message)
-        self.send_header("Date", self.date_time_string())
-
-    def read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline().strip():
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = self.headers.get("Content-Length", "0").strip()
-        if not length.isdigit() or int(length) > MAX_BODY:
-            self.close_connection = True
-            return b""
-        return self.rfile.read(int(length)) if int(length) else b""
-
-    def send(self, response: Response) -> None:
-        if self.request_version == "HTTP/1.0":
-            self.close_connection = True
-        self.send_response(response.status)
-        for name, value in response.headers:
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(response.body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(response.body)
-        self.wfile.flush()
-
-    def send_error(self, code, message=None, explain=None) -> None:
-        self.send_go_bad_request("")
-
-    def send_go_bad_request(self, reason: str) -> None:
-        self.close_connection = True
-        body = ("400 Bad Request" + (": " + reason if reason else "")).encode()
-        self.send_response_only(400)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-        self.wfile.flush()
-
-    def raw_target(self) -> str:
-        """The request target as sent: http.server rewrites a leading "//" in self.path."""
-        words = self.requestline.split()
-        return words[1] if len(words) == 3 else self.path
-
-    def host_problem(self) -> str | None:
-        hosts = self.headers.get_all("Host") or []
-        if len(hosts) > 1:
-            return "too many Host headers"
-        if not hosts and self.request_version == "HTTP/1.1":
-            return "missing required Host header"
-        return None
+    max_body = MAX_BODY
+    backend: Environment
 
 
-class ApiHandler(BaseHandler):
-    def dispatch(self) -> None:
-        body = self.read_body()
-        entry = {
-            "method": self.command,
-            "path": self.raw_target(),
-            "version": self.request_version,
-            "headers": [[name, value] for name, value in self.headers.items()],
-            "body": body[:LOGGED_BODY].decode("utf-8", "replace"),
-            "client": list(self.client_address[:2]),
-            "listener": format_address(*self.server.server_address[:2]),
-            "status": None,
-            "time": time.time(),
-        }
-        self.env.log_request(entry)
-        problem = self.host_problem()
-        if problem:
-            self.env.set_status(entry, 400)
-            self.send_go_bad_request(problem)
-            return
-        delay_ms, _ = self.env.runtime()
-        if delay_ms:
-            time.sleep(delay_ms / 1000.0)
-        _, down = self.env.runtime()
-        if down:
-            self.close_connection = True
-            self.env.set_status(entry, "dropped")
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            return
-        try:
-            response = self.respond(body)
-        except Exception:
-            import traceback
-            traceback.print_exc()
-            response = internal_error()
-        self.env.set_status(entry, response.status)
-        try:
-            self.send(response)
-        except OSError:
-            self.close_connection = True  # the extension went away while Next was blocked
+class ApiHandler(Handler):
+    internal_error = staticmethod(internal_error)
+
+    def record_body(self, body: bytes) -> dict:
+        return {"body": body[:LOGGED_BODY].decode("utf-8", "replace")}
 
     def respond(self, body: bytes) -> Response:
         target = self.raw_target()
@@ -955,12 +748,12 @@ class ApiHandler(BaseHandler):
         if ext_id is None:
             return forbidden(ERR_ID_INVALID, "Invalid Lambda-Extension-Identifier")
         if path == NEXT_PATH:
-            return self.env.next_event(ext_id)
+            return self.backend.next_event(ext_id)
         error_type = self.headers.get(ERROR_TYPE_HEADER, "").strip()
         if not error_type:
             return forbidden(ERR_MISSING_HEADER, f"{ERROR_TYPE_HEADER} not found")
         kind = "init" if path == INIT_ERROR_PATH else "exit"
-        return self.env.report_error(ext_id, kind, error_type, body)
+        return self.backend.report_error(ext_id, kind, error_type, body)
 
     def register(self, body: bytes) -> Response:
         name = self.headers.get(NAME_HEADER, "").strip()
@@ -971,88 +764,32 @@ class ApiHandler(BaseHandler):
             events = parse_register_body(body)
         except ValidationError as err:
             return forbidden(ERR_REQUEST_FORMAT, str(err))
-        return self.env.register(name, events, "accountId" in features)
+        return self.backend.register(name, events, "accountId" in features)
 
 
-class ControlHandler(BaseHandler):
-    def dispatch(self) -> None:
-        body = self.read_body()
-        split = urllib.parse.urlsplit(self.path)
-        route = (self.command, split.path.rstrip("/") or "/")
-        try:
-            try:
-                payload = json.loads(body) if body.strip() else {}
-            except json.JSONDecodeError as err:
-                raise ValidationError(f"invalid JSON: {err}") from None
-            if route == ("GET", "/state"):
-                result = self.env.snapshot()
-            elif route == ("POST", "/state"):
-                result = self.env.merge(payload)
-            elif route == ("GET", "/environment"):
-                target = urllib.parse.parse_qs(split.query).get("for", ["function"])[0]
-                if target not in ("function", "extension"):
-                    raise ValidationError("for must be function or extension")
-                result = self.env.environment(target == "extension")
-            elif route == ("POST", "/invoke"):
-                result = self.env.invoke(payload)
-            elif route == ("POST", "/shutdown"):
-                result = self.env.shutdown(payload)
-            elif route == ("GET", "/requests"):
-                result = self.env.request_log()
-            elif route == ("POST", "/requests/clear"):
-                self.env.clear_requests()
-                result = {"cleared": True}
-            elif route == ("POST", "/reset"):
-                self.env.reset()
-                result = self.env.snapshot()
-            else:
-                self.send_json(404, {"error": f"no route {route[0]} {route[1]}"})
-                return
-        except ValidationError as err:
-            self.send_json(400, {"error": str(err)})
-            return
-        except Conflict as err:
-            self.send_json(409, {"error": str(err)})
-            return
-        self.send_json(200, result)
-
-    def send_json(self, status: int, document) -> None:
-        self.send(Response(status, json.dumps(document, indent=2).encode(),
-                           [("Content-Type", "application/json")]))
+class ControlHandler(standin.ControlAPI, Handler):
+    def route(self, method: str, path: str):
+        if (method, path) == ("GET", "/environment"):
+            target = urllib.parse.parse_qs(self.query).get("for", ["function"])[0]
+            if target not in ("function", "extension"):
+                raise ValidationError("for must be function or extension")
+            return self.backend.environment(target == "extension")
+        if (method, path) == ("POST", "/invoke"):
+            return self.backend.invoke(self.payload())
+        if (method, path) == ("POST", "/shutdown"):
+            return self.backend.shutdown(self.payload())
+        return super().route(method, path)
 
 
 # --------------------------------------------------------------------------------------------
-# Servers and main
+# Main
 # --------------------------------------------------------------------------------------------
-
-class Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = host, port
-
-
-def make_server(address: str, handler: type, env: Environment) -> Server:
-    host, port = parse_address(address)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server_class = type("Server", (Server,), {"address_family": family})
-    handler_class = type(handler.__name__, (handler,), {"env": env})
-    return server_class((host, port), handler_class)
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Local stand-in for the Lambda Extensions API (see the module docstring).")
-    parser.add_argument("--listen", action="append", metavar="ADDR",
-                        help="API listener, HOST:PORT or [IPV6]:PORT; repeatable; the first is "
-                             "AWS_LAMBDA_RUNTIME_API (default 127.0.0.1:0)")
-    parser.add_argument("--control", metavar="ADDR", help="control API listener, HOST:PORT")
+    standin.add_listen_argument(parser, "API", "; the first is AWS_LAMBDA_RUNTIME_API")
+    standin.add_control_argument(parser)
     parser.add_argument("--extension", action="append", metavar="NAME",
                         help="file name of an external extension in /opt/extensions; "
                              "repeatable (default: credlock)")
@@ -1064,31 +801,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--extension: distinct non-empty names, at most {MAX_EXTENSIONS}")
     function = dict(DEFAULT_FUNCTION, function_name=args.function_name, region=args.region)
     env = Environment(function, external)
-    servers = []
-    try:
-        for address in args.listen or ["127.0.0.1:0"]:
-            servers.append(("listening", make_server(address, ApiHandler, env)))
-        if args.control:
-            servers.append(("control", make_server(args.control, ControlHandler, env)))
-    except ValueError as err:
-        parser.error(str(err))
-    except OSError as err:
-        print(f"lambda_extensions_emulator: cannot bind: {err}", file=sys.stderr, flush=True)
-        return 1
-    env.runtime_api = format_address(*servers[0][1].server_address[:2])
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    for label, server in servers:
-        print(f"{label} {format_address(*server.server_address[:2])}", flush=True)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                         daemon=True).start()
-    while not stop.wait(1.0):
-        pass
-    for _, server in servers:
-        server.shutdown()
-        server.server_close()
-    return 0
+
+    def set_runtime_api(servers: list[standin.Server]) -> None:
+        env.runtime_api = format_address(*servers[0].server_address[:2])
+
+    return standin.serve(parser, args, "lambda_extensions_emulator", ApiHandler, ControlHandler,
+                         env, on_bound=set_runtime_api)
 
 
 if __name__ == "__main__":

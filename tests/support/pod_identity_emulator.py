@@ -3,7 +3,8 @@
 169.254.170.23 / [fd00:ec2::23], port 80) together with the EKS Auth AssumeRoleForPodIdentity
 call behind it, for credlock's Pod Identity tests.
 
-Standard library only (Python 3.11). Same CLI shape and control conventions as imds_emulator.py:
+Standard library only (Python 3.11). Same CLI shape and control conventions as imds_emulator.py
+(standin.py holds them):
 
     python3 pod_identity_emulator.py --listen 127.0.0.1:0 [--listen [::1]:0]
         [--control 127.0.0.1:0] [--cluster-name NAME] [--target-host HOST ...]
@@ -111,25 +112,23 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import collections
 import copy
 import datetime
-import http.server
 import json
 import re
 import secrets
-import signal
-import socket
-import socketserver
 import string
 import sys
-import threading
 import time
 import urllib.parse
 import uuid
 
+import standin
+from standin import (RAW_MARKERS, Backend, Response, TokenBucket, ValidationError,  # noqa: F401
+                     check_keys, check_runtime_keys, format_address, go_http_error, go_json,
+                     json_kind, random_chars, raw_secrets)
+
 RAW_ACCESS_KEY_PREFIX = "ASIARAWP"
-RAW_MARKERS = ("ASIARAW", "RAWSECRET", "RAWTOKEN")
 
 ACCOUNT_ID = "123456789012"
 DEFAULT_ROLE_ARN = f"arn:aws:iam::{ACCOUNT_ID}:role/credlock-pod-role"
@@ -176,18 +175,10 @@ DEFAULT_UNKNOWN_TOKEN_ERROR = {"code": "InvalidTokenException"}
 KNOWN_ALGS = {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512",
               "PS256", "PS384", "PS512", "EdDSA", "none"}
 
-REQUEST_LOG_SIZE = 1000
-MAX_BODY = 1 << 20
-IDLE_CONNECTION_TIMEOUT = 60.0
-
 
 # --------------------------------------------------------------------------------------------
-# Helpers (each stand-in is self-contained on purpose)
+# Helpers (the ones every stand-in shares, and Go's answers, are in standin.py)
 # --------------------------------------------------------------------------------------------
-
-def random_chars(alphabet: str, count: int) -> str:
-    return "".join(secrets.choice(alphabet) for _ in range(count))
-
 
 def rfc3339_nano(epoch: float) -> str:
     """Go's time.Format(time.RFC3339Nano) of a UTC time: fraction without trailing zeros."""
@@ -199,16 +190,8 @@ def rfc3339_nano(epoch: float) -> str:
 
 
 def raw_credentials(lifetime_s: int, account_id: str) -> dict:
-    upper_digits = string.ascii_uppercase + string.digits
-    secret_alphabet = string.ascii_letters + string.digits + "+/"
-    prefix = RAW_ACCESS_KEY_PREFIX
-    return {
-        "AccessKeyId": prefix + random_chars(upper_digits, 20 - len(prefix)),
-        "SecretAccessKey": "RAWSECRET" + random_chars(secret_alphabet, 31),
-        "Token": "RAWTOKEN" + base64.b64encode(secrets.token_bytes(216)).decode(),
-        "AccountId": account_id,
-        "Expiration": rfc3339_nano(int(time.time()) + lifetime_s),
-    }
+    return {**raw_secrets(RAW_ACCESS_KEY_PREFIX), "AccountId": account_id,
+            "Expiration": rfc3339_nano(int(time.time()) + lifetime_s)}
 
 
 def b64url(data: bytes) -> str:
@@ -241,56 +224,6 @@ def mint_jwt(namespace: str, service_account: str, pod_name: str, pod_uid: str,
                      b64url(secrets.token_bytes(256))])
 
 
-def go_json(document) -> str:
-    text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
-    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
-                          ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
-        text = text.replace(char, escaped)
-    return text
-
-
-def go_clean_path(path: str) -> str:
-    """net/http cleanPath: Go's path.Clean, rooted, keeping a trailing slash."""
-    if not path:
-        return "/"
-    if not path.startswith("/"):
-        path = "/" + path
-    parts: list[str] = []
-    for segment in path.split("/"):
-        if segment in ("", "."):
-            continue
-        if segment == "..":
-            if parts:
-                parts.pop()
-            continue
-        parts.append(segment)
-    cleaned = "/" + "/".join(parts)
-    if path.endswith("/") and cleaned != "/":
-        cleaned += "/"
-    return cleaned
-
-
-BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"{text!r}: expected [IPV6]:PORT")
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep or ":" in host or not host:
-            raise ValueError(f"{text!r}: expected HOST:PORT or [IPV6]:PORT")
-    if not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"{text!r}: bad port")
-    return host, int(port)
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def go_split_host_port(hostport: str) -> str | None:
     """net.SplitHostPort's host, or None where Go returns an error."""
     if hostport.startswith("["):
@@ -302,39 +235,6 @@ def go_split_host_port(hostport: str) -> str | None:
     if not sep or ":" in host:
         return None
     return host
-
-
-class ValidationError(ValueError):
-    pass
-
-
-class TokenBucket:
-    """golang.org/x/time/rate.Limiter.Allow."""
-
-    def __init__(self, rate: float, burst: int):
-        self.rate, self.burst = rate, burst
-        self.tokens = float(burst)
-        self.last = time.monotonic()
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(float(self.burst), self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
-class Response:
-    def __init__(self, status: int, body: bytes = b"", headers: list[tuple[str, str]] | None = None):
-        self.status, self.body, self.headers = status, body, headers or []
-
-
-def go_http_error(status: int, message: str) -> Response:
-    """net/http.Error: text/plain; charset=utf-8, nosniff, the message plus a newline."""
-    return Response(status, (message + "\n").encode(), [
-        ("Content-Type", "text/plain; charset=utf-8"), ("X-Content-Type-Options", "nosniff")])
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,18 +270,6 @@ def go_json_error(data: bytes, err: Exception) -> str:
             return "unexpected end of JSON input"
         return f"invalid character {err.doc[err.pos]!r} looking for beginning of value"
     return str(err)
-
-
-def json_kind(value) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
 
 
 def decode_claims(data: bytes) -> dict:
@@ -476,12 +364,11 @@ def validate_error_spec(spec) -> None:
                               "\"message\"?: string}")
 
 
-class Agent:
+class Agent(Backend):
     def __init__(self, cluster_name: str, target_hosts: list[str]):
-        self.lock = threading.Lock()
+        super().__init__()
         self.cluster_name = cluster_name
         self.initial_target_hosts = list(target_hosts)
-        self.requests: collections.deque = collections.deque(maxlen=REQUEST_LOG_SIZE)
         self.reset()
 
     def reset(self) -> None:
@@ -508,18 +395,9 @@ class Agent:
             }
 
     def merge(self, patch) -> dict:
-        if not isinstance(patch, dict):
-            raise ValidationError("body must be a JSON object")
-        allowed = {"delay_ms", "down", "rate_limit", "target_hosts", "unknown_token_error"}
-        if set(patch) - allowed:
-            raise ValidationError(f"unknown keys {sorted(set(patch) - allowed)}; allowed: "
-                                  f"{sorted(allowed)}")
-        if "delay_ms" in patch:
-            delay = patch["delay_ms"]
-            if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0:
-                raise ValidationError("delay_ms must be a number >= 0")
-        if "down" in patch and not isinstance(patch["down"], bool):
-            raise ValidationError("down must be true or false")
+        check_keys(patch, {"delay_ms", "down", "rate_limit", "target_hosts",
+                           "unknown_token_error"}, list_allowed=True)
+        check_runtime_keys(patch)
         if "rate_limit" in patch and patch["rate_limit"] is not None:
             limit = patch["rate_limit"]
             if not isinstance(limit, dict) or set(limit) != {"rate", "burst"} or any(
@@ -539,12 +417,8 @@ class Agent:
         return self.snapshot()
 
     def register(self, spec) -> dict:
-        if not isinstance(spec, dict):
-            raise ValidationError("body must be a JSON object")
-        allowed = {"token", "namespace", "service_account", "pod_name", "pod_uid", "role_arn",
-                   "lifetime_s", "exp", "nbf", "document", "error"}
-        if set(spec) - allowed:
-            raise ValidationError(f"unknown keys {sorted(set(spec) - allowed)}")
+        check_keys(spec, {"token", "namespace", "service_account", "pod_name", "pod_uid",
+                          "role_arn", "lifetime_s", "exp", "nbf", "document", "error"})
         strings = {"namespace": "default", "service_account": "credlock-sa",
                    "pod_name": "credlock-pod-" + secrets.token_hex(3),
                    "pod_uid": str(uuid.uuid4()), "role_arn": DEFAULT_ROLE_ARN}
@@ -607,7 +481,7 @@ class Agent:
         with self.lock:
             entry = self.tokens.get(token) if isinstance(token, str) else None
             if entry is None:
-                raise KeyError(token)
+                raise standin.ControlError(404, "no such token")
             fresh = raw_credentials(entry["lifetime_s"], entry["account_id"])
             entry["document"] = {k: fresh[k] for k in DOCUMENT_KEYS}
             return copy.deepcopy(entry)
@@ -634,156 +508,14 @@ class Agent:
                     self.rate_limit["rate"], int(self.rate_limit["burst"]))
             return bucket.allow()
 
-    def runtime(self) -> tuple[float, bool]:
-        with self.lock:
-            return self.delay_ms, self.down
-
-    def log_request(self, entry: dict) -> None:
-        with self.lock:
-            self.requests.append(entry)
-
-    def set_status(self, entry: dict, status) -> None:
-        with self.lock:
-            entry["status"] = status
-
-    def request_log(self) -> list:
-        with self.lock:
-            return copy.deepcopy(list(self.requests))
-
-    def clear_requests(self) -> None:
-        with self.lock:
-            self.requests.clear()
-
 
 # --------------------------------------------------------------------------------------------
 # HTTP
 # --------------------------------------------------------------------------------------------
 
-class BaseHandler(http.server.BaseHTTPRequestHandler):
-    """HTTP/1.1 keep-alive like Go's net/http: Date and Content-Length, no Server header."""
-
-    protocol_version = "HTTP/1.1"
-    default_request_version = "HTTP/1.0"
-    timeout = IDLE_CONNECTION_TIMEOUT
-    wbufsize = -1
-    disable_nagle_algorithm = True
-    agent: Agent
-
-    def log_message(self, format, *args) -> None:
-        pass
-
-    def __getattr__(self, name: str):
-        if name.startswith("do_"):
-            return self.dispatch
-        raise AttributeError(name)
-
-    def send_response(self, code, message=None) -> None:
-        self.log_request(code)
-        self.send_response_only(code, message)
-        self.send_header("Date", self.date_time_string())
-
-    def read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline().strip():
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = self.headers.get("Content-Length", "0").strip()
-        if not length.isdigit() or int(length) > MAX_BODY:
-            self.close_connection = True
-            return b""
-        return self.rfile.read(int(length)) if int(length) else b""
-
-    def send(self, response: Response) -> None:
-        if self.request_version == "HTTP/1.0":
-            self.close_connection = True
-        self.send_response(response.status)
-        for name, value in response.headers:
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(response.body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(response.body)
-        self.wfile.flush()
-
-    def send_error(self, code, message=None, explain=None) -> None:
-        self.send_go_bad_request("")
-
-    def send_go_bad_request(self, reason: str) -> None:
-        self.close_connection = True
-        body = ("400 Bad Request" + (": " + reason if reason else "")).encode()
-        self.send_response_only(400)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-        self.wfile.flush()
-
-    def raw_target(self) -> str:
-        """The request target as sent: http.server rewrites a leading "//" in self.path."""
-        words = self.requestline.split()
-        return words[1] if len(words) == 3 else self.path
-
-    def host_problem(self) -> str | None:
-        hosts = self.headers.get_all("Host") or []
-        if len(hosts) > 1:
-            return "too many Host headers"
-        if not hosts and self.request_version == "HTTP/1.1":
-            return "missing required Host header"
-        return None
-
-
-class AgentHandler(BaseHandler):
-    def dispatch(self) -> None:
-        self.read_body()
-        listener = format_address(*self.server.server_address[:2])
-        entry = {
-            "method": self.command,
-            "path": self.raw_target(),
-            "version": self.request_version,
-            "headers": [[name, value] for name, value in self.headers.items()],
-            "client": list(self.client_address[:2]),
-            "listener": listener,
-            "status": None,
-            "time": time.time(),
-        }
-        self.agent.log_request(entry)
-        problem = self.host_problem()
-        if problem:
-            self.agent.set_status(entry, 400)
-            self.send_go_bad_request(problem)
-            return
-        delay_ms, _ = self.agent.runtime()
-        if delay_ms:
-            time.sleep(delay_ms / 1000.0)
-        _, down = self.agent.runtime()
-        if down:
-            self.close_connection = True
-            self.agent.set_status(entry, "dropped")
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            return
-        try:
-            response = self.respond(listener)
-        except Exception:
-            import traceback
-            traceback.print_exc()
-            response = go_http_error(500, "Internal Server Error")
-        if response is None:
-            self.agent.set_status(entry, 400)
-            self.send_go_bad_request("")
-            return
-        self.agent.set_status(entry, response.status)
-        self.send(response)
+class AgentHandler(standin.GoRouterHandler):
+    """Go's net/http framing and ServeMux's path handling (rule 1); the agent ignores request
+    bodies."""
 
     def request_host(self) -> str:
         """Go's Request.Host: the Host header, or the authority of an absolute target."""
@@ -791,31 +523,21 @@ class AgentHandler(BaseHandler):
             return urllib.parse.urlsplit(self.raw_target()).netloc
         return (self.headers.get("Host") or "").strip()
 
-    def respond(self, listener: str) -> Response | None:
-        target = self.raw_target()
-        if target.startswith(("http://", "https://")):
-            parts = urllib.parse.urlsplit(target)
-            raw_path, query, has_query = parts.path or "/", parts.query, "?" in target
-        else:
-            raw_path, sep, query = target.partition("?")
-            has_query = bool(sep)
-        if BAD_ESCAPE.search(raw_path):
-            return None
-        path = urllib.parse.unquote(raw_path)
-        cleaned = go_clean_path(path)
-        if cleaned != path:
-            # net/http ServeMux: 301 to the cleaned path, query kept; Go's body on GET only.
-            location = urllib.parse.quote(cleaned, safe="/$&+,:;=@-._~") + (
-                "?" + query if has_query and query else "")
-            headers = [("Location", location)]
-            body = b""
-            if self.command in ("GET", "HEAD"):  # net/http.Redirect
-                headers.append(("Content-Type", "text/html; charset=utf-8"))
-                body = f'<a href="{location}">Moved Permanently</a>.\n\n'.encode()
-            return Response(301, body, headers)
+    def redirect(self, location: str, query: str, has_query: bool) -> Response:
+        # net/http ServeMux: 301 to the cleaned path, query kept; Go's body on GET only.
+        location += "?" + query if has_query and query else ""
+        headers = [("Location", location)]
+        body = b""
+        if self.command in ("GET", "HEAD"):  # net/http.Redirect
+            headers.append(("Content-Type", "text/html; charset=utf-8"))
+            body = f'<a href="{location}">Moved Permanently</a>.\n\n'.encode()
+        return Response(301, body, headers)
+
+    def serve_path(self, path: str, query: str) -> Response:
         if path != CREDENTIALS_PATH:
             return go_http_error(404, "404 page not found")
-        if not self.agent.rate_allowed(listener):
+        # One limiter per listener ([server]).
+        if not self.backend.rate_allowed(format_address(*self.server.server_address[:2])):
             return go_http_error(429, "Too Many Requests")
         return self.credentials()
 
@@ -827,7 +549,7 @@ class AgentHandler(BaseHandler):
             host = stripped
         if len(host) > 1 and host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
-        targets = self.agent.targets()
+        targets = self.backend.targets()
         if host not in targets:
             return go_http_error(403, "Access Denied. Called agent through invalid address, "
                                       f"please use either [{' '.join(targets)}] address not {host}")
@@ -838,7 +560,7 @@ class AgentHandler(BaseHandler):
         except TokenRejected as err:
             return go_http_error(400, str(err))
         # 7. EKS Auth AssumeRoleForPodIdentity (emulated)
-        entry, unknown_error = self.agent.lookup(token)
+        entry, unknown_error = self.backend.lookup(token)
         error = unknown_error if entry is None else entry["error"]
         if error is not None:
             status, fault = EKS_AUTH_ERRORS[error["code"]]
@@ -862,83 +584,26 @@ class AgentHandler(BaseHandler):
         return Response(200, body.encode(), [("Content-Type", "application/json")])
 
 
-class ControlHandler(BaseHandler):
-    def dispatch(self) -> None:
-        body = self.read_body()
-        route = (self.command, urllib.parse.urlsplit(self.path).path.rstrip("/") or "/")
-        try:
-            try:
-                payload = json.loads(body) if body.strip() else {}
-            except json.JSONDecodeError as err:
-                raise ValidationError(f"invalid JSON: {err}") from None
-            token = payload.get("token") if isinstance(payload, dict) else None
-            if route == ("GET", "/state"):
-                result = self.agent.snapshot()
-            elif route == ("POST", "/state"):
-                result = self.agent.merge(payload)
-            elif route == ("POST", "/tokens"):
-                result = self.agent.register(payload)
-            elif route == ("POST", "/tokens/rotate"):
-                try:
-                    result = self.agent.rotate(token)
-                except KeyError:
-                    self.send_json(404, {"error": "no such token"})
-                    return
-            elif route == ("POST", "/tokens/remove"):
-                result = {"removed": self.agent.remove(token)}
-            elif route == ("GET", "/requests"):
-                result = self.agent.request_log()
-            elif route == ("POST", "/requests/clear"):
-                self.agent.clear_requests()
-                result = {"cleared": True}
-            elif route == ("POST", "/reset"):
-                self.agent.reset()
-                result = self.agent.snapshot()
-            else:
-                self.send_json(404, {"error": f"no route {route[0]} {route[1]}"})
-                return
-        except ValidationError as err:
-            self.send_json(400, {"error": str(err)})
-            return
-        self.send_json(200, result)
-
-    def send_json(self, status: int, document) -> None:
-        self.send(Response(status, json.dumps(document, indent=2).encode(),
-                           [("Content-Type", "application/json")]))
+class ControlHandler(standin.ControlAPI, standin.GoHandler):
+    def route(self, method: str, path: str):
+        if (method, path) == ("POST", "/tokens"):
+            return self.backend.register(self.payload())
+        if (method, path) == ("POST", "/tokens/rotate"):
+            return self.backend.rotate(self.field("token"))
+        if (method, path) == ("POST", "/tokens/remove"):
+            return {"removed": self.backend.remove(self.field("token"))}
+        return super().route(method, path)
 
 
 # --------------------------------------------------------------------------------------------
-# Servers and main
+# Main
 # --------------------------------------------------------------------------------------------
-
-class Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = host, port
-
-
-def make_server(address: str, handler: type, agent: Agent) -> Server:
-    host, port = parse_address(address)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server_class = type("Server", (Server,), {"address_family": family})
-    handler_class = type(handler.__name__, (handler,), {"agent": agent})
-    return server_class((host, port), handler_class)
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Local stand-in for the EKS Pod Identity Agent (see the module docstring).")
-    parser.add_argument("--listen", action="append", metavar="ADDR",
-                        help="agent listener, HOST:PORT or [IPV6]:PORT; repeatable "
-                             "(default 127.0.0.1:0)")
-    parser.add_argument("--control", metavar="ADDR", help="control API listener, HOST:PORT")
+    standin.add_listen_argument(parser, "agent")
+    standin.add_control_argument(parser)
     parser.add_argument("--cluster-name", default=DEFAULT_CLUSTER,
                         help="the agent's --cluster-name (default %(default)s)")
     parser.add_argument("--target-host", action="append", metavar="HOST",
@@ -946,30 +611,8 @@ def main(argv: list[str] | None = None) -> int:
                              "fd00:ec2::23, as the real agent)")
     args = parser.parse_args(argv)
     agent = Agent(args.cluster_name, args.target_host or DEFAULT_TARGET_HOSTS)
-    servers = []
-    try:
-        for address in args.listen or ["127.0.0.1:0"]:
-            servers.append(("listening", make_server(address, AgentHandler, agent)))
-        if args.control:
-            servers.append(("control", make_server(args.control, ControlHandler, agent)))
-    except ValueError as err:
-        parser.error(str(err))
-    except OSError as err:
-        print(f"pod_identity_emulator: cannot bind: {err}", file=sys.stderr, flush=True)
-        return 1
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    for label, server in servers:
-        print(f"{label} {format_address(*server.server_address[:2])}", flush=True)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                         daemon=True).start()
-    while not stop.wait(1.0):
-        pass
-    for _, server in servers:
-        server.shutdown()
-        server.server_close()
-    return 0
+    return standin.serve(parser, args, "pod_identity_emulator", AgentHandler, ControlHandler,
+                         agent)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Tests of the ECS agent credential-endpoint stand-in: each rule its module docstring claims,
 with the AWS document or amazon-ecs-agent source file it comes from.
 
-The stand-in runs as a real subprocess on 127.0.0.1:0; requests go over real sockets with
-http.client. One shared stand-in serves most tests and is reset (POST /reset) before each one.
+The stand-in runs as a real subprocess, driven over real sockets (standin_testlib.py); one
+shared stand-in serves most tests and is reset before each one (conftest.py).
 
     .venv/bin/python -m pytest -q tests/support/test_ecs_agent_emulator.py
 """
@@ -12,115 +12,30 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import select
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-EMULATOR = HERE / "ecs_agent_emulator.py"
+from standin_testlib import (StandIn, assert_sigterm_and_sigint_exit_zero,
+                             ipv6_loopback_available, loopback_listeners, running)
+
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 KEYS = ["RoleArn", "AccessKeyId", "SecretAccessKey", "Token", "Expiration"]
 
 
-def ipv6_loopback_available() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-def parse(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-class Emulator:
-    def __init__(self, *args: str):
-        self.proc = subprocess.Popen([sys.executable, str(EMULATOR), *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines = []
-        expected = sum(1 for a in args if a in ("--listen", "--control")) or 1
-        if "--control" in args and "--listen" not in args:
-            expected += 1
-        deadline = time.monotonic() + 10
-        while len(self.lines) < expected:
-            ready, _, _ = select.select([self.proc.stdout], [], [],
-                                        max(deadline - time.monotonic(), 0))
-            if not ready:
-                self.stop()
-                raise AssertionError("stand-in did not start")
-            line = self.proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"stand-in exited; stderr: {self.proc.stderr.read()}")
-            self.lines.append(line.rstrip("\n"))
-        self.listeners = [parse(l.split(" ", 1)[1]) for l in self.lines if l.startswith("listening ")]
-        controls = [parse(l.split(" ", 1)[1]) for l in self.lines if l.startswith("control ")]
-        self.control_address = controls[0] if controls else None
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=5)
-        finally:
-            self.proc.stdout.close()
-            self.proc.stderr.close()
-
-    def request(self, method: str, path: str, headers: dict | None = None, body=None,
-                listener: int = 0):
-        host, port = self.listeners[listener]
-        conn = http.client.HTTPConnection(host, port, timeout=5)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return (response.status, {k.lower(): v for k, v in response.getheaders()},
-                    response.read())
-        finally:
-            conn.close()
+class Emulator(StandIn):
+    script = "ecs_agent_emulator.py"
 
     def get(self, path: str, **kwargs):
         return self.request("GET", path, **kwargs)
 
-    def control(self, method: str, path: str, body=None):
-        host, port = self.control_address
-        conn = http.client.HTTPConnection(host, port, timeout=5)
-        try:
-            data = json.dumps(body).encode() if body is not None else None
-            conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            return response.status, json.loads(response.read())
-        finally:
-            conn.close()
-
     def add(self, **spec) -> dict:
-        status, entry = self.control("POST", "/credentials", spec)
-        assert status == 200, entry
-        return entry
+        return self.control_ok("/credentials", spec)
 
 
 @pytest.fixture(scope="module")
 def emu():
-    args = ["--listen", "127.0.0.1:0"]
-    if ipv6_loopback_available():
-        args += ["--listen", "[::1]:0"]
-    emulator = Emulator(*args, "--control", "127.0.0.1:0")
-    yield emulator
-    assert emulator.stop() == 0
-
-
-@pytest.fixture(autouse=True)
-def fresh_state(request):
-    if "emu" in request.fixturenames:
-        assert request.getfixturevalue("emu").control("POST", "/reset")[0] == 200
-    yield
+    yield from running(Emulator, *loopback_listeners(), "--control", "127.0.0.1:0")
 
 
 def error_body(code: str, message: str, status: int) -> bytes:
@@ -139,19 +54,11 @@ def test_prints_listeners_then_control(emu):
 
 
 def test_sigterm_and_sigint_exit_zero():
-    emulator = Emulator("--listen", "127.0.0.1:0")
-    started = time.monotonic()
-    assert emulator.stop() == 0
-    assert time.monotonic() - started < 3
-    emulator = Emulator("--listen", "127.0.0.1:0")
-    emulator.proc.send_signal(signal.SIGINT)
-    assert emulator.stop() == 0
+    assert_sigterm_and_sigint_exit_zero(Emulator)
 
 
 def test_bad_listen_address_is_a_usage_error():
-    result = subprocess.run([sys.executable, str(EMULATOR), "--listen", "127.0.0.1"],
-                            capture_output=True, text=True, timeout=10)
-    assert result.returncode == 2
+    assert Emulator.run("--listen", "127.0.0.1").returncode == 2
 
 
 @pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback")
@@ -332,10 +239,7 @@ def test_percent_escapes_are_decoded_before_matching(emu):
 
 
 def test_missing_host_is_go_400(emu):
-    host, port = emu.listeners[0]
-    with socket.create_connection((host, port), timeout=5) as sock:
-        sock.sendall(b"GET /v2/credentials/x HTTP/1.1\r\n\r\n")
-        answer = sock.recv(4096)
+    answer = emu.raw(b"GET /v2/credentials/x HTTP/1.1\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400")
     assert answer.endswith(b"400 Bad Request: missing required Host header")
 
@@ -412,10 +316,7 @@ def test_down_closes_without_answer(emu):
     ("/pending", {"id": ""}),
 ])
 def test_invalid_control_requests_are_400_and_change_nothing(emu, path, patch):
-    before = emu.control("GET", "/state")[1]
-    status, body = emu.control("POST", path, patch)
-    assert status == 400 and "error" in body
-    assert emu.control("GET", "/state")[1] == before
+    emu.assert_refused_unchanged(path, patch)
 
 
 def test_reset_forgets_everything(emu):

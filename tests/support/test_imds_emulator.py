@@ -2,8 +2,8 @@
 follow. Citations name AWS documents; "EC2 UG" is the Amazon EC2 User Guide (pages and URLs are
 listed at the end of imds_emulator.py's module docstring).
 
-The emulator runs as a real subprocess on 127.0.0.1:0; requests go over real sockets with
-http.client. One shared emulator serves most tests and is reset (POST /reset) before each one.
+The emulator runs as a real subprocess, driven over real sockets (standin_testlib.py); one
+shared emulator serves most tests and is reset before each one (conftest.py).
 
     .venv/bin/python -m pytest -q tests/support/test_imds_emulator.py
 """
@@ -16,18 +16,15 @@ import http.client
 import json
 import os
 import re
-import select
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from standin_testlib import StandIn, ipv6_loopback_available, loopback_listeners, running
+
 HERE = Path(__file__).resolve().parent
-EMULATOR = HERE / "imds_emulator.py"
 INSTANCE_EXAMPLE = HERE / "instance-example.json"
 
 ROLE = "credlock-test-role"
@@ -39,63 +36,13 @@ TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 
 
 # ------------------------------------------------------------------------------------------
-# Harness
+# Harness (standin_testlib.py; conftest.py resets the shared emulator before each test)
 # ------------------------------------------------------------------------------------------
 
-def ipv6_loopback_available() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-class Emulator:
+class Emulator(StandIn):
     """A running emulator process and small clients for its listeners."""
 
-    def __init__(self, *args: str, python: str = sys.executable, **popen_kwargs):
-        self.proc = subprocess.Popen(
-            [python, str(EMULATOR), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs)
-        self.lines = []
-        expected = sum(1 for a in args if a in ("--listen", "--control")) or 1
-        deadline = time.monotonic() + 10
-        while len(self.lines) < expected:
-            remaining = deadline - time.monotonic()
-            ready, _, _ = select.select([self.proc.stdout], [], [], max(remaining, 0))
-            if not ready:
-                self.stop()
-                raise AssertionError(f"emulator did not start; stderr: {self.proc.stderr.read()}")
-            line = self.proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"emulator exited; stderr: {self.proc.stderr.read()}")
-            self.lines.append(line.rstrip("\n"))
-        self.imds = [parse(line.split(" ", 1)[1]) for line in self.lines
-                     if line.startswith("listening ")]
-        controls = [parse(line.split(" ", 1)[1]) for line in self.lines
-                    if line.startswith("control ")]
-        self.control_address = controls[0] if controls else None
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=5)
-        finally:
-            self.proc.stdout.close()
-            self.proc.stderr.close()
-
-    def request(self, method: str, path: str, headers: dict | None = None, body=None,
-                listener: int = 0):
-        host, port = self.imds[listener]
-        conn = http.client.HTTPConnection(host, port, timeout=5)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, dict_headers(response), response.read()
-        finally:
-            conn.close()
+    script = "imds_emulator.py"
 
     def get(self, path: str, token: str | None = None, **kwargs):
         headers = {TOKEN: token} if token is not None else {}
@@ -111,52 +58,10 @@ class Emulator:
         assert status == 200, body
         return body.decode()
 
-    def control(self, method: str, path: str, body=None):
-        host, port = self.control_address
-        conn = http.client.HTTPConnection(host, port, timeout=5)
-        try:
-            data = json.dumps(body).encode() if body is not None else None
-            conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            return response.status, json.loads(response.read())
-        finally:
-            conn.close()
-
-    def set_state(self, **patch) -> dict:
-        status, state = self.control("POST", "/state", patch)
-        assert status == 200, state
-        return state
-
-    def state(self) -> dict:
-        return self.control("GET", "/state")[1]
-
-
-def parse(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def dict_headers(response) -> dict:
-    """Header names lower-cased (HTTP header names are case-insensitive)."""
-    return {name.lower(): value for name, value in response.getheaders()}
-
 
 @pytest.fixture(scope="module")
 def emu():
-    args = ["--listen", "127.0.0.1:0"]
-    if ipv6_loopback_available():
-        args += ["--listen", "[::1]:0"]
-    emulator = Emulator(*args, "--control", "127.0.0.1:0")
-    yield emulator
-    assert emulator.stop() == 0
-
-
-@pytest.fixture(autouse=True)
-def fresh_state(request):
-    if "emu" in request.fixturenames:
-        emulator = request.getfixturevalue("emu")
-        assert emulator.control("POST", "/reset")[0] == 200
-    yield
+    yield from running(Emulator, *loopback_listeners(), "--control", "127.0.0.1:0")
 
 
 # ------------------------------------------------------------------------------------------
@@ -168,7 +73,7 @@ def test_prints_listeners_then_control_in_order(emu):
     assert emu.lines[-1].startswith("control 127.0.0.1:")
     assert all(re.fullmatch(r"listening (\d+\.\d+\.\d+\.\d+|\[[0-9a-f:]+\]):\d+", line)
                for line in emu.lines[:-1])
-    assert all(port > 0 for _, port in emu.imds)
+    assert all(port > 0 for _, port in emu.listeners)
 
 
 @pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback")
@@ -194,15 +99,13 @@ def test_sigint_exits_zero():
 def test_unknown_instance_key_is_a_usage_error(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"instanceid": "i-typo"}')
-    result = subprocess.run([sys.executable, str(EMULATOR), "--instance", str(bad)],
-                            capture_output=True, text=True, timeout=10)
+    result = Emulator.run("--instance", str(bad))
     assert result.returncode == 2
     assert "instanceid" in result.stderr
 
 
 def test_bad_listen_address_is_a_usage_error():
-    result = subprocess.run([sys.executable, str(EMULATOR), "--listen", "127.0.0.1"],
-                            capture_output=True, text=True, timeout=10)
+    result = Emulator.run("--listen", "127.0.0.1")
     assert result.returncode == 2
 
 
@@ -377,7 +280,7 @@ def test_403_page(emu):
 
 
 def test_keep_alive_reuses_one_connection(emu):
-    host, port = emu.imds[0]
+    host, port = emu.listeners[0]
     conn = http.client.HTTPConnection(host, port, timeout=5)
     try:
         conn.request("PUT", "/latest/api/token", body=b"ignored body", headers={TTL: "60"})
@@ -403,35 +306,23 @@ def test_keep_alive_reuses_one_connection(emu):
 
 
 def test_http10_client_gets_connection_close(emu):
-    host, port = emu.imds[0]
-    with socket.create_connection((host, port), timeout=5) as sock:
-        sock.sendall(b"GET /latest/meta-data/mac HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-        data = b""
-        while chunk := sock.recv(4096):  # ends only if the server closes
-            data += chunk
+    # Read until the server closes: it must.
+    data = emu.raw(b"GET /latest/meta-data/mac HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+                   until_closed=True)
     head, _, body = data.partition(b"\r\n\r\n")
     assert b"\r\nConnection: close" in head
     assert body == b"0e:11:22:33:44:55"
 
 
 def test_http11_connection_close_is_honoured(emu):
-    host, port = emu.imds[0]
-    with socket.create_connection((host, port), timeout=5) as sock:
-        sock.sendall(b"GET /latest/meta-data/mac HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = b""
-        while chunk := sock.recv(4096):
-            data += chunk
+    request = b"GET /latest/meta-data/mac HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    data = emu.raw(request, until_closed=True)
     assert data.startswith(b"HTTP/1.1 200 OK\r\n") and data.endswith(b"0e:11:22:33:44:55")
 
 
 @pytest.mark.parametrize("raw", [b"GARBAGE\r\n\r\n", b"GET /latest/meta-data/ HTTP/9.9\r\n\r\n"])
 def test_malformed_request_gets_an_error_and_close(emu, raw):
-    host, port = emu.imds[0]
-    with socket.create_connection((host, port), timeout=5) as sock:
-        sock.sendall(raw)
-        data = b""
-        while chunk := sock.recv(4096):
-            data += chunk
+    data = emu.raw(raw, until_closed=True)
     assert re.match(rb"HTTP/1\.[01] (400|505) ", data)
     assert b"Server: EC2ws" in data
 
@@ -773,7 +664,7 @@ def test_error_code_document(emu):
 
 def test_botocore_accepts_the_credentials(emu):
     botocore_utils = pytest.importorskip("botocore.utils")
-    host, port = emu.imds[0]
+    host, port = emu.listeners[0]
     fetcher = botocore_utils.InstanceMetadataFetcher(
         timeout=2, num_attempts=1, base_url=f"http://{host}:{port}/")
     creds = fetcher.retrieve_iam_role_credentials()
@@ -832,7 +723,7 @@ def test_request_log(emu):
 
 
 def test_request_log_keeps_the_last_1000(emu):
-    host, port = emu.imds[0]
+    host, port = emu.listeners[0]
     conn = http.client.HTTPConnection(host, port, timeout=5)
     try:
         for i in range(1005):
@@ -870,10 +761,7 @@ def test_down_closes_without_answer(emu):
     {"instance_id": "i-1"},
 ])
 def test_invalid_state_patch_is_400_and_changes_nothing(emu, patch):
-    before = emu.state()
-    status, body = emu.control("POST", "/state", patch)
-    assert status == 400 and "error" in body
-    assert emu.state() == before
+    emu.assert_refused_unchanged("/state", patch)
 
 
 def test_state_shows_what_is_served(emu):

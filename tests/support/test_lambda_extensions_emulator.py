@@ -1,9 +1,9 @@
 """Tests of the Lambda Extensions API stand-in: each rule its module docstring claims, with the
 AWS Lambda Developer Guide section or Runtime Interface Emulator source file it comes from.
 
-The stand-in runs as a real subprocess on 127.0.0.1:0; requests go over real sockets with
-http.client. Next blocks, so it runs in a worker thread while the test drives the control API.
-One shared stand-in serves most tests and is reset (POST /reset) before each one.
+The stand-in runs as a real subprocess, driven over real sockets (standin_testlib.py). Next
+blocks, so it runs in a worker thread while the test drives the control API. One shared stand-in
+serves most tests and is reset before each one (conftest.py).
 
     .venv/bin/python -m pytest -q tests/support/test_lambda_extensions_emulator.py
 """
@@ -14,19 +14,13 @@ import concurrent.futures
 import http.client
 import json
 import re
-import select
-import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-EMULATOR = HERE / "lambda_extensions_emulator.py"
+from standin_testlib import StandIn, assert_sigterm_and_sigint_exit_zero, running
+
 REGISTER = "/2020-01-01/extension/register"
 NEXT = "/2020-01-01/extension/event/next"
 INIT_ERROR = "/2020-01-01/extension/init/error"
@@ -37,56 +31,9 @@ BOTH = {"events": ["INVOKE", "SHUTDOWN"]}
 POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8)
 
 
-def parse(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-class Emulator:
-    def __init__(self, *args: str):
-        self.proc = subprocess.Popen([sys.executable, str(EMULATOR), *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines = []
-        expected = sum(1 for a in args if a in ("--listen", "--control")) or 1
-        if "--control" in args and "--listen" not in args:
-            expected += 1
-        deadline = time.monotonic() + 10
-        while len(self.lines) < expected:
-            ready, _, _ = select.select([self.proc.stdout], [], [],
-                                        max(deadline - time.monotonic(), 0))
-            if not ready:
-                self.stop()
-                raise AssertionError("stand-in did not start")
-            line = self.proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"stand-in exited; stderr: {self.proc.stderr.read()}")
-            self.lines.append(line.rstrip("\n"))
-        self.listeners = [parse(l.split(" ", 1)[1]) for l in self.lines if l.startswith("listening ")]
-        controls = [parse(l.split(" ", 1)[1]) for l in self.lines if l.startswith("control ")]
-        self.control_address = controls[0] if controls else None
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=5)
-        finally:
-            self.proc.stdout.close()
-            self.proc.stderr.close()
-
-    def request(self, method: str, path: str, headers: dict | None = None, body=None,
-                timeout: float = 5):
-        host, port = self.listeners[0]
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
-        try:
-            if isinstance(body, (dict, list)):
-                body = json.dumps(body).encode()
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return (response.status, {k.lower(): v for k, v in response.getheaders()},
-                    response.read())
-        finally:
-            conn.close()
+class Emulator(StandIn):
+    script = "lambda_extensions_emulator.py"
+    control_timeout = 15.0
 
     def register(self, name: str = "credlock", body=None, **headers) -> str:
         status, got, answer = self.request("POST", REGISTER, {
@@ -110,20 +57,6 @@ class Emulator:
             headers["Lambda-Extension-Function-Error-Type"] = error_type
         return self.request("POST", path, headers, body)
 
-    def control(self, method: str, path: str, body=None):
-        host, port = self.control_address
-        conn = http.client.HTTPConnection(host, port, timeout=15)
-        try:
-            data = json.dumps(body).encode() if body is not None else None
-            conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            return response.status, json.loads(response.read())
-        finally:
-            conn.close()
-
-    def state(self) -> dict:
-        return self.control("GET", "/state")[1]
-
     @staticmethod
     def wait_until(predicate, timeout: float = 5) -> None:
         deadline = time.monotonic() + timeout
@@ -134,16 +67,7 @@ class Emulator:
 
 @pytest.fixture(scope="module")
 def emu():
-    emulator = Emulator("--listen", "127.0.0.1:0", "--control", "127.0.0.1:0")
-    yield emulator
-    assert emulator.stop() == 0
-
-
-@pytest.fixture(autouse=True)
-def fresh_state(request):
-    if "emu" in request.fixturenames:
-        assert request.getfixturevalue("emu").control("POST", "/reset")[0] == 200
-    yield
+    yield from running(Emulator, "--listen", "127.0.0.1:0", "--control", "127.0.0.1:0")
 
 
 def api_error(status: int, error_type: str, message: str):
@@ -162,18 +86,12 @@ def test_prints_listener_then_control(emu):
 
 
 def test_sigterm_and_sigint_exit_zero():
-    emulator = Emulator("--listen", "127.0.0.1:0")
-    assert emulator.stop() == 0
-    emulator = Emulator("--listen", "127.0.0.1:0")
-    emulator.proc.send_signal(signal.SIGINT)
-    assert emulator.stop() == 0
+    assert_sigterm_and_sigint_exit_zero(Emulator)
 
 
 @pytest.mark.parametrize("args", [["--listen", "127.0.0.1"], ["--extension", "a", "--extension", "a"]])
 def test_usage_errors_exit_2(args):
-    result = subprocess.run([sys.executable, str(EMULATOR), *args], capture_output=True,
-                            text=True, timeout=10)
-    assert result.returncode == 2
+    assert Emulator.run(*args).returncode == 2
 
 
 def test_function_environment(emu):
@@ -542,10 +460,7 @@ def test_unknown_paths_are_404(emu, path):
 
 
 def test_missing_host_is_go_400(emu):
-    host, port = emu.listeners[0]
-    with socket.create_connection((host, port), timeout=5) as sock:
-        sock.sendall(b"GET /2020-01-01/extension/event/next HTTP/1.1\r\n\r\n")
-        answer = sock.recv(4096)
+    answer = emu.raw(b"GET /2020-01-01/extension/event/next HTTP/1.1\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400")
 
 
@@ -609,7 +524,4 @@ def test_external_extensions_fixed_after_registration(emu):
     ("/shutdown", {"shutdownReason": ""}), ("/shutdown", {"wait_s": -1}),
 ])
 def test_invalid_control_requests_are_400(emu, path, patch):
-    before = emu.state()
-    status, body = emu.control("POST", path, patch)
-    assert status == 400 and "error" in body
-    assert emu.state() == before
+    emu.assert_refused_unchanged(path, patch)

@@ -1,8 +1,8 @@
 """Tests of the EKS Pod Identity Agent stand-in: each rule its module docstring claims, with the
 AWS document or eks-pod-identity-agent source file it comes from.
 
-The stand-in runs as a real subprocess on 127.0.0.1:0; requests go over real sockets with
-http.client. One shared stand-in serves most tests and is reset (POST /reset) before each one.
+The stand-in runs as a real subprocess, driven over real sockets (standin_testlib.py); one
+shared stand-in serves most tests and is reset before each one (conftest.py).
 
     .venv/bin/python -m pytest -q tests/support/test_pod_identity_emulator.py
 """
@@ -13,38 +13,19 @@ import base64
 import http.client
 import json
 import re
-import select
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-EMULATOR = HERE / "pod_identity_emulator.py"
+from standin_testlib import (StandIn, assert_sigterm_and_sigint_exit_zero,
+                             ipv6_loopback_available, loopback_listeners, running)
+
 HOST = "169.254.170.23"  # [EKS-how] AWS_CONTAINER_CREDENTIALS_FULL_URI host
 PATH = "/v1/credentials"
 KEYS = ["AccessKeyId", "SecretAccessKey", "Token", "AccountId", "Expiration"]
 SERVICE_ERROR = re.compile(
     r"^\[[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\]: "
     r"\((?P<code>[A-Za-z]+)\): (?P<message>.*), fault: (?P<fault>client|server)\n$")
-
-
-def ipv6_loopback_available() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-def parse(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def b64url(data: bytes) -> str:
@@ -56,49 +37,8 @@ def jwt(header: dict | str, claims: dict | str, signature: str = "c2ln") -> str:
     return f"{encode(header)}.{encode(claims)}.{signature}"
 
 
-class Emulator:
-    def __init__(self, *args: str):
-        self.proc = subprocess.Popen([sys.executable, str(EMULATOR), *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines = []
-        expected = sum(1 for a in args if a in ("--listen", "--control")) or 1
-        if "--control" in args and "--listen" not in args:
-            expected += 1
-        deadline = time.monotonic() + 10
-        while len(self.lines) < expected:
-            ready, _, _ = select.select([self.proc.stdout], [], [],
-                                        max(deadline - time.monotonic(), 0))
-            if not ready:
-                self.stop()
-                raise AssertionError("stand-in did not start")
-            line = self.proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"stand-in exited; stderr: {self.proc.stderr.read()}")
-            self.lines.append(line.rstrip("\n"))
-        self.listeners = [parse(l.split(" ", 1)[1]) for l in self.lines if l.startswith("listening ")]
-        controls = [parse(l.split(" ", 1)[1]) for l in self.lines if l.startswith("control ")]
-        self.control_address = controls[0] if controls else None
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=5)
-        finally:
-            self.proc.stdout.close()
-            self.proc.stderr.close()
-
-    def request(self, method: str, path: str = PATH, headers: dict | None = None, body=None,
-                listener: int = 0):
-        host, port = self.listeners[listener]
-        conn = http.client.HTTPConnection(host, port, timeout=5)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return (response.status, {k.lower(): v for k, v in response.getheaders()},
-                    response.read())
-        finally:
-            conn.close()
+class Emulator(StandIn):
+    script = "pod_identity_emulator.py"
 
     def creds(self, token: str | None, host: str = HOST, path: str = PATH, method: str = "GET",
               **kwargs):
@@ -107,38 +47,13 @@ class Emulator:
             headers["Authorization"] = token
         return self.request(method, path, headers, **kwargs)
 
-    def control(self, method: str, path: str, body=None):
-        host, port = self.control_address
-        conn = http.client.HTTPConnection(host, port, timeout=5)
-        try:
-            data = json.dumps(body).encode() if body is not None else None
-            conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            return response.status, json.loads(response.read())
-        finally:
-            conn.close()
-
     def register(self, **spec) -> dict:
-        status, entry = self.control("POST", "/tokens", spec)
-        assert status == 200, entry
-        return entry
+        return self.control_ok("/tokens", spec)
 
 
 @pytest.fixture(scope="module")
 def emu():
-    args = ["--listen", "127.0.0.1:0"]
-    if ipv6_loopback_available():
-        args += ["--listen", "[::1]:0"]
-    emulator = Emulator(*args, "--control", "127.0.0.1:0")
-    yield emulator
-    assert emulator.stop() == 0
-
-
-@pytest.fixture(autouse=True)
-def fresh_state(request):
-    if "emu" in request.fixturenames:
-        assert request.getfixturevalue("emu").control("POST", "/reset")[0] == 200
-    yield
+    yield from running(Emulator, *loopback_listeners(), "--control", "127.0.0.1:0")
 
 
 # ------------------------------------------------------------------------------------------
@@ -151,17 +66,11 @@ def test_prints_listeners_then_control(emu):
 
 
 def test_sigterm_and_sigint_exit_zero():
-    emulator = Emulator("--listen", "127.0.0.1:0")
-    assert emulator.stop() == 0
-    emulator = Emulator("--listen", "127.0.0.1:0")
-    emulator.proc.send_signal(signal.SIGINT)
-    assert emulator.stop() == 0
+    assert_sigterm_and_sigint_exit_zero(Emulator)
 
 
 def test_bad_listen_address_is_a_usage_error():
-    result = subprocess.run([sys.executable, str(EMULATOR), "--listen", "nope"],
-                            capture_output=True, text=True, timeout=10)
-    assert result.returncode == 2
+    assert Emulator.run("--listen", "nope").returncode == 2
 
 
 @pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback")
@@ -438,10 +347,7 @@ def test_default_rate_limit_is_the_agents(emu):
 
 
 def test_missing_host_is_go_400(emu):
-    host, port = emu.listeners[0]
-    with socket.create_connection((host, port), timeout=5) as sock:
-        sock.sendall(b"GET /v1/credentials HTTP/1.1\r\nAuthorization: x\r\n\r\n")
-        answer = sock.recv(4096)
+    answer = emu.raw(b"GET /v1/credentials HTTP/1.1\r\nAuthorization: x\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400")
     assert answer.endswith(b"400 Bad Request: missing required Host header")
 
@@ -485,10 +391,7 @@ def test_delay_and_down(emu):
     ("/tokens", {"exp": "tomorrow"}),
 ])
 def test_invalid_control_requests_are_400_and_change_nothing(emu, path, patch):
-    before = emu.control("GET", "/state")[1]
-    status, body = emu.control("POST", path, patch)
-    assert status == 400 and "error" in body
-    assert emu.control("GET", "/state")[1] == before
+    emu.assert_refused_unchanged(path, patch)
 
 
 def test_reset(emu):
