@@ -428,6 +428,7 @@ async fn run_background(
         clock: clock.clone(),
         publish: env_tx,
         status: discovery_status,
+        random: Arc::new(crate::clock::ThreadRandom),
     };
     // One lock loop per access rule role: its own store, status and series, the same
     // environment and template, assumed with the instance role's credentials. Not readiness:
@@ -462,6 +463,7 @@ async fn run_background(
             ready: watch::channel(false).0,
             also_deny: served_roles.clone(),
             on_identity: None,
+            random: Arc::new(crate::clock::ThreadRandom),
         };
         class_loops.spawn(locker.run(shutdown.clone()));
     }
@@ -488,6 +490,7 @@ async fn run_background(
         on_identity: Some(Box::new(move |identity| {
             told.set_instance_role(&identity.role.name)
         })),
+        random: Arc::new(crate::clock::ThreadRandom),
     };
     tokio::join!(
         discoverer.run(shutdown.clone()),
@@ -521,8 +524,8 @@ async fn wait_for_identity(imds: &Imds, configured: Option<&RoleArn>) -> Instanc
     }
 }
 
-/// The discovery sources' shared clients. The EC2 client uses the instance role's own
-/// credentials.
+/// The discovery sources' shared clients. The EC2 and S3 clients use the instance role's own
+/// credentials (never the locked ones, which the lock may not let reach them).
 pub async fn discovery_context(
     config: &Config,
     imds: Arc<Imds>,
@@ -541,12 +544,33 @@ pub async fn discovery_context(
         Some(_) => {
             let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
                 .region(aws_config::Region::new(identity.region.clone()))
-                .credentials_provider(source);
+                .credentials_provider(source.clone());
             if let Some(url) = &config.discovery.ec2_endpoint {
                 loader = loader.endpoint_url(url);
             }
             let sdk = loader.load().await;
-            Some(aws_sdk_ec2::Client::new(&sdk))
+            Some(Arc::new(aws_sdk_ec2::Client::new(&sdk)) as Arc<dyn discovery::ec2::Ec2Api>)
+        }
+        None => None,
+    };
+    let s3 = match &config.discovery.s3 {
+        Some(s3) => {
+            // The bucket's Region when given (one bucket serving a fleet in several Regions),
+            // else the instance's.
+            let region = s3.region.clone().unwrap_or_else(|| identity.region.clone());
+            let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .region(aws_config::Region::new(region))
+                .credentials_provider(source)
+                .load()
+                .await;
+            let store = discovery::s3_sdk::SdkObjectStore {
+                client: discovery::s3_sdk::client(&sdk, s3.endpoint.as_deref(), false),
+            };
+            Some(Arc::new(discovery::s3::S3Source::new(
+                Arc::new(store),
+                s3.clone(),
+                config.discovery.allow_wide_prefixes,
+            )))
         }
         None => None,
     };
@@ -556,5 +580,6 @@ pub async fn discovery_context(
         config: config.discovery.clone(),
         identity,
         ec2,
+        s3,
     }
 }

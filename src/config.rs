@@ -72,6 +72,10 @@ pub struct LockConfig {
     pub session_tags: BTreeMap<String, String>,
     /// Never serve a locked set with less than this left; fail closed instead.
     pub serve_margin: Duration,
+    /// A re-lock for an environment that only gained entries is spread uniformly over this
+    /// window (the set being served still works everywhere it did); one that lost entries
+    /// re-locks at once. See `refresh.rs`, "Fleet budget".
+    pub relock_spread: Duration,
     /// An STS endpoint URL (e.g. an interface VPC endpoint); `None`: the SDK's regional one,
     /// or `AWS_ENDPOINT_URL_STS`.
     pub sts_endpoint: Option<String>,
@@ -88,17 +92,40 @@ pub struct DiscoveryConfig {
     /// An EC2 endpoint URL; `None`: the SDK's regional one, or `AWS_ENDPOINT_URL_EC2`.
     pub ec2_endpoint: Option<String>,
     pub boot_provider: Option<String>,
+    /// The `s3` source: an environment document published once for the account and Region.
+    pub s3: Option<S3Config>,
     pub static_env: StaticEnvironment,
     /// Accept prefixes wider than /16 (IPv4) or /32 (IPv6) from static or boot-provider
     /// sources.
     pub allow_wide_prefixes: bool,
 }
 
+/// Where the `s3` source reads the environment document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Config {
+    pub bucket: String,
+    /// The object key; `{account}`, `{region}` and `{vpc}` are replaced by the instance's
+    /// account, Region and VPC (so one AMI's config fits every account).
+    pub key: String,
+    /// The account that must own the bucket (S3's `x-amz-expected-bucket-owner`): a bucket of
+    /// the same name in another account is never read.
+    pub expected_bucket_owner: String,
+    /// The bucket's Region; `None`: the instance's.
+    pub region: Option<String>,
+    /// An S3 endpoint URL; `None`: the SDK's regional one, or `AWS_ENDPOINT_URL_S3`.
+    pub endpoint: Option<String>,
+    /// Poll period (default: `discovery.interval_seconds`), with the sources' ±10 % jitter.
+    pub interval: Duration,
+}
+
 /// How wide the EC2 API source looks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ec2Scope {
-    /// The instance's own VPCs only.
+    /// The instance's own VPCs only (read from IMDS).
     Vpc,
+    /// These VPCs: `credlock publish-environment --scope vpc --vpc ...`, which runs on a
+    /// management host and so cannot read the VPCs it describes from its own IMDS.
+    Vpcs(Vec<String>),
     /// Every VPC of the account in the region.
     Region,
     /// VPCs carrying this tag (and value, when given).
@@ -161,6 +188,7 @@ struct LockSection {
     source_identity: Option<bool>,
     session_tags: BTreeMap<String, String>,
     serve_margin_seconds: Option<u64>,
+    relock_spread_seconds: Option<u64>,
     sts_endpoint: Option<String>,
 }
 
@@ -173,6 +201,7 @@ struct DiscoverySection {
     echo: EchoSection,
     ec2: Ec2Section,
     boot_provider: BootProviderSection,
+    s3: S3Section,
     #[serde(rename = "static")]
     static_env: StaticEnvironment,
 }
@@ -207,6 +236,18 @@ struct Ec2Section {
 struct BootProviderSection {
     enabled: Option<bool>,
     url: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct S3Section {
+    enabled: Option<bool>,
+    bucket: Option<String>,
+    key: Option<String>,
+    expected_bucket_owner: Option<String>,
+    region: Option<String>,
+    endpoint: Option<String>,
+    interval_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -462,13 +503,85 @@ fn validate_lock(lock: LockSection) -> Result<LockConfig, ConfigError> {
     if let Some(url) = &lock.sts_endpoint {
         check_url("lock.sts_endpoint", url)?;
     }
+    let spread = lock.relock_spread_seconds.unwrap_or(300);
+    if spread > 3600 {
+        return Err(invalid(
+            "lock.relock_spread_seconds",
+            spread,
+            "must be between 0 and 3600",
+        ));
+    }
     Ok(LockConfig {
+        relock_spread: Duration::from_secs(spread),
         sts_endpoint: lock.sts_endpoint,
         role_arn: lock.role_arn,
         session_duration: Duration::from_secs(duration),
         source_identity: lock.source_identity.unwrap_or(true),
         session_tags: lock.session_tags,
         serve_margin: Duration::from_secs(margin),
+    })
+}
+
+fn validate_s3(s: S3Section, interval: u64) -> Result<S3Config, ConfigError> {
+    let required = |key: &str, v: Option<String>| {
+        v.ok_or_else(|| invalid(key, "", "is required when the s3 source is enabled"))
+    };
+    let bucket = required("discovery.s3.bucket", s.bucket)?;
+    // Bucket naming rules (Amazon S3 User Guide, "General purpose bucket naming rules"):
+    // 3-63 characters, lowercase letters, digits, dots and hyphens, starting and ending with a
+    // letter or digit.
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if !(3..=63).contains(&bucket.len())
+        || !bucket
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+        || !edge(bucket.chars().next())
+        || !edge(bucket.chars().last())
+    {
+        return Err(invalid(
+            "discovery.s3.bucket",
+            &bucket,
+            "is not an S3 bucket name (3-63 lowercase letters, digits, dots and hyphens)",
+        ));
+    }
+    let key = required("discovery.s3.key", s.key)?;
+    // Object keys are at most 1,024 bytes of UTF-8 (Amazon S3 User Guide, "Naming objects").
+    if key.is_empty() || key.len() > 1024 || key.chars().any(char::is_control) {
+        return Err(invalid(
+            "discovery.s3.key",
+            &key,
+            "must be 1-1024 bytes without control characters",
+        ));
+    }
+    let owner = required(
+        "discovery.s3.expected_bucket_owner",
+        s.expected_bucket_owner,
+    )?;
+    if owner.len() != 12 || !owner.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid(
+            "discovery.s3.expected_bucket_owner",
+            &owner,
+            "must be the 12-digit account ID that owns the bucket",
+        ));
+    }
+    if let Some(url) = &s.endpoint {
+        check_url("discovery.s3.endpoint", url)?;
+    }
+    let poll = s.interval_seconds.unwrap_or(interval);
+    if !(5..=86_400).contains(&poll) {
+        return Err(invalid(
+            "discovery.s3.interval_seconds",
+            poll,
+            "must be between 5 and 86400",
+        ));
+    }
+    Ok(S3Config {
+        bucket,
+        key,
+        expected_bucket_owner: owner,
+        region: s.region,
+        endpoint: s.endpoint,
+        interval: Duration::from_secs(poll),
     })
 }
 
@@ -546,6 +659,11 @@ fn validate_discovery(d: DiscoverySection) -> Result<DiscoveryConfig, ConfigErro
     } else {
         None
     };
+    let s3 = if d.s3.enabled.unwrap_or(false) {
+        Some(validate_s3(d.s3, interval)?)
+    } else {
+        None
+    };
     let s = &d.static_env;
     let allow_wide_prefixes = d.allow_wide_prefixes.unwrap_or(false);
     for v in &s.ipv4 {
@@ -597,6 +715,7 @@ fn validate_discovery(d: DiscoverySection) -> Result<DiscoveryConfig, ConfigErro
         ec2_interval: Duration::from_secs(ec2_interval),
         ec2_endpoint: d.ec2.endpoint,
         boot_provider,
+        s3,
         static_env: d.static_env,
         allow_wide_prefixes,
     })

@@ -68,6 +68,8 @@ pub mod policy;
 #[cfg(feature = "proxy")]
 pub mod proxy;
 #[cfg(feature = "daemon")]
+pub mod publish;
+#[cfg(feature = "daemon")]
 pub mod refresh;
 #[cfg(feature = "daemon")]
 pub mod rollout;

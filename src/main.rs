@@ -1,6 +1,7 @@
 //! `credlock`: run the proxy, check a config, print the session policy or the discovered
-//! environment, explain whether a call passes the lock. Exit codes: 0 ok, 1 runtime failure,
-//! 2 usage, 78 invalid configuration; `explain` (and `audit`) say theirs in their help.
+//! environment, explain whether a call passes the lock, publish a fleet's environment to S3.
+//! Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 invalid configuration; `explain`, `audit`
+//! and `publish-environment` say theirs in their help.
 // One exception, with its reason: `release_free_memory` (malloc_trim). The library crate
 // forbids unsafe code outright.
 #![deny(unsafe_code)]
@@ -45,6 +46,85 @@ enum Command {
     /// calls of instance-profile sessions the lock would deny (rollout readiness).
     /// Exit: 0 nothing found, 1 findings, 2 usage, 3 cannot run, 78 invalid config.
     Audit(AuditArgs),
+    /// On a management host, not on the instances: compute the account's environment with the
+    /// ec2 source's code and write it to S3 for the instances' s3 source, only when it changed.
+    /// One line per document: unchanged, updated or failed. Flags may come from the
+    /// environment (CREDLOCK_PUBLISH_*, lists comma-separated); AWS credentials and Region
+    /// from the SDK's default chain.
+    /// Exit: 0 every document unchanged or updated, 1 any failed, 2 usage.
+    PublishEnvironment(PublishArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PublishScope {
+    /// The VPCs named with --vpc
+    Vpc,
+    /// Every VPC of the account in the Region
+    Region,
+    /// The VPCs carrying --tag-key (with --tag-value, when given)
+    Tagged,
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    /// The bucket the instances read
+    #[arg(long, env = "CREDLOCK_PUBLISH_BUCKET", value_name = "BUCKET")]
+    bucket: String,
+    /// The object key; {account}, {region} and {vpc} are filled in ({vpc}: one document per --vpc)
+    #[arg(long, env = "CREDLOCK_PUBLISH_KEY", value_name = "KEY")]
+    key: String,
+    /// The account that must own the bucket [default: the caller's]
+    #[arg(
+        long,
+        env = "CREDLOCK_PUBLISH_EXPECTED_BUCKET_OWNER",
+        value_name = "ACCOUNT"
+    )]
+    expected_bucket_owner: Option<String>,
+    /// The Region to describe and write to [default: the SDK's, e.g. AWS_REGION]
+    #[arg(long, env = "CREDLOCK_PUBLISH_REGION", value_name = "REGION")]
+    region: Option<String>,
+    /// Which VPCs the environment covers, as the ec2 source's scope
+    #[arg(long, value_enum, env = "CREDLOCK_PUBLISH_SCOPE")]
+    scope: PublishScope,
+    /// A VPC of the vpc scope (repeatable; a publisher does not read its own VPC from IMDS)
+    #[arg(
+        long = "vpc",
+        value_name = "VPC-ID",
+        env = "CREDLOCK_PUBLISH_VPCS",
+        value_delimiter = ','
+    )]
+    vpcs: Vec<String>,
+    /// The tag of the tagged scope
+    #[arg(long, env = "CREDLOCK_PUBLISH_TAG_KEY", value_name = "KEY")]
+    tag_key: Option<String>,
+    /// The tag's value [default: any value]
+    #[arg(long, env = "CREDLOCK_PUBLISH_TAG_VALUE", value_name = "VALUE")]
+    tag_value: Option<String>,
+    /// An IPv4 address or CIDR added to every document (repeatable), e.g. a shared egress proxy
+    #[arg(
+        long,
+        value_name = "CIDR",
+        env = "CREDLOCK_PUBLISH_IPV4",
+        value_delimiter = ','
+    )]
+    ipv4: Vec<String>,
+    /// An IPv6 address or CIDR added to every document (repeatable)
+    #[arg(
+        long,
+        value_name = "CIDR",
+        env = "CREDLOCK_PUBLISH_IPV6",
+        value_delimiter = ','
+    )]
+    ipv6: Vec<String>,
+    /// EC2 endpoint URL [default: the SDK's, or AWS_ENDPOINT_URL_EC2]
+    #[arg(long, value_name = "URL")]
+    ec2_endpoint: Option<String>,
+    /// S3 endpoint URL, path-style addressing [default: the SDK's, or AWS_ENDPOINT_URL_S3]
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
+    /// STS endpoint URL [default: the SDK's, or AWS_ENDPOINT_URL_STS]
+    #[arg(long, value_name = "URL")]
+    sts_endpoint: Option<String>,
 }
 
 #[derive(Args)]
@@ -131,6 +211,11 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Runs off an instance: no credlock configuration is read.
+    let cli = match cli.command {
+        Command::PublishEnvironment(args) => return publish_environment(args),
+        command => Cli { command },
+    };
     let (common, listen, admin_listen) = match &cli.command {
         Command::Run(r) => (&r.common, r.listen.clone(), r.admin_listen.clone()),
         Command::CheckConfig(c) | Command::Policy(c) | Command::Discover(c) => {
@@ -138,6 +223,7 @@ fn main() -> ExitCode {
         }
         Command::Explain(e) => (&e.common, Vec::new(), None),
         Command::Audit(a) => (&a.common, Vec::new(), None),
+        Command::PublishEnvironment(_) => return ExitCode::from(2),
     };
     let overrides = Overrides {
         listen,
@@ -182,6 +268,12 @@ fn main() -> ExitCode {
                     eprintln!("credlock: invalid configuration: {e}");
                     return ExitCode::from(EXIT_CONFIG as u8);
                 }
+                let d = &config.discovery;
+                if d.ec2.is_some() && d.s3.is_none() && d.boot_provider.is_none() {
+                    eprintln!(
+                        "credlock: warning: the ec2 source is enabled without an s3 or boot_provider source: on a fleet, every instance calling EC2 Describe* shares the account's 20/s refill; publish once with credlock publish-environment and use the s3 source"
+                    );
+                }
                 println!(
                     "configuration OK: listen {:?}, admin {}, upstream http://{}, sources {:?}",
                     config.listen,
@@ -195,6 +287,7 @@ fn main() -> ExitCode {
             Command::Discover(_) => print_discovery(config).await,
             Command::Explain(args) => explain(config, args).await,
             Command::Audit(args) => audit(config, args).await,
+            Command::PublishEnvironment(_) => ExitCode::from(2),
         }
     })
 }
@@ -607,5 +700,78 @@ async fn audit(config: Config, args: AuditArgs) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+fn publish_environment(args: PublishArgs) -> ExitCode {
+    use credlock::config::{Ec2Scope, StaticEnvironment};
+    use credlock::publish::{self, Options};
+    let filter = std::env::var("CREDLOCK_LOG")
+        .ok()
+        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let usage = |e: String| {
+        eprintln!("credlock: {e}");
+        ExitCode::from(2)
+    };
+    let scope = match args.scope {
+        PublishScope::Vpc => Ec2Scope::Vpcs(args.vpcs.clone()),
+        PublishScope::Region => Ec2Scope::Region,
+        PublishScope::Tagged => match &args.tag_key {
+            Some(key) => Ec2Scope::Tagged {
+                key: key.clone(),
+                value: args.tag_value.clone(),
+            },
+            None => return usage("--scope tagged needs --tag-key".into()),
+        },
+    };
+    if !matches!(args.scope, PublishScope::Vpc) && !args.vpcs.is_empty() {
+        return usage("--vpc is for --scope vpc".into());
+    }
+    if !matches!(args.scope, PublishScope::Tagged)
+        && (args.tag_key.is_some() || args.tag_value.is_some())
+    {
+        return usage("--tag-key and --tag-value are for --scope tagged".into());
+    }
+    let options = Options {
+        bucket: args.bucket,
+        key: args.key,
+        expected_bucket_owner: args.expected_bucket_owner,
+        region: args.region,
+        scope,
+        additions: StaticEnvironment {
+            ipv4: args.ipv4,
+            ipv6: args.ipv6,
+            ..StaticEnvironment::default()
+        },
+        ec2_endpoint: args.ec2_endpoint,
+        s3_endpoint: args.s3_endpoint,
+        sts_endpoint: args.sts_endpoint,
+    };
+    if let Err(e) = publish::validate(&options) {
+        return usage(e);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("credlock: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcomes = runtime.block_on(publish::run(&options, &credlock::clock::SystemClock));
+    for outcome in &outcomes {
+        println!("{outcome}");
+    }
+    if outcomes.iter().any(publish::Outcome::failed) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }

@@ -1,8 +1,45 @@
 //! The lock loop: render the session policy for the current environment, assume the role, store
 //! the locked set, refresh at about half its lifetime (with jitter), back off on failure while
-//! the last good set is served, and re-lock at once when the environment or the instance role
-//! changes. One task owns the loop, so refreshes are single-flight; STS is never called on a
-//! client's request path.
+//! the last good set is served, and re-lock when the environment or the instance role changes.
+//! One task owns the loop, so refreshes are single-flight; STS is never called on a client's
+//! request path.
+//!
+//! # Fleet budget
+//!
+//! Every instance of a fleet draws on one STS quota per account and Region (600 requests per
+//! second by default, shared by all STS calls: "IAM and AWS STS quotas", IAM User Guide). So the
+//! loop calls STS only when one of these rules says so, never in step with its neighbours:
+//!
+//! - **First lock:** at once. A quiet account pays nothing for the rules below.
+//! - **Refresh:** at half the set's lifetime, ±10 % ([`refresh_at`]).
+//! - **Failure** (any: `Throttling`, an outage, a refused policy, an unreadable identity): the
+//!   n-th consecutive failure waits [`backoff`], "full jitter" ("Exponential Backoff And
+//!   Jitter", AWS Architecture Blog): uniform between [`MIN_BACKOFF`] (100 ms, so a retry never
+//!   spins) and min([`MAX_BACKOFF`], [`BASE_BACKOFF`] × 2^(n-1)). Nothing calls STS before the
+//!   back-off ends: an environment change arriving meanwhile waits for it, a removal included
+//!   (under throttling, "at once" means "at the next retry"). A role change still drops the old
+//!   set at the next identity check; only the call waits. The last good set is served meanwhile until it is within
+//!   `lock.serve_margin_seconds` of expiry, then the credential routes fail closed.
+//! - **Environment change** (from any source), compared with the environment the served set
+//!   was locked to:
+//!   - if it only **adds** (every old address is inside a new address or prefix, every old VPC
+//!     and VPC endpoint is still there), the identity and role are the same, and the served set
+//!     is still servable: re-lock at a point drawn uniformly in `[0, lock.relock_spread_seconds)`
+//!     after the loop sees the change, or at the normal refresh if that comes first. The served
+//!     set still works everywhere it did; only the new entries wait. A further adding change in
+//!     the window keeps the drawn time (and the re-lock takes the newest environment);
+//!   - if it **removes** anything, or the identity or role changed, or no set is servable:
+//!     re-lock at once, since what was removed must stop working as soon as possible (still
+//!     subject to a running back-off, above);
+//!   - `lock.relock_spread_seconds = 0`: every change re-locks at once.
+//! - **Recovery after an outage:** each instance's retries are its own full-jitter draws, at
+//!   most [`MAX_BACKOFF`] apart, so when STS returns the fleet's retries arrive spread over that
+//!   minute rather than as one wave, and every instance holds a fresh set within about a minute.
+//! - **No hidden retries:** the AWS SDK's own retries are off for STS (`sts.rs`); this loop is
+//!   the only retry, so a throttled fleet makes the calls these rules say, not three times as
+//!   many.
+//!
+//! `/status` shows a drawn re-lock time as `pending_relock`.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -14,7 +51,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::clock::Clock;
+use crate::clock::{Clock, Random};
 use crate::config::LockConfig;
 use crate::credentials::{CredentialStore, imds_timestamp};
 use crate::environment::Environment;
@@ -24,9 +61,13 @@ use crate::metrics::LockSeries;
 use crate::policy;
 use crate::sts::{AssumeRequest, Issuer, StsErrorCode};
 
-/// First retry after a failure; doubles up to [`MAX_BACKOFF`].
+/// The ceiling of the first retry's wait; it doubles with each failure up to [`MAX_BACKOFF`].
 pub const BASE_BACKOFF: Duration = Duration::from_secs(1);
+/// The highest ceiling: after an outage every instance retries within a minute of STS
+/// returning, while a set refreshed at half-life has far longer before its serve margin.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// The shortest wait before a retry, so a loop that fails at once never spins.
+pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const RECENT_ERRORS: usize = 10;
 
 /// When to refresh a set that expires at `expires`, seen at `now`: half the time left, moved by
@@ -36,12 +77,36 @@ pub fn refresh_at(now: SystemTime, expires: SystemTime, jitter: f64) -> SystemTi
     now + (left / 2).mul_f64(1.0 + 0.1 * jitter.clamp(-1.0, 1.0))
 }
 
-/// The wait before retry number `failures` (1-based): exponential, capped, with "equal jitter"
-/// (`unit` in 0..=1 picks a point in the upper half).
-pub fn backoff(failures: u32, unit: f64) -> Duration {
+/// The ceiling of the wait after failure number `failures` (1-based; 0 counts as 1):
+/// min([`MAX_BACKOFF`], [`BASE_BACKOFF`] × 2^(failures-1)).
+pub fn backoff_ceiling(failures: u32) -> Duration {
     let exp = BASE_BACKOFF.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-    let capped = exp.min(MAX_BACKOFF);
-    capped / 2 + (capped / 2).mul_f64(unit.clamp(0.0, 1.0))
+    exp.min(MAX_BACKOFF)
+}
+
+/// The wait before retry number `failures` (1-based): "full jitter" ("Exponential Backoff And
+/// Jitter", AWS Architecture Blog), `unit` in 0..=1 picking a point uniformly between
+/// [`MIN_BACKOFF`] and [`backoff_ceiling`]. Full rather than equal jitter: clients that failed
+/// together spread over the whole window instead of its upper half, which the blog measures
+/// as less work for the contended service and sooner completion.
+pub fn backoff(failures: u32, unit: f64) -> Duration {
+    let ceiling = backoff_ceiling(failures);
+    MIN_BACKOFF + (ceiling - MIN_BACKOFF).mul_f64(unit.clamp(0.0, 1.0))
+}
+
+/// Whether `new` only adds to `old`: every old address or prefix lies inside one of `new`'s,
+/// and every old VPC and VPC endpoint is still there. Then a set locked to `old` allows nothing
+/// `new` does not, and it may keep being served while the re-lock is spread.
+pub fn only_adds(old: &Environment, new: &Environment) -> bool {
+    old.ipv4
+        .iter()
+        .all(|o| new.ipv4.iter().any(|n| n.contains(o)))
+        && old
+            .ipv6
+            .iter()
+            .all(|o| new.ipv6.iter().any(|n| n.contains(o)))
+        && old.vpcs.is_subset(&new.vpcs)
+        && old.vpc_endpoints.is_subset(&new.vpc_endpoints)
 }
 
 /// Where the instance's identity comes from (IMDS in production).
@@ -101,7 +166,21 @@ pub struct LockStatus {
     pub marked: Option<bool>,
     /// Why it does not (configuration, or the role refused SetSourceIdentity).
     pub unmarked_reason: Option<String>,
+    /// A re-lock drawn within `lock.relock_spread_seconds` after the environment gained
+    /// entries (module doc, "Fleet budget"); `None` when none is waiting.
+    pub pending_relock: Option<PendingRelock>,
 }
+
+/// See [`LockStatus::pending_relock`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PendingRelock {
+    /// When the re-lock is due (or the normal refresh, if that comes first).
+    pub at: String,
+    pub reason: &'static str,
+}
+
+const SPREAD_REASON: &str =
+    "the environment gained entries: re-lock spread over lock.relock_spread_seconds";
 
 /// The SourceIdentity credlock sets on its sessions: `credlock-<instance id>`. It persists into
 /// every event CloudTrail records for the session (`userIdentity.sessionContext.sourceIdentity`)
@@ -138,17 +217,41 @@ pub struct Locker<I, S> {
     /// Told the identity each time it is read (the instance role's loop tells the per-class
     /// roles which role name IMDS answers credentials for).
     pub on_identity: Option<OnIdentity>,
+    /// Jitter of refreshes and retries (seeded in the fleet simulation).
+    pub random: Arc<dyn Random>,
+}
+
+/// What the loop remembers between passes.
+struct LoopState {
+    /// What the served set was locked to.
+    locked: Option<Locked>,
+    /// The normal refresh of the served set.
+    next_refresh: SystemTime,
+    /// Consecutive failures (0 after a success).
+    failures: u32,
+    /// No AssumeRole before this: the end of the running back-off.
+    retry_at: SystemTime,
+    /// The drawn re-lock time for an environment that only gained entries.
+    spread_at: Option<SystemTime>,
+}
+
+/// Whether to call STS now, or when to look again.
+enum Plan {
+    Now,
+    At(SystemTime),
 }
 
 impl<I: Issuer, S: InstanceSource> Locker<I, S> {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut locked: Option<Locked> = None;
-        let mut next_refresh = SystemTime::UNIX_EPOCH;
-        let mut failures = 0u32;
+        let mut state = LoopState {
+            locked: None,
+            next_refresh: SystemTime::UNIX_EPOCH,
+            failures: 0,
+            retry_at: SystemTime::UNIX_EPOCH,
+            spread_at: None,
+        };
         loop {
-            let wait = self
-                .step(&mut locked, &mut next_refresh, &mut failures)
-                .await;
+            let wait = self.step(&mut state).await;
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 changed = self.environment.changed() => {
@@ -161,28 +264,86 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
         }
     }
 
+    /// When the set locked to `state.locked` must be replaced by one locked to `wanted` (module
+    /// doc, "Fleet budget"), ignoring the back-off. Draws the spread re-lock time the first
+    /// time an only-adding change is seen.
+    fn plan(&self, state: &mut LoopState, wanted: &Locked, now: SystemTime) -> Plan {
+        let Some(locked) = &state.locked else {
+            return Plan::Now;
+        };
+        if now >= state.next_refresh || self.store.servable(now, self.config.serve_margin).is_none()
+        {
+            return Plan::Now;
+        }
+        if locked == wanted {
+            self.set_spread(state, None);
+            return Plan::At(state.next_refresh);
+        }
+        let spread = self.config.relock_spread;
+        if spread.is_zero()
+            || locked.identity != wanted.identity
+            || !only_adds(&locked.environment, &wanted.environment)
+        {
+            return Plan::Now;
+        }
+        let at = match state.spread_at {
+            Some(at) => at,
+            None => {
+                let at = now + spread.mul_f64(self.random.unit());
+                tracing::info!(
+                    relock_at = %imds_timestamp(at.min(state.next_refresh)),
+                    "the environment gained entries: the set being served still works, re-lock spread"
+                );
+                self.set_spread(state, Some(at));
+                at
+            }
+        };
+        if now >= at {
+            Plan::Now
+        } else {
+            Plan::At(at.min(state.next_refresh))
+        }
+    }
+
+    /// Records the drawn re-lock time, and shows it in `/status`.
+    fn set_spread(&self, state: &mut LoopState, at: Option<SystemTime>) {
+        if state.spread_at == at {
+            return;
+        }
+        state.spread_at = at;
+        let mut status = (**self.status.load()).clone();
+        status.pending_relock = at.map(|at| PendingRelock {
+            at: imds_timestamp(at.min(state.next_refresh)),
+            reason: SPREAD_REASON,
+        });
+        self.status.store(Arc::new(status));
+    }
+
+    /// How long to sleep until `at` (at most the identity recheck interval).
+    fn until(&self, at: SystemTime, now: SystemTime) -> Duration {
+        at.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(self.recheck)
+    }
+
     /// One pass: lock if due, and say how long to wait before the next pass.
-    async fn step(
-        &mut self,
-        locked: &mut Option<Locked>,
-        next_refresh: &mut SystemTime,
-        failures: &mut u32,
-    ) -> Duration {
+    async fn step(&mut self, state: &mut LoopState) -> Duration {
         let Some(environment) = self.environment.borrow_and_update().clone() else {
             return self.recheck;
         };
         let identity = match self.instance.identity().await {
             Ok(identity) => identity,
-            Err(e) => return self.failed(failures, format!("reading the instance identity: {e}")),
+            Err(e) => return self.failed(state, format!("reading the instance identity: {e}")),
         };
         if let Some(tell) = &self.on_identity {
             tell(&identity);
         }
-        if locked.as_ref().is_some_and(|l| {
+        if state.locked.as_ref().is_some_and(|l| {
             l.identity.role != identity.role || l.identity.assumed_with != identity.assumed_with
-        }) {
+        }) && self.store.peek().is_some()
+        {
             tracing::warn!(
-                old = %locked.as_ref().map(|l| l.identity.role.to_string()).unwrap_or_default(),
+                old = %state.locked.as_ref().map(|l| l.identity.role.to_string()).unwrap_or_default(),
                 new = %identity.role,
                 "the instance role changed: dropping the old locked set and re-locking"
             );
@@ -193,14 +354,12 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
             identity,
             environment,
         };
-        let due = locked.as_ref() != Some(&wanted)
-            || now >= *next_refresh
-            || self.store.servable(now, self.config.serve_margin).is_none();
-        if !due {
-            return next_refresh
-                .duration_since(now)
-                .unwrap_or(Duration::ZERO)
-                .min(self.recheck);
+        if let Plan::At(at) = self.plan(state, &wanted, now) {
+            return self.until(at, now);
+        }
+        // Due, but a failure's back-off is still running: nothing calls STS early.
+        if now < state.retry_at {
+            return self.until(state.retry_at, now);
         }
 
         // No locked session may assume another role credlock serves (the instance role from a
@@ -217,7 +376,7 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
             &others,
         ) {
             Ok(p) => p,
-            Err(e) => return self.failed(failures, e.to_string()),
+            Err(e) => return self.failed(state, e.to_string()),
         };
         self.metrics.policy_characters.set(policy.characters as i64);
         let request = AssumeRequest {
@@ -270,8 +429,10 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
                 }
                 let now = self.clock.now();
                 let expiration = issued.credentials.expiration;
-                *next_refresh = refresh_at(now, expiration, rand::random::<f64>() * 2.0 - 1.0);
-                *failures = 0;
+                state.next_refresh = refresh_at(now, expiration, self.random.unit() * 2.0 - 1.0);
+                state.failures = 0;
+                state.retry_at = SystemTime::UNIX_EPOCH;
+                state.spread_at = None;
                 self.store.store(issued.credentials);
                 self.metrics.success.inc();
                 if let Some(p) = issued.packed_policy_percent {
@@ -280,7 +441,7 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
                 tracing::info!(
                     role = %wanted.identity.role,
                     expiration = %imds_timestamp(expiration),
-                    next_refresh = %imds_timestamp(*next_refresh),
+                    next_refresh = %imds_timestamp(state.next_refresh),
                     policy_characters = policy.characters,
                     packed_policy_percent = issued.packed_policy_percent,
                     addresses = wanted.environment.ipv4.len() + wanted.environment.ipv6.len(),
@@ -296,9 +457,10 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
                 status.policy_characters = Some(policy.characters);
                 status.packed_policy_percent = issued.packed_policy_percent;
                 status.last_refresh = Some(imds_timestamp(now));
-                status.next_refresh = Some(imds_timestamp(*next_refresh));
+                status.next_refresh = Some(imds_timestamp(state.next_refresh));
                 status.expiration = Some(imds_timestamp(expiration));
                 status.consecutive_failures = 0;
+                status.pending_relock = None;
                 status.marked = Some(marked);
                 status.unmarked_reason = match (&unmarked, request.source_identity.is_some()) {
                     (Some(why), _) => Some(why.clone()),
@@ -306,45 +468,42 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
                     (None, true) => None,
                 };
                 self.status.store(Arc::new(status));
-                *locked = Some(wanted);
+                state.locked = Some(wanted);
                 self.ready.send_replace(true);
-                next_refresh
-                    .duration_since(now)
-                    .unwrap_or(Duration::ZERO)
-                    .min(self.recheck)
+                self.until(state.next_refresh, now)
             }
             Err(e) => {
                 self.metrics.sts_error(e.code.label());
-                self.failed(failures, e.to_string())
+                self.failed(state, e.to_string())
             }
         }
     }
 
-    fn failed(&self, failures: &mut u32, message: String) -> Duration {
-        *failures += 1;
+    /// Counts a failure and starts its back-off: no AssumeRole before it ends.
+    fn failed(&self, state: &mut LoopState, message: String) -> Duration {
+        state.failures += 1;
         self.metrics.failure.inc();
-        let wait = backoff(*failures, rand::random::<f64>());
-        let serving = self
-            .store
-            .servable(self.clock.now(), self.config.serve_margin)
-            .is_some();
+        let wait = backoff(state.failures, self.random.unit());
+        let now = self.clock.now();
+        state.retry_at = state.retry_at.max(now + wait);
+        let serving = self.store.servable(now, self.config.serve_margin).is_some();
         tracing::warn!(
             error = %message,
-            failures = *failures,
+            failures = state.failures,
             retry_in = ?wait,
             still_serving_last_good_set = serving,
             "locking credentials failed"
         );
         let mut status = (**self.status.load()).clone();
-        status.consecutive_failures = *failures;
+        status.consecutive_failures = state.failures;
         if status.recent_errors.len() == RECENT_ERRORS {
             status.recent_errors.pop_front();
         }
         status
             .recent_errors
-            .push_back(format!("{} {message}", imds_timestamp(self.clock.now())));
+            .push_back(format!("{} {message}", imds_timestamp(now)));
         self.status.store(Arc::new(status));
-        wait
+        self.until(state.retry_at, now)
     }
 }
 

@@ -206,9 +206,25 @@ impl AwsIssuer {
         endpoint: Option<&str>,
         clock: Arc<dyn Clock>,
     ) -> Self {
+        Self::with_source(region, source, endpoint, clock).await
+    }
+
+    async fn with_source(
+        region: &str,
+        source: impl ProvideCredentials + 'static,
+        endpoint: Option<&str>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        // No SDK retries. The latest behavior version retries in "standard" mode, three
+        // attempts with a backoff of its own ("Retry behavior", AWS SDKs and Tools Reference
+        // Guide), so a throttled call would silently become three and a throttled fleet would
+        // triple its load on the account's STS quota. The lock loop's full-jitter backoff
+        // (`refresh.rs`, "Fleet budget") is the only retry: one failed call is one count in
+        // `credlock_sts_errors_total`, one step of the backoff.
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(region.to_string()))
-            .credentials_provider(source);
+            .credentials_provider(source)
+            .retry_config(aws_config::retry::RetryConfig::disabled());
         if let Some(url) = endpoint {
             loader = loader.endpoint_url(url);
         }
@@ -330,6 +346,97 @@ mod tests {
         let err: SdkError<AssumeRoleError, Response> =
             SdkError::dispatch_failure(ConnectorError::timeout(Box::new(slow)));
         assert_eq!(classify(err).code, StsErrorCode::Timeout);
+    }
+
+    /// STS's answer to a throttled call: HTTP 400 with the Query protocol's `ErrorResponse`
+    /// carrying code `Throttling` ("Common Errors", AWS STS API Reference).
+    const THROTTLED: &str = "HTTP/1.1 400 Bad Request\r\nContent-Type: text/xml\r\nContent-Length: 229\r\nConnection: close\r\n\r\n<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error><Type>Sender</Type><Code>Throttling</Code><Message>Rate exceeded</Message></Error><RequestId>c2b3f0a8-1d2e-4f50-8a6b-7c8d9e0f1a2b</RequestId></ErrorResponse>";
+
+    /// Reads one request (head, then `Content-Length` bytes of body); false if the peer left.
+    async fn read_request(sock: &mut tokio::net::TcpStream) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        let mut wanted = None;
+        for _ in 0..1000 {
+            if let Some(total) = wanted
+                && buf.len() >= total
+            {
+                return true;
+            }
+            match sock.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            if wanted.is_none()
+                && let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n")
+            {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let length = (head.lines())
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                wanted = Some(end + 4 + length);
+            }
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_throttled_call_is_sent_once_the_lock_loop_is_the_only_retry() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::AsyncWriteExt;
+        assert_eq!(
+            THROTTLED.split("\r\n\r\n").nth(1).unwrap().len(),
+            229,
+            "Content-Length matches the body"
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counted = requests.clone();
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    if read_request(&mut sock).await {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        let _ = sock.write_all(THROTTLED.as_bytes()).await;
+                        let _ = sock.shutdown().await;
+                    }
+                });
+            }
+        });
+        let issuer = AwsIssuer::with_source(
+            "us-east-1",
+            Credentials::new("AKIDEXAMPLE", "example-secret", None, None, "test"),
+            Some(&url),
+            Arc::new(crate::clock::SystemClock),
+        )
+        .await;
+        let request = AssumeRequest {
+            role_arn: "arn:aws:iam::123456789012:role/app-role".into(),
+            session_name: "i-0123456789abcdef0".into(),
+            policy: r#"{"Version":"2012-10-17","Statement":[]}"#.into(),
+            duration: Duration::from_secs(3600),
+            source_identity: None,
+            tags: Vec::new(),
+        };
+        // With the SDK's standard retries this takes up to a few seconds and three requests.
+        let result = tokio::time::timeout(Duration::from_secs(30), issuer.assume(&request))
+            .await
+            .expect("an answer within 30 s");
+        let err = result.expect_err("throttled");
+        assert_eq!(err.code, StsErrorCode::Throttling, "{err}");
+        assert_eq!(
+            requests.load(Ordering::SeqCst),
+            1,
+            "the SDK retried a throttled call behind the lock loop's back"
+        );
+        server.abort();
     }
 
     #[test]

@@ -5,16 +5,16 @@
 //! request  `{"account_id": "...", "region": "...", "instance_id": "...", "role_arn": "...",
 //!            "identity_document": "<the raw instance identity document>"}`
 //! response `{"ipv4": ["203.0.113.0/24"], "ipv6": [], "vpcs": ["vpc-..."], "vpc_endpoints": []}`
-//! (the same schema as `[discovery.static]`; unknown fields are rejected).
+//! (the same schema as `[discovery.static]`, plus the optional metadata of `document.rs`;
+//! unknown fields are rejected).
 
 use serde::Serialize;
 
-use crate::config::StaticEnvironment;
 use crate::environment::Environment;
 use crate::identity::InstanceIdentity;
 use crate::imds::Imds;
 
-const MAX_DOCUMENT: usize = 64 * 1024;
+use super::document::{self, MAX_DOCUMENT};
 
 #[derive(Serialize)]
 struct WhoAmI<'a> {
@@ -64,19 +64,8 @@ pub async fn discover(
 }
 
 /// An environment document (the boot provider's answer; also what `credlock audit
-/// --environment` reads), validated: unknown fields, IDs that are not VPC or endpoint IDs and
-/// prefixes wider than allowed (unless `allow_wide`) are errors.
+/// --environment` reads), validated as `document::parse` does; its checksum, when it carries
+/// one, must match.
 pub fn parse_document(bytes: &[u8], allow_wide: bool) -> Result<Environment, String> {
-    let doc: StaticEnvironment = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-    for v in &doc.vpcs {
-        if !crate::config::is_aws_id(v, "vpc-") {
-            return Err(format!("{v:?} is not a VPC ID"));
-        }
-    }
-    for v in &doc.vpc_endpoints {
-        if !crate::config::is_aws_id(v, "vpce-") {
-            return Err(format!("{v:?} is not a VPC endpoint ID"));
-        }
-    }
-    super::static_environment(&doc, allow_wide)
+    document::parse(bytes, allow_wide, document::Checksum::IfPresent).map(|(env, _)| env)
 }

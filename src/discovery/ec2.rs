@@ -2,7 +2,8 @@
 //! DescribeAddresses, DescribeNatGateways): VPCs, VPC endpoints, Elastic IPs
 //! and NAT gateway addresses, paginated and filtered by the configured scope. Called with the
 //! instance role's own credentials (never the locked ones), and less often than the cheap
-//! sources.
+//! sources. `credlock publish-environment` (`publish.rs`) runs the same code on a management
+//! host, with its VPCs given ([`Ec2Scope::Vpcs`]) instead of read from IMDS.
 
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::types::Filter;
@@ -31,6 +32,27 @@ fn err(call: &str, e: impl std::error::Error + 'static) -> String {
     )
 }
 
+/// The EC2 source's transport: the SDK client in production, a counting stand-in in the fleet
+/// simulation (benches/fleet_sim.rs), which must see the same calls' rate the fleet would.
+pub trait Ec2Api: Send + Sync + 'static {
+    fn discover<'a>(
+        &'a self,
+        scope: &'a Ec2Scope,
+        imds: &'a Imds,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Environment, String>> + Send + 'a>>;
+}
+
+impl Ec2Api for Client {
+    fn discover<'a>(
+        &'a self,
+        scope: &'a Ec2Scope,
+        imds: &'a Imds,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Environment, String>> + Send + 'a>>
+    {
+        Box::pin(discover(self, scope, imds))
+    }
+}
+
 pub async fn discover(
     client: &Client,
     scope: &Ec2Scope,
@@ -46,17 +68,40 @@ pub async fn discover_paged(
     imds: &Imds,
     page_size: i32,
 ) -> Result<Environment, String> {
+    discover_scoped(client, scope, Some(imds), page_size).await
+}
+
+/// [`discover_paged`] off an instance (`imds` is `None`): every scope but
+/// [`Ec2Scope::Vpc`], which reads the instance's own VPC and instance ID from IMDS.
+pub async fn discover_scoped(
+    client: &Client,
+    scope: &Ec2Scope,
+    imds: Option<&Imds>,
+    page_size: i32,
+) -> Result<Environment, String> {
     let mut env = Environment::default();
+    let need_imds = || {
+        imds.ok_or_else(|| {
+            "the vpc scope reads the instance's own VPC from IMDS; off an instance, name the VPCs"
+                .to_string()
+        })
+    };
 
     // 1. Which VPCs are in scope.
     let mut vpcs = client.describe_vpcs().max_results(page_size.max(5));
     match scope {
         Ec2Scope::Vpc => {
-            let own = super::imds::discover(imds).await?.vpcs;
+            let own = super::imds::discover(need_imds()?).await?.vpcs;
             if own.is_empty() {
                 return Err("IMDS shows no VPC for this instance".into());
             }
             vpcs = vpcs.filters(filter("vpc-id", &own.into_iter().collect::<Vec<_>>()));
+        }
+        Ec2Scope::Vpcs(ids) => {
+            if ids.is_empty() {
+                return Err("no VPC named".into());
+            }
+            vpcs = vpcs.filters(filter("vpc-id", ids));
         }
         Ec2Scope::Region => {}
         Ec2Scope::Tagged { key, value } => {
@@ -137,17 +182,18 @@ pub async fn discover_paged(
         }
     }
 
-    // 4. Elastic IPs: this instance's (vpc scope), or the account's in the region.
+    // 4. Elastic IPs: this instance's (vpc scope), those on network interfaces in the named
+    // VPCs (vpcs scope), the tagged ones, or the account's in the region.
     let mut addresses = client.describe_addresses();
     match scope {
         Ec2Scope::Vpc => {
-            let id = imds
+            let id = need_imds()?
                 .text("/latest/meta-data/instance-id")
                 .await
                 .map_err(|e| e.to_string())?;
             addresses = addresses.filters(filter("instance-id", &[id.trim().to_string()]));
         }
-        Ec2Scope::Region => {}
+        Ec2Scope::Region | Ec2Scope::Vpcs(_) => {}
         Ec2Scope::Tagged { key, value } => {
             addresses = addresses.filters(match value {
                 Some(v) => filter(&format!("tag:{key}"), std::slice::from_ref(v)),
@@ -159,7 +205,30 @@ pub async fn discover_paged(
         .send()
         .await
         .map_err(|e| err("DescribeAddresses", e))?;
+    // DescribeAddresses has no VPC filter: an address is in a VPC through its network
+    // interface, so the vpcs scope asks which of the addresses' interfaces are in them.
+    let in_scope = match scope {
+        Ec2Scope::Vpcs(_) => Some(
+            interfaces_in(
+                client,
+                out.addresses()
+                    .iter()
+                    .filter_map(|a| a.network_interface_id().map(str::to_string))
+                    .collect(),
+                &vpc_ids,
+            )
+            .await?,
+        ),
+        _ => None,
+    };
     for address in out.addresses() {
+        if let Some(in_scope) = &in_scope
+            && !address
+                .network_interface_id()
+                .is_some_and(|eni| in_scope.contains(eni))
+        {
+            continue;
+        }
         if let Some(ip) = address.public_ip()
             && !env.add_address(ip)
         {
@@ -169,4 +238,38 @@ pub async fn discover_paged(
         }
     }
     Ok(env)
+}
+
+/// Interface IDs per request, well under the number of values EC2 accepts in one filter; an
+/// account's Elastic IPs are few, so this is almost always one call.
+const FILTER_VALUES: usize = 200;
+
+/// Which of `enis` are network interfaces in `vpcs` (DescribeNetworkInterfaces, filtered by
+/// interface ID and VPC).
+async fn interfaces_in(
+    client: &Client,
+    enis: Vec<String>,
+    vpcs: &[String],
+) -> Result<std::collections::BTreeSet<String>, String> {
+    let mut found = std::collections::BTreeSet::new();
+    for chunk in enis.chunks(FILTER_VALUES) {
+        let pages = client
+            .describe_network_interfaces()
+            .filters(filter("network-interface-id", chunk))
+            .filters(filter("vpc-id", vpcs))
+            .max_results(PAGE_SIZE.max(5))
+            .into_paginator()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| err("DescribeNetworkInterfaces", e))?;
+        for page in pages {
+            found.extend(
+                page.network_interfaces()
+                    .iter()
+                    .filter_map(|n| n.network_interface_id().map(str::to_string)),
+            );
+        }
+    }
+    Ok(found)
 }

@@ -4,9 +4,12 @@
 //! empty or made-up environment.
 
 pub mod boot_provider;
+pub mod document;
 pub mod ec2;
 pub mod echo;
 pub mod imds;
+pub mod s3;
+pub mod s3_sdk;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -15,7 +18,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::clock::Clock;
+use crate::clock::{Clock, Random};
 use crate::config::{DiscoveryConfig, StaticEnvironment};
 use crate::credentials::imds_timestamp;
 use crate::environment::Environment;
@@ -32,6 +35,7 @@ pub enum SourceKind {
     Echo,
     Ec2,
     BootProvider,
+    S3,
     Static,
 }
 
@@ -42,6 +46,7 @@ impl SourceKind {
             SourceKind::Echo => "echo",
             SourceKind::Ec2 => "ec2",
             SourceKind::BootProvider => "boot_provider",
+            SourceKind::S3 => "s3",
             SourceKind::Static => "static",
         }
     }
@@ -55,15 +60,20 @@ pub struct SourceStatus {
     pub last_success: Option<String>,
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
+    /// The `s3` source: the document it serves from (key, ETag, generated_at/by, checksum).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub document: Option<s3::DocumentInfo>,
 }
 
-/// Everything a source may need. The EC2 client is built once the identity (region) is known.
+/// Everything a source may need. The EC2 and S3 clients are built once the identity (Region)
+/// is known; both are traits, so the fleet simulation can count their calls.
 pub struct Context {
     pub imds: Arc<Imds>,
     pub http: reqwest::Client,
     pub config: DiscoveryConfig,
     pub identity: InstanceIdentity,
-    pub ec2: Option<aws_sdk_ec2::Client>,
+    pub ec2: Option<Arc<dyn ec2::Ec2Api>>,
+    pub s3: Option<Arc<s3::S3Source>>,
 }
 
 /// Runs one source once.
@@ -72,7 +82,7 @@ pub async fn run_source(kind: SourceKind, ctx: &Context) -> Result<Environment, 
         SourceKind::Imds => imds::discover(&ctx.imds).await,
         SourceKind::Echo => echo::discover(&ctx.http, &ctx.config.echo_urls).await,
         SourceKind::Ec2 => match (&ctx.ec2, &ctx.config.ec2) {
-            (Some(client), Some(scope)) => ec2::discover(client, scope, &ctx.imds).await,
+            (Some(client), Some(scope)) => client.discover(scope, &ctx.imds).await,
             _ => Err("the EC2 source is not configured".into()),
         },
         SourceKind::BootProvider => match &ctx.config.boot_provider {
@@ -87,6 +97,10 @@ pub async fn run_source(kind: SourceKind, ctx: &Context) -> Result<Environment, 
                 .await
             }
             None => Err("the boot provider source is not configured".into()),
+        },
+        SourceKind::S3 => match &ctx.s3 {
+            Some(source) => source.discover(&ctx.identity, &ctx.imds).await,
+            None => Err("the s3 source is not configured".into()),
         },
         SourceKind::Static => {
             static_environment(&ctx.config.static_env, ctx.config.allow_wide_prefixes)
@@ -121,6 +135,9 @@ pub fn enabled_sources(config: &DiscoveryConfig) -> Vec<SourceKind> {
     if config.boot_provider.is_some() {
         kinds.push(SourceKind::BootProvider);
     }
+    if config.s3.is_some() {
+        kinds.push(SourceKind::S3);
+    }
     let s = &config.static_env;
     if !(s.ipv4.is_empty() && s.ipv6.is_empty() && s.vpcs.is_empty() && s.vpc_endpoints.is_empty())
     {
@@ -143,6 +160,8 @@ pub struct Discoverer {
     pub clock: Arc<dyn Clock>,
     pub publish: watch::Sender<Option<Arc<Environment>>>,
     pub status: Arc<ArcSwap<Vec<SourceStatus>>>,
+    /// Jitter of polls and retries (seeded in the fleet simulation).
+    pub random: Arc<dyn Random>,
 }
 
 impl Discoverer {
@@ -154,6 +173,8 @@ impl Discoverer {
                 kind,
                 interval: match kind {
                     SourceKind::Ec2 => self.context.config.ec2_interval,
+                    SourceKind::S3 => (self.context.config.s3.as_ref())
+                        .map_or(self.context.config.interval, |s| s.interval),
                     _ => self.context.config.interval,
                 },
                 next_run: now,
@@ -163,6 +184,7 @@ impl Discoverer {
                     last_success: None,
                     last_error: None,
                     consecutive_failures: 0,
+                    document: None,
                 },
             })
             .collect();
@@ -189,6 +211,9 @@ impl Discoverer {
     async fn run_one(&self, source: &mut SourceState) {
         let label = source.kind.label();
         let result = run_source(source.kind, &self.context).await;
+        if source.kind == SourceKind::S3 {
+            source.status.document = self.context.s3.as_ref().and_then(|s| s.info());
+        }
         let now = self.clock.now();
         match result {
             Ok(env) => {
@@ -199,7 +224,7 @@ impl Discoverer {
                 source.status.last_success = Some(imds_timestamp(now));
                 source.status.consecutive_failures = 0;
                 // ±10 % so a fleet does not poll in step.
-                let jitter = 0.9 + 0.2 * rand::random::<f64>();
+                let jitter = 0.9 + 0.2 * self.random.unit();
                 source.next_run = now + source.interval.mul_f64(jitter);
                 self.metrics
                     .discovery_runs
@@ -216,7 +241,7 @@ impl Discoverer {
             }
             Err(e) => {
                 source.status.consecutive_failures += 1;
-                let retry = backoff(source.status.consecutive_failures, rand::random::<f64>())
+                let retry = backoff(source.status.consecutive_failures, self.random.unit())
                     .max(Duration::from_secs(2))
                     .min(source.interval);
                 source.next_run = now + retry;
