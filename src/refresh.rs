@@ -229,8 +229,10 @@ struct LoopState {
     next_refresh: SystemTime,
     /// Consecutive failures (0 after a success).
     failures: u32,
-    /// No AssumeRole before this: the end of the running back-off.
-    retry_at: SystemTime,
+    /// No AssumeRole before this: the end of the running back-off. Monotonic (tokio's clock,
+    /// which a paused runtime moves too): a wall clock stepped back by NTP, or a frozen test
+    /// clock, must not stretch a back-off.
+    retry_at: Option<tokio::time::Instant>,
     /// The drawn re-lock time for an environment that only gained entries.
     spread_at: Option<SystemTime>,
 }
@@ -247,7 +249,7 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
             locked: None,
             next_refresh: SystemTime::UNIX_EPOCH,
             failures: 0,
-            retry_at: SystemTime::UNIX_EPOCH,
+            retry_at: None,
             spread_at: None,
         };
         loop {
@@ -358,8 +360,12 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
             return self.until(at, now);
         }
         // Due, but a failure's back-off is still running: nothing calls STS early.
-        if now < state.retry_at {
-            return self.until(state.retry_at, now);
+        if let Some(left) = state
+            .retry_at
+            .and_then(|at| at.checked_duration_since(tokio::time::Instant::now()))
+            .filter(|left| !left.is_zero())
+        {
+            return left.min(self.recheck);
         }
 
         // No locked session may assume another role credlock serves (the instance role from a
@@ -431,7 +437,7 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
                 let expiration = issued.credentials.expiration;
                 state.next_refresh = refresh_at(now, expiration, self.random.unit() * 2.0 - 1.0);
                 state.failures = 0;
-                state.retry_at = SystemTime::UNIX_EPOCH;
+                state.retry_at = None;
                 state.spread_at = None;
                 self.store.store(issued.credentials);
                 self.metrics.success.inc();
@@ -485,7 +491,8 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
         self.metrics.failure.inc();
         let wait = backoff(state.failures, self.random.unit());
         let now = self.clock.now();
-        state.retry_at = state.retry_at.max(now + wait);
+        let at = tokio::time::Instant::now() + wait;
+        state.retry_at = Some(state.retry_at.map_or(at, |r| r.max(at)));
         let serving = self.store.servable(now, self.config.serve_margin).is_some();
         tracing::warn!(
             error = %message,
@@ -503,7 +510,12 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
             .recent_errors
             .push_back(format!("{} {message}", imds_timestamp(now)));
         self.status.store(Arc::new(status));
-        self.until(state.retry_at, now)
+        state
+            .retry_at
+            .map_or(Duration::ZERO, |at| {
+                at.saturating_duration_since(tokio::time::Instant::now())
+            })
+            .min(self.recheck)
     }
 }
 
