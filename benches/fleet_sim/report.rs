@@ -39,6 +39,8 @@ pub struct Wave {
     pub p99: Option<f64>,
     /// Until the last instance was done; `None` if some never were.
     pub all: Option<f64>,
+    /// The highest AssumeRole rate from `from` to the end of the run, per second.
+    pub sts_peak: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -111,7 +113,7 @@ fn row(name: &'static str, s: &Series, quota: f64, window: (f64, f64)) -> ApiRow
 }
 
 fn wave(
-    instances: &[InstanceRecord],
+    (instances, sts, end): (&[InstanceRecord], &Series, f64),
     from: f64,
     member: impl Fn(&InstanceRecord) -> bool,
     done: impl Fn(&InstanceRecord) -> Option<f64>,
@@ -131,6 +133,10 @@ fn wave(
         p50: percentile(&times, 0.5),
         p99: percentile(&times, 0.99),
         all,
+        sts_peak: per_second(&sts.calls, (from, end))
+            .into_iter()
+            .max()
+            .unwrap_or(0),
     }
 }
 
@@ -148,7 +154,7 @@ impl Report {
         for api in [Api::AssumeRole, Api::GetObject] {
             apis.push(row(
                 api.name(),
-                &r.series[Api::ALL.iter().position(|a| *a == api).unwrap_or(0)],
+                &r.series[api.index()],
                 raw.quotas.rate(api),
                 window,
             ));
@@ -194,9 +200,10 @@ impl Report {
         let lower = (!waits.is_empty())
             .then(|| waits.iter().filter(|&&w| w < 0.55).count() as f64 / waits.len() as f64);
 
+        let sts = &r.series[Api::AssumeRole.index()];
         let relock = match scenario.event {
             Event::AddAddress { at } | Event::RemoveAddress { at } => Some(wave(
-                instances,
+                (instances, sts, scenario.run_for),
                 at,
                 |i| i.started.is_some_and(|s| s < at),
                 |i| i.relocked,
@@ -204,9 +211,12 @@ impl Report {
             _ => None,
         };
         let recovery = match scenario.event {
-            Event::StsOutage { to, .. } => {
-                Some(wave(instances, to, |i| i.outage_failed, |i| i.recovered))
-            }
+            Event::StsOutage { to, .. } => Some(wave(
+                (instances, sts, scenario.run_for),
+                to,
+                |i| i.outage_failed,
+                |i| i.recovered,
+            )),
             _ => None,
         };
         Report {
@@ -280,6 +290,7 @@ impl Report {
                 "p50_s": w.p50.map(ms),
                 "p99_s": w.p99.map(ms),
                 "all_s": w.all.map(ms),
+                "sts_peak_rps": w.sts_peak,
             }),
         };
         json!({
@@ -362,13 +373,14 @@ impl Report {
         for (what, w) in [("re-lock", &self.relock), ("recovery", &self.recovery)] {
             if let Some(w) = w {
                 out.push_str(&format!(
-                    "  {what} after {:.0} s: {}/{} instances, p50 {} p99 {} all {}\n",
+                    "  {what} after {:.0} s: {}/{} instances, p50 {} p99 {} all {}; AssumeRole peak from then on {}/s\n",
                     w.from,
                     w.done,
                     w.instances,
                     secs(w.p50),
                     secs(w.p99),
-                    secs(w.all)
+                    secs(w.all),
+                    w.sts_peak
                 ));
             }
         }
@@ -499,6 +511,20 @@ pub fn table(all: &Map<String, Value>, details: bool) -> String {
                 num(v, &["calls", "ec2:Describe*"]).unwrap_or(0.0),
                 num(v, &["failed", "sts:AssumeRole"]).unwrap_or(0.0),
             ));
+            for kind in ["relock", "recovery"] {
+                if let Some(w) = v.get(kind).filter(|w| !w.is_null()) {
+                    out.push_str(&format!(
+                        "{name}: {kind} from {} s: {}/{} instances, p50 {} s, p99 {} s, all {} s; AssumeRole peak from then on {}/s\n",
+                        num(w, &["from_s"]).unwrap_or(0.0),
+                        num(w, &["done"]).unwrap_or(0.0),
+                        num(w, &["instances"]).unwrap_or(0.0),
+                        opt(num(w, &["p50_s"]), 1),
+                        opt(num(w, &["p99_s"]), 1),
+                        opt(num(w, &["all_s"]), 1),
+                        num(w, &["sts_peak_rps"]).unwrap_or(0.0),
+                    ));
+                }
+            }
         }
     }
     out

@@ -77,7 +77,7 @@ impl Api {
         }
     }
 
-    fn index(self) -> usize {
+    pub fn index(self) -> usize {
         Api::ALL.iter().position(|a| *a == self).unwrap_or(0)
     }
 
