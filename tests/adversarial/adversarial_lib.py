@@ -495,6 +495,18 @@ class Credlock:
     def stop(self) -> None:
         self.proc.stop()
 
+    def metric(self, name: str, labels: str = "") -> float:
+        """One sample of credlock's /metrics (`name{labels}`, labels as exposed), 0 if absent."""
+        status, body = simple_http(self.admin, "GET", "/metrics")
+        if status != 200:
+            raise Failure(f"credlock /metrics: {status}")
+        wanted = f"{name}{{{labels}}}" if labels else name
+        for line in body.decode().splitlines():
+            key, _, value = line.rpartition(" ")
+            if key == wanted:
+                return float(value)
+        return 0.0
+
     # ---- one request, one fresh connection ----
 
     def exchange(self, data: bytes, head: bool = False, timeout: float = 5.0) -> Reply | None:
