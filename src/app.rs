@@ -45,6 +45,8 @@ pub enum StartError {
 /// A running credlock.
 pub struct Running {
     pub imds_addrs: Vec<SocketAddr>,
+    /// The ECS task-credential listeners (`[containers.ecs]`; empty when off).
+    pub ecs_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
     /// Why the admin listener could not be had (it is then not served; IMDS is). Under
     /// systemd the socket unit holds it from boot, so only `credlock run` by hand can meet this.
@@ -251,10 +253,11 @@ async fn start_with(
         .into_iter()
         .filter_map(|l| Some((l.local_addr().ok()?, l)))
         .collect();
-    if let Some((addr, _)) = inherited
-        .iter()
-        .find(|(a, _)| !config.listen.contains(a) && *a != config.admin_listen)
-    {
+    if let Some((addr, _)) = inherited.iter().find(|(a, _)| {
+        !config.listen.contains(a)
+            && *a != config.admin_listen
+            && !config.ecs.as_ref().is_some_and(|e| e.listen.contains(a))
+    }) {
         return Err(StartError::UnexpectedListener(addr.to_string()));
     }
     let mut imds_listeners = Vec::with_capacity(config.listen.len());
@@ -280,6 +283,14 @@ async fn start_with(
         }
     };
     let imds_addrs: Vec<SocketAddr> = imds_listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    let mut ecs_listeners = Vec::new();
+    for addr in config.ecs.iter().flat_map(|e| &e.listen) {
+        ecs_listeners.push(listener_for(*addr, &mut inherited).await?);
+    }
+    let ecs_addrs: Vec<SocketAddr> = ecs_listeners
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .collect();
@@ -354,7 +365,37 @@ async fn start_with(
         Some(metrics.connections("admin")),
         None,
     ));
-    tracing::info!(imds = ?imds_addrs, admin = %admin_addr, upstream = %config.upstream.authority, "serving");
+    let task_locks = config.ecs.as_ref().map(|ecs| {
+        Arc::new(crate::container::TaskLocks::new(
+            UpstreamClient::new(&ecs.agent, ecs.agent_timeout),
+            template.clone(),
+            crate::container::TaskLockConfig {
+                session_duration: config.lock.session_duration,
+                serve_margin: config.lock.serve_margin,
+                source_identity: config.lock.source_identity,
+                max_sets: ecs.max_tasks,
+                assume_rate: ecs.assume_rate,
+            },
+            clock.clone(),
+            metrics.clone(),
+        ))
+    });
+    let ecs_server = task_locks.clone().map(|locks| {
+        tokio::spawn(server::serve(
+            "ecs",
+            ecs_listeners,
+            move |req, _| crate::container::handle(locks.clone(), req),
+            server::Limits {
+                max_connections: config.max_connections,
+                idle: server::IDLE_TIMEOUT,
+                drain: config.drain_timeout,
+            },
+            shutdown_rx.clone(),
+            Some(metrics.connections("ecs")),
+            None,
+        ))
+    });
+    tracing::info!(imds = ?imds_addrs, admin = %admin_addr, ecs = ?ecs_addrs, upstream = %config.upstream.authority, "serving");
 
     // A pool of its own: see [`Imds`].
     let imds = Arc::new(
@@ -373,6 +414,7 @@ async fn start_with(
         clock,
         (lock_status, class_roles, class_lock_status),
         discovery_status,
+        task_locks,
         ready_tx,
         shutdown_rx,
     ));
@@ -380,10 +422,14 @@ async fn start_with(
     let task = tokio::spawn(async move {
         let _ = proxy_server.await;
         let _ = admin_server.await;
+        if let Some(ecs) = ecs_server {
+            let _ = ecs.await;
+        }
         background.abort();
     });
     Ok(Running {
         imds_addrs,
+        ecs_addrs,
         admin_addr,
         admin_error,
         metrics: metrics_handle,
@@ -411,6 +457,7 @@ async fn run_background(
     clock: Arc<dyn Clock>,
     (lock_status, class_roles, class_lock_status): LockStates,
     discovery_status: Arc<ArcSwap<Vec<SourceStatus>>>,
+    task_locks: Option<Arc<crate::container::TaskLocks>>,
     ready: watch::Sender<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -466,6 +513,25 @@ async fn run_background(
             random: Arc::new(crate::clock::ThreadRandom),
         };
         class_loops.spawn(locker.run(shutdown.clone()));
+    }
+    if let Some(locks) = &task_locks {
+        // A task's locked session may not assume the instance role or an access rule's role.
+        let mut deny = served_roles.clone();
+        deny.push(identity.role.clone());
+        locks.set_context(crate::container::LockContext {
+            issuer: Arc::new(
+                AwsIssuer::new(
+                    &identity.region,
+                    source.clone(),
+                    config.lock.sts_endpoint.as_deref(),
+                    clock.clone(),
+                )
+                .await,
+            ),
+            instance_id: identity.instance_id.clone(),
+            deny,
+            environment: env_rx.clone(),
+        });
     }
     let told = class_roles.clone();
     let locker = Locker {

@@ -52,7 +52,13 @@ pub struct Config {
     pub firewall_required: Option<bool>,
     /// The per-process access policy (`[[access.rule]]`), validated; empty: no policy.
     pub access: crate::access::AccessConfig,
+    /// `[containers.ecs]`: locked ECS task credentials; `None`: off.
+    pub ecs: Option<EcsConfig>,
 }
+
+#[path = "config_containers.rs"]
+mod containers;
+pub use containers::EcsConfig;
 
 pub use crate::upstream::Upstream;
 
@@ -153,6 +159,7 @@ struct FileConfig {
     policy: PolicySection,
     firewall: FirewallSection,
     access: crate::access::AccessConfig,
+    containers: containers::ContainersSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -388,6 +395,10 @@ fn validate(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
         ));
     }
 
+    let ecs = containers::validate(
+        file.containers,
+        &[listen.as_slice(), &[admin_listen]].concat(),
+    )?;
     Ok(Config {
         listen,
         admin_listen,
@@ -406,6 +417,7 @@ fn validate(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
             .unwrap_or_else(|| PathBuf::from(crate::firewall::DEFAULT_STATE_FILE)),
         firewall_required: file.firewall.required,
         access: validate_access(file.access)?,
+        ecs,
     })
 }
 
@@ -746,25 +758,24 @@ fn parse_addr(key: &str, raw: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 fn parse_upstream(raw: &str) -> Result<Upstream, ConfigError> {
-    let uri: http::Uri = raw
-        .parse()
-        .map_err(|_| invalid("server.upstream", raw, "not a URL"))?;
+    parse_upstream_key("server.upstream", raw)
+}
+
+/// A plain-HTTP peer credlock forwards to (IMDS, the ECS agent): `http://HOST[:PORT]`.
+fn parse_upstream_key(key: &str, raw: &str) -> Result<Upstream, ConfigError> {
+    let uri: http::Uri = raw.parse().map_err(|_| invalid(key, raw, "not a URL"))?;
     if uri.scheme_str() != Some("http") {
         return Err(invalid(
-            "server.upstream",
+            key,
             raw,
-            "must be an http:// URL (IMDS speaks plain HTTP)",
+            "must be an http:// URL (the peer speaks plain HTTP)",
         ));
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err(invalid(
-            "server.upstream",
-            raw,
-            "must not have a path or query",
-        ));
+        return Err(invalid(key, raw, "must not have a path or query"));
     }
     let Some(authority) = uri.authority().cloned() else {
-        return Err(invalid("server.upstream", raw, "has no host"));
+        return Err(invalid(key, raw, "has no host"));
     };
     Ok(Upstream { authority })
 }

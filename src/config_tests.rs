@@ -153,3 +153,68 @@ fn sessions_are_marked_by_default_and_dp_tags_are_refused() {
         .is_ok()
     );
 }
+
+#[test]
+fn containers_ecs_is_off_unless_its_table_is_there_and_has_documented_defaults() {
+    let c = from_toml("", &Overrides::default()).unwrap();
+    assert!(c.ecs.is_none());
+    let c = from_toml("[containers.ecs]\nenabled = false\n", &Overrides::default()).unwrap();
+    assert!(c.ecs.is_none());
+    let c = from_toml("[containers.ecs]\n", &Overrides::default()).unwrap();
+    let ecs = c.ecs.unwrap();
+    assert_eq!(ecs.listen, vec!["127.0.0.1:51680".parse().unwrap()]);
+    assert_eq!(ecs.agent.authority.as_str(), "127.0.0.1:51679");
+    assert_eq!(ecs.agent_timeout, Duration::from_millis(2000));
+    assert_eq!(ecs.assume_rate, 5.0);
+    assert_eq!(ecs.max_tasks, 256);
+    // host:port alone is an http:// agent.
+    let c = from_toml(
+        "[containers.ecs]\nagent = \"127.0.0.1:9999\"\n",
+        &Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(c.ecs.unwrap().agent.authority.as_str(), "127.0.0.1:9999");
+}
+
+#[test]
+fn containers_ecs_rejects_what_would_break_or_overspend() {
+    for (text, key) in [
+        (
+            "[server]\nlisten = [\"127.0.0.1:51680\"]\n[containers.ecs]\n",
+            "containers.ecs.listen",
+        ),
+        (
+            "[containers.ecs]\nlisten = [\"127.0.0.1:9169\"]\n",
+            "containers.ecs.listen",
+        ),
+        ("[containers.ecs]\nlisten = []\n", "containers.ecs.listen"),
+        (
+            "[containers.ecs]\nagent = \"https://127.0.0.1:51679\"\n",
+            "containers.ecs.agent",
+        ),
+        (
+            "[containers.ecs]\nagent = \"http://127.0.0.1:51679/v2\"\n",
+            "containers.ecs.agent",
+        ),
+        (
+            "[containers.ecs]\nassume_rate = 0\n",
+            "containers.ecs.assume_rate",
+        ),
+        (
+            "[containers.ecs]\nassume_rate = 1000\n",
+            "containers.ecs.assume_rate",
+        ),
+        (
+            "[containers.ecs]\nmax_tasks = 0\n",
+            "containers.ecs.max_tasks",
+        ),
+        (
+            "[containers.ecs]\nagent_timeout_ms = 1\n",
+            "containers.ecs.agent_timeout_ms",
+        ),
+        ("[containers.ecs]\nsurprise = 1\n", ""),
+    ] {
+        let e = from_toml(text, &Overrides::default()).unwrap_err();
+        assert!(e.key.starts_with(key), "{text}: {e}");
+    }
+}

@@ -171,10 +171,33 @@ pub fn rewrite(body: &[u8], locked: &LockedCredentials) -> Result<Option<Vec<u8>
     if !success {
         return Ok(None);
     }
+    splice(text, &fields, locked).map(Some)
+}
+
+/// Replaces `AccessKeyId`, `SecretAccessKey`, `Token`, `Expiration` (all required) and
+/// `LastUpdated` (when present) of a credential document with the locked set's, keeping every
+/// other byte: the shape of IMDS's answer and of the container credential endpoints' (ECS
+/// agent, EKS Pod Identity agent), which have no `Code`. `Err`: the caller fails closed.
+pub fn rewrite_document(body: &[u8], locked: &LockedCredentials) -> Result<Vec<u8>, RewriteError> {
+    let text = std::str::from_utf8(body).map_err(|_| RewriteError::NotJson)?;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let fields = de
+        .deserialize_map(FieldsVisitor)
+        .map_err(|_| RewriteError::NotJson)?;
+    de.end().map_err(|_| RewriteError::NotJson)?;
+    splice(text, &fields, locked)
+}
+
+fn splice(
+    text: &str,
+    fields: &[(Cow<'_, str>, &RawValue)],
+    locked: &LockedCredentials,
+) -> Result<Vec<u8>, RewriteError> {
+    let body = text.as_bytes();
     // Every occurrence of a replaced key is replaced, duplicates included: a duplicate key
     // must not smuggle the upstream's secret past the rewrite.
     let mut spans: Vec<(usize, usize, usize)> = Vec::with_capacity(5);
-    for (key, value) in &fields {
+    for (key, value) in fields {
         if let Some(i) = FIELDS.iter().position(|f| key == f) {
             let start = value.get().as_ptr() as usize - text.as_ptr() as usize;
             spans.push((start, start + value.get().len(), i));
@@ -201,7 +224,7 @@ pub fn rewrite(body: &[u8], locked: &LockedCredentials) -> Result<Option<Vec<u8>
         at = end;
     }
     out.extend_from_slice(&body[at..]);
-    Ok(Some(out))
+    Ok(out)
 }
 
 /// Why a credential-route answer from the upstream is not served (the `reason` label of
@@ -306,6 +329,95 @@ pub fn judge(status: u16, body: &[u8], locked: &LockedCredentials, known: &[Secr
         return Verdict::Refuse(AnswerRefusal::RawSecret);
     }
     Verdict::Locked(out)
+}
+
+/// A container credential endpoint's 200 credential document (ECS agent, EKS Pod Identity
+/// agent): the task's or pod's own credentials, which credlock locks and never serves.
+pub struct RawDocument {
+    /// `RoleArn` (the ECS agent's answers carry it; Pod Identity's do not).
+    pub role_arn: Option<String>,
+    pub access_key_id: String,
+    pub secret_access_key: Secret,
+    pub token: Secret,
+}
+
+impl std::fmt::Debug for RawDocument {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawDocument")
+            .field("role_arn", &self.role_arn)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What to do with a container credential endpoint's answer.
+#[derive(Debug)]
+pub enum DocumentVerdict {
+    /// A 200 with the documented credential fields, all strings: lock it
+    /// ([`rewrite_document`]) and check the result with [`not_servable`] before serving it.
+    Credentials(RawDocument),
+    /// No secret key and no known raw value anywhere: the agent's own answer (its errors,
+    /// redirects, metadata), passed unchanged.
+    Pass,
+    Refuse(AnswerRefusal),
+}
+
+/// Fail-closed judgement of an answer from a container credential endpoint (the ECS agent's
+/// `/v2/credentials/<id>`, the EKS Pod Identity agent's `/v1/credentials`), whatever the path:
+/// whether an answer holds credentials is decided by its content, never by the request's
+/// path, so no path spelling the agent accepts (`/v1/credentials?id=`, escapes, a redirect's
+/// target) can carry a raw set past credlock.
+///  - a 200 JSON object with `AccessKeyId`, `SecretAccessKey`, `Token` and `Expiration` as
+///    strings is a credential document;
+///  - any other answer passes only if it has no secret key at any depth and none of `known`
+///    (raw values credlock has seen from this agent) byte for byte or in a decoded string;
+///    a 200 with some but not all of the fields is the wrong shape.
+pub fn judge_document(status: u16, body: &[u8], known: &[Secret]) -> DocumentVerdict {
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    if status == 200
+        && let Some(serde_json::Value::Object(o)) = &parsed
+    {
+        let text = |k: &str| o.get(k).and_then(serde_json::Value::as_str);
+        if let (Some(id), Some(secret), Some(token), Some(_)) = (
+            text("AccessKeyId"),
+            text("SecretAccessKey"),
+            text("Token"),
+            text("Expiration"),
+        ) && !id.is_empty()
+            && !secret.is_empty()
+            && !token.is_empty()
+        {
+            return DocumentVerdict::Credentials(RawDocument {
+                role_arn: text("RoleArn").map(str::to_string),
+                access_key_id: id.to_string(),
+                secret_access_key: Secret::new(secret),
+                token: Secret::new(token),
+            });
+        }
+    }
+    let secret_key = parsed.as_ref().is_some_and(has_secret_key);
+    let raw: Vec<String> = known
+        .iter()
+        .map(|s| s.expose().to_string())
+        .filter(|r| !r.is_empty())
+        .collect();
+    if secret_key && status == 200 {
+        return DocumentVerdict::Refuse(AnswerRefusal::Shape);
+    }
+    if secret_key || leaks(body, parsed.as_ref(), &raw) {
+        return DocumentVerdict::Refuse(AnswerRefusal::RawSecret);
+    }
+    DocumentVerdict::Pass
+}
+
+/// Whether a rewritten container credential answer must not be served: it is not JSON, or it
+/// holds any of `raw` (as [`judge`] checks). The last check before it is served.
+pub fn not_servable(body: &[u8], raw: &[&Secret]) -> bool {
+    let raw: Vec<String> = raw
+        .iter()
+        .map(|s| s.expose().to_string())
+        .filter(|r| !r.is_empty())
+        .collect();
+    serde_json::from_slice::<serde_json::Value>(body).is_err() || leaks(body, None, &raw)
 }
 
 /// Whether `body` holds any of `raw`: byte for byte, or inside a decoded JSON string (a key or

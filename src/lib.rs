@@ -20,7 +20,9 @@
 //! - [`upstream`] and [`http1`]: the pooled client to the real IMDS and its response codec
 //!   (pure);
 //! - [`credentials`]: the locked set, its store, the judgement and rewrite of an IMDS
-//!   credential answer.
+//!   credential answer (and of a container credential endpoint's);
+//! - [`container`]: the ECS task-credential proxy (`[containers.ecs]`): the agent's answers,
+//!   their sets locked per task with the task's own credentials.
 //!
 //! The background path, which keeps a locked set ready:
 //! - [`identity`] and [`imds`]: who this instance is, read from IMDS with credlock's own
@@ -47,6 +49,8 @@ pub mod class_role;
 pub mod clock;
 #[cfg(feature = "daemon")]
 pub mod config;
+#[cfg(feature = "daemon")]
+pub mod container;
 pub mod credentials;
 #[cfg(feature = "daemon")]
 pub mod discovery;

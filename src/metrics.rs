@@ -45,6 +45,13 @@ pub struct Metrics {
     pub class_sessions_marked: IntGaugeVec,
     /// `credlock_sessions_marked`: 1 while the locked session carries the SourceIdentity marker.
     pub sessions_marked: IntGauge,
+    /// Task-credential answers of the container proxies, by `agent` (`ecs`) and `result`
+    /// ([`crate::container::TaskResult`]).
+    pub task_credentials: IntCounterVec,
+    /// Locked task sets held, by `agent`.
+    pub task_sets: IntGaugeVec,
+    /// Failed AssumeRole calls for task sets, by `agent` and STS error `code`.
+    pub task_sts_errors: IntCounterVec,
     /// Resolved once: the request path never hashes a label set (see [`Metrics::answered`]).
     answered_handles: [[IntCounter; 3]; ROUTES.len()],
     /// Every route but `refused`, which never reaches the upstream.
@@ -395,6 +402,27 @@ impl Metrics {
         for result in ["success", "failure"] {
             refreshes.with_label_values(&[result]);
         }
+        let task_credentials = counter(
+            "credlock_task_credentials_total",
+            "Answers of a container credential proxy (the ECS agent's task credentials), by agent and result: locked (a new locked set), cached (a held one), passed (the agent's own secret-free answer), refused (an answer that would carry a raw value, or of the wrong shape: 502), failed (no locked set could be had: 502/503).",
+            &["agent", "result"],
+        );
+        let task_sts_errors = counter(
+            "credlock_task_sts_errors_total",
+            "Failed AssumeRole calls for task sets, by agent and STS error code.",
+            &["agent", "code"],
+        );
+        let task_sets = IntGaugeVec::new(
+            Opts::new(
+                "credlock_task_sets",
+                "Locked task sets held by a container credential proxy, by agent.",
+            ),
+            &["agent"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(task_sets.clone()))
+            .expect("unique metric");
         for reason in RefusalReason::ALL {
             refused.with_label_values(&[reason.label()]);
         }
@@ -449,6 +477,9 @@ impl Metrics {
             class_sessions_marked,
             sessions_marked,
             firewall_state,
+            task_credentials,
+            task_sets,
+            task_sts_errors,
             answered_handles,
             upstream_handles,
         }

@@ -236,49 +236,80 @@ impl AwsIssuer {
     }
 }
 
+impl AwsIssuer {
+    /// AssumeRole signed with `source` instead of the instance role's credentials (a task's or
+    /// a pod's own, for its locked set): the same Region, endpoint, retry and time-out
+    /// settings, a client of its own for the one call.
+    pub async fn assume_as(
+        &self,
+        source: Credentials,
+        request: &AssumeRequest,
+    ) -> Result<Issued, StsError> {
+        let config = self
+            .client
+            .config()
+            .to_builder()
+            .credentials_provider(source)
+            .build();
+        assume_on(
+            &aws_sdk_sts::Client::from_conf(config),
+            &*self.clock,
+            request,
+        )
+        .await
+    }
+}
+
 impl Issuer for AwsIssuer {
     async fn assume(&self, request: &AssumeRequest) -> Result<Issued, StsError> {
-        let mut call = self
-            .client
-            .assume_role()
-            .role_arn(&request.role_arn)
-            .role_session_name(&request.session_name)
-            .policy(&request.policy)
-            .duration_seconds(request.duration.as_secs() as i32);
-        if let Some(id) = &request.source_identity {
-            call = call.source_identity(id);
-        }
-        for (k, v) in &request.tags {
-            let tag = aws_sdk_sts::types::Tag::builder()
-                .key(k)
-                .value(v)
-                .build()
-                .map_err(|e| StsError {
-                    code: StsErrorCode::Validation,
-                    message: e.to_string(),
-                })?;
-            call = call.tags(tag);
-        }
-        let output = call.send().await.map_err(classify)?;
-        let creds = output.credentials.ok_or_else(|| StsError {
-            code: StsErrorCode::Other,
-            message: "the answer has no Credentials".into(),
-        })?;
-        let expiration = SystemTime::try_from(creds.expiration).map_err(|_| StsError {
-            code: StsErrorCode::Other,
-            message: "the answer's Expiration is out of range".into(),
-        })?;
-        Ok(Issued {
-            credentials: LockedCredentials::new(
-                creds.access_key_id,
-                Secret::new(creds.secret_access_key),
-                Secret::new(creds.session_token),
-                expiration,
-                self.clock.now(),
-            ),
-            packed_policy_percent: output.packed_policy_size,
-        })
+        assume_on(&self.client, &*self.clock, request).await
     }
+}
+
+async fn assume_on(
+    client: &aws_sdk_sts::Client,
+    clock: &dyn Clock,
+    request: &AssumeRequest,
+) -> Result<Issued, StsError> {
+    let mut call = client
+        .assume_role()
+        .role_arn(&request.role_arn)
+        .role_session_name(&request.session_name)
+        .policy(&request.policy)
+        .duration_seconds(request.duration.as_secs() as i32);
+    if let Some(id) = &request.source_identity {
+        call = call.source_identity(id);
+    }
+    for (k, v) in &request.tags {
+        let tag = aws_sdk_sts::types::Tag::builder()
+            .key(k)
+            .value(v)
+            .build()
+            .map_err(|e| StsError {
+                code: StsErrorCode::Validation,
+                message: e.to_string(),
+            })?;
+        call = call.tags(tag);
+    }
+    let output = call.send().await.map_err(classify)?;
+    let creds = output.credentials.ok_or_else(|| StsError {
+        code: StsErrorCode::Other,
+        message: "the answer has no Credentials".into(),
+    })?;
+    let expiration = SystemTime::try_from(creds.expiration).map_err(|_| StsError {
+        code: StsErrorCode::Other,
+        message: "the answer's Expiration is out of range".into(),
+    })?;
+    Ok(Issued {
+        credentials: LockedCredentials::new(
+            creds.access_key_id,
+            Secret::new(creds.secret_access_key),
+            Secret::new(creds.session_token),
+            expiration,
+            clock.now(),
+        ),
+        packed_policy_percent: output.packed_policy_size,
+    })
 }
 
 fn classify<E, R>(err: SdkError<E, R>) -> StsError

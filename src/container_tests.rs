@@ -1,0 +1,501 @@
+use std::sync::Mutex as StdMutex;
+use std::time::{Duration, SystemTime};
+
+use super::*;
+use crate::clock::ManualClock;
+use crate::credentials::{AnswerRefusal, FIELDS};
+
+const T0: u64 = 1_800_000_000;
+const ROLE_A: &str = "arn:aws:iam::111122223333:role/task-a";
+const ROLE_B: &str = "arn:aws:iam::111122223333:role/task-b";
+const INSTANCE_ROLE: &str = "arn:aws:iam::111122223333:role/instance";
+
+fn at(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(T0 + secs)
+}
+
+/// Issues one-hour sets named after the call count; fails while `failing` is set; refuses a
+/// SourceIdentity while `no_source_identity` is set; records (source key id, request).
+struct FakeSts {
+    clock: Arc<ManualClock>,
+    failing: StdMutex<Option<StsErrorCode>>,
+    no_source_identity: StdMutex<bool>,
+    calls: StdMutex<Vec<(String, AssumeRequest)>>,
+}
+
+impl TaskIssuer for FakeSts {
+    fn assume_as<'a>(
+        &'a self,
+        source: Credentials,
+        request: &'a AssumeRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<Issued, StsError>> + Send + 'a>> {
+        Box::pin(async move {
+            let mut calls = self.calls.lock().unwrap();
+            calls.push((source.access_key_id().to_string(), request.clone()));
+            if let Some(code) = *self.failing.lock().unwrap() {
+                return Err(StsError {
+                    code,
+                    message: "refused by the fake".into(),
+                });
+            }
+            if request.source_identity.is_some() && *self.no_source_identity.lock().unwrap() {
+                return Err(StsError {
+                    code: StsErrorCode::AccessDenied,
+                    message: "not authorized to perform: sts:SetSourceIdentity".into(),
+                });
+            }
+            let now = self.clock.now();
+            let n = calls.len();
+            Ok(Issued {
+                credentials: LockedCredentials::new(
+                    format!("ASIALOCKED{n:010}"),
+                    Secret::new(format!("locked-secret-{n}")),
+                    Secret::new(format!("locked-token-{n}")),
+                    now + Duration::from_secs(3600),
+                    now,
+                ),
+                packed_policy_percent: Some(10),
+            })
+        })
+    }
+}
+
+struct Harness {
+    locks: TaskLocks,
+    sts: Arc<FakeSts>,
+    clock: Arc<ManualClock>,
+    env: watch::Sender<Option<Arc<Environment>>>,
+}
+
+fn env(ip: &str) -> Arc<Environment> {
+    let mut e = Environment::default();
+    assert!(e.add_ip(ip));
+    Arc::new(e)
+}
+
+fn harness(max_sets: usize, rate: f64) -> Harness {
+    let clock = Arc::new(ManualClock::new(at(0)));
+    let sts = Arc::new(FakeSts {
+        clock: clock.clone(),
+        failing: StdMutex::new(None),
+        no_source_identity: StdMutex::new(false),
+        calls: StdMutex::new(Vec::new()),
+    });
+    let upstream = crate::upstream::Upstream {
+        authority: "127.0.0.1:9".parse().unwrap(),
+    };
+    let locks = TaskLocks::new(
+        UpstreamClient::new(&upstream, Duration::from_secs(1)),
+        policy::parse_template(policy::BUILTIN_TEMPLATE).unwrap(),
+        TaskLockConfig {
+            session_duration: Duration::from_secs(3600),
+            serve_margin: Duration::from_secs(300),
+            source_identity: true,
+            max_sets,
+            assume_rate: rate,
+        },
+        clock.clone(),
+        Arc::new(Metrics::new()),
+    );
+    let (tx, rx) = watch::channel(Some(env("203.0.113.10")));
+    locks.set_context(LockContext {
+        issuer: sts.clone(),
+        instance_id: "i-0123456789abcdef0".into(),
+        deny: vec![RoleArn::parse(INSTANCE_ROLE).unwrap()],
+        environment: rx,
+    });
+    Harness {
+        locks,
+        sts,
+        clock,
+        env: tx,
+    }
+}
+
+fn raw(key: &str, role: Option<&str>) -> RawDocument {
+    RawDocument {
+        role_arn: role.map(str::to_string),
+        access_key_id: key.into(),
+        secret_access_key: Secret::new(format!("{key}-RAWSECRET")),
+        token: Secret::new(format!("{key}-RAWTOKEN")),
+    }
+}
+
+fn calls(h: &Harness) -> Vec<(String, AssumeRequest)> {
+    h.sts.calls.lock().unwrap().clone()
+}
+
+#[tokio::test]
+async fn one_assume_per_task_signed_with_the_tasks_own_credentials_then_cached() {
+    let h = harness(16, 50.0);
+    let (first, cached) = h
+        .locks
+        .locked_for(&raw("ASIARAWEA", Some(ROLE_A)), Some("task-a"))
+        .await
+        .unwrap();
+    assert!(!cached);
+    let (again, cached) = h
+        .locks
+        .locked_for(&raw("ASIARAWEA", Some(ROLE_A)), Some("task-a"))
+        .await
+        .unwrap();
+    assert!(cached);
+    assert_eq!(first.access_key_id, again.access_key_id);
+    let calls = calls(&h);
+    assert_eq!(calls.len(), 1);
+    let (source, request) = &calls[0];
+    assert_eq!(source, "ASIARAWEA", "signed with the task's own key");
+    assert_eq!(request.role_arn, ROLE_A);
+    assert_eq!(request.session_name, "credlock-ecs-task-a");
+    assert_eq!(
+        request.source_identity.as_deref(),
+        Some("credlock-i-0123456789abcdef0")
+    );
+    // The session policy: the environment's address, re-assuming denied, the instance role
+    // denied too.
+    assert!(
+        request.policy.contains("203.0.113.10"),
+        "{}",
+        request.policy
+    );
+    assert!(
+        request.policy.contains("role/instance"),
+        "{}",
+        request.policy
+    );
+}
+
+#[tokio::test]
+async fn tasks_never_share_a_set_even_with_one_role() {
+    let h = harness(16, 50.0);
+    let (a, _) = h
+        .locks
+        .locked_for(&raw("ASIARAWEA", Some(ROLE_A)), Some("a"))
+        .await
+        .unwrap();
+    let (b, _) = h
+        .locks
+        .locked_for(&raw("ASIARAWEB", Some(ROLE_A)), Some("b"))
+        .await
+        .unwrap();
+    assert_ne!(a.access_key_id, b.access_key_id);
+    let (a2, cached) = h
+        .locks
+        .locked_for(&raw("ASIARAWEA", Some(ROLE_A)), Some("a"))
+        .await
+        .unwrap();
+    assert!(cached);
+    assert_eq!(a.access_key_id, a2.access_key_id);
+    let sources: Vec<String> = calls(&h).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(sources, ["ASIARAWEA", "ASIARAWEB"]);
+}
+
+#[tokio::test]
+async fn relocks_near_expiry_on_a_role_change_and_on_an_environment_change() {
+    let h = harness(16, 50.0);
+    let task = raw("ASIARAWEA", Some(ROLE_A));
+    h.locks.locked_for(&task, Some("a")).await.unwrap();
+    // 54 minutes on: 6 minutes left, over the 5-minute margin: held.
+    h.clock.set(at(54 * 60));
+    assert!(h.locks.locked_for(&task, Some("a")).await.unwrap().1);
+    // 56 minutes on: within the margin: a new set.
+    h.clock.set(at(56 * 60));
+    assert!(!h.locks.locked_for(&task, Some("a")).await.unwrap().1);
+    // The agent names another role for the same raw key: a new set for that role.
+    let moved = raw("ASIARAWEA", Some(ROLE_B));
+    assert!(!h.locks.locked_for(&moved, Some("a")).await.unwrap().1);
+    assert_eq!(calls(&h).last().unwrap().1.role_arn, ROLE_B);
+    // The environment changes: a new set locked to the new one.
+    h.env.send_replace(Some(env("198.51.100.7")));
+    assert!(!h.locks.locked_for(&moved, Some("a")).await.unwrap().1);
+    assert!(calls(&h).last().unwrap().1.policy.contains("198.51.100.7"));
+    assert_eq!(calls(&h).len(), 4);
+}
+
+#[tokio::test]
+async fn fails_closed_without_environment_role_or_sts() {
+    let h = harness(16, 50.0);
+    let missing_role = h.locks.locked_for(&raw("ASIARAWEA", None), None).await;
+    assert!(matches!(missing_role, Err(Failure::NoRole)));
+    let bad_role = h
+        .locks
+        .locked_for(&raw("ASIARAWEA", Some("not-an-arn")), None)
+        .await;
+    assert!(matches!(bad_role, Err(Failure::NoRole)));
+
+    *h.sts.failing.lock().unwrap() = Some(StsErrorCode::AccessDenied);
+    let refused = h
+        .locks
+        .locked_for(&raw("ASIARAWEA", Some(ROLE_A)), Some("a"))
+        .await;
+    assert!(matches!(refused, Err(Failure::Sts(ref e)) if e.code == StsErrorCode::AccessDenied));
+    assert_eq!(refused.unwrap_err().status(), StatusCode::BAD_GATEWAY);
+    *h.sts.failing.lock().unwrap() = None;
+
+    h.env.send_replace(None);
+    let not_ready = h
+        .locks
+        .locked_for(&raw("ASIARAWEA", Some(ROLE_A)), Some("a"))
+        .await;
+    assert!(matches!(not_ready, Err(Failure::NotReady)));
+    assert_eq!(
+        not_ready.unwrap_err().status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+#[tokio::test]
+async fn before_the_instance_is_known_every_task_fails_closed() {
+    let clock = Arc::new(ManualClock::new(at(0)));
+    let upstream = crate::upstream::Upstream {
+        authority: "127.0.0.1:9".parse().unwrap(),
+    };
+    let locks = TaskLocks::new(
+        UpstreamClient::new(&upstream, Duration::from_secs(1)),
+        policy::parse_template(policy::BUILTIN_TEMPLATE).unwrap(),
+        TaskLockConfig {
+            session_duration: Duration::from_secs(3600),
+            serve_margin: Duration::from_secs(300),
+            source_identity: true,
+            max_sets: 4,
+            assume_rate: 5.0,
+        },
+        clock,
+        Arc::new(Metrics::new()),
+    );
+    let r = locks
+        .locked_for(&raw("ASIARAWEA", Some(ROLE_A)), None)
+        .await;
+    assert!(matches!(r, Err(Failure::NotReady)));
+}
+
+#[tokio::test]
+async fn a_role_without_set_source_identity_is_locked_unmarked() {
+    let h = harness(16, 50.0);
+    *h.sts.no_source_identity.lock().unwrap() = true;
+    h.locks
+        .locked_for(&raw("ASIARAWEA", Some(ROLE_A)), Some("a"))
+        .await
+        .unwrap();
+    let calls = calls(&h);
+    assert_eq!(calls.len(), 2);
+    assert!(calls[0].1.source_identity.is_some());
+    assert!(calls[1].1.source_identity.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_sts_budget_caps_the_rate_and_fails_closed_past_its_wait() {
+    // 1 call per second, burst 2: 2 at once, then one per second; a request that would wait
+    // past BUDGET_WAIT gets 503.
+    let h = harness(64, 1.0);
+    let started = tokio::time::Instant::now();
+    for i in 0..4 {
+        h.locks
+            .locked_for(&raw(&format!("ASIARAWE{i}"), Some(ROLE_A)), None)
+            .await
+            .unwrap();
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_millis(2100),
+        "{took:?}"
+    );
+    // The bucket is empty: of five at once, two get a call within the 2-second wait (at 1 s
+    // and 2 s); three are answered 503 rather than kept waiting.
+    let tasks: Vec<RawDocument> = (10..15)
+        .map(|i| raw(&format!("ASIARAWE{i}"), Some(ROLE_A)))
+        .collect();
+    let (r0, r1, r2, r3, r4) = tokio::join!(
+        h.locks.locked_for(&tasks[0], None),
+        h.locks.locked_for(&tasks[1], None),
+        h.locks.locked_for(&tasks[2], None),
+        h.locks.locked_for(&tasks[3], None),
+        h.locks.locked_for(&tasks[4], None),
+    );
+    let results = [r0, r1, r2, r3, r4];
+    let spent = results
+        .iter()
+        .filter(|r| matches!(r, Err(Failure::Budget)))
+        .count();
+    assert_eq!(
+        spent,
+        3,
+        "{:?}",
+        results.iter().map(|r| r.is_ok()).collect::<Vec<_>>()
+    );
+    assert_eq!(calls(&h).len(), 6);
+    assert_eq!(Failure::Budget.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn sets_are_bounded_and_forgotten_with_their_credential_id() {
+    let h = harness(2, 50.0);
+    for (key, id) in [("ASIARAWEA", "a"), ("ASIARAWEB", "b"), ("ASIARAWEC", "c")] {
+        h.locks
+            .locked_for(&raw(key, Some(ROLE_A)), Some(id))
+            .await
+            .unwrap();
+    }
+    assert_eq!(h.locks.sets.lock().unwrap().len(), 2);
+    // The least recently used (a) went first.
+    assert!(!h.locks.sets.lock().unwrap().contains_key("ASIARAWEA"));
+    // Its raw values are no longer among the known ones; b's are.
+    let known: Vec<String> = h
+        .locks
+        .known
+        .load()
+        .iter()
+        .map(|s| s.expose().to_string())
+        .collect();
+    assert!(known.contains(&"ASIARAWEB-RAWSECRET".to_string()));
+    assert!(!known.contains(&"ASIARAWEA-RAWSECRET".to_string()));
+    h.locks.forget("b");
+    assert!(!h.locks.sets.lock().unwrap().contains_key("ASIARAWEB"));
+    assert_eq!(h.locks.sets.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn session_names_fit_sts_and_never_carry_a_raw_value() {
+    assert_eq!(
+        session_name(Some("0b8e1c9e-5f6a-4a3e-9c55-1f4d3c2b1a00"), "ASIARAWE"),
+        "credlock-ecs-0b8e1c9e-5f6a-4a3e-9c55-1f4d3c2b1a00"
+    );
+    for odd in [Some("a/b"), Some(&*"x".repeat(60)), Some("sp ace"), None] {
+        let name = session_name(odd, "ASIARAWEXAMPLE");
+        assert!(
+            name.starts_with("credlock-ecs-") && name.len() <= 64,
+            "{name}"
+        );
+        assert!(!name.contains("ASIARAW"), "{name}");
+        assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_+=,.@-".contains(&b)),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn credential_ids_from_both_documented_paths() {
+    assert_eq!(credential_id("/v2/credentials/abc"), Some("abc"));
+    assert_eq!(credential_id("/v2/credentials/abc?x=1"), Some("abc"));
+    assert_eq!(credential_id("/v1/credentials?id=abc"), Some("abc"));
+    assert_eq!(credential_id("/v1/credentials?x=1&id=abc"), Some("abc"));
+    assert_eq!(credential_id("/v2/credentials/"), None);
+    assert_eq!(credential_id("/v1/credentials"), None);
+    assert_eq!(credential_id("/v2/metadata"), None);
+}
+
+/// The agent's document, byte for byte as its handler test pins it
+/// (`credentialsResponseJSON`, ecs-agent/tmds/handlers/credentials_handler_test.go).
+const ECS_DOC: &str = r#"{"RoleArn":"arn:aws:iam::111122223333:role/task-a","AccessKeyId":"ASIARAWEAAAAAAAAAAAA","SecretAccessKey":"xxRAWSECRETxx","Token":"RAWTOKENxx","Expiration":"2026-12-02T10:00:00Z"}"#;
+
+fn locked_set() -> LockedCredentials {
+    LockedCredentials::new(
+        "ASIALOCKED".into(),
+        Secret::new("locked-secret"),
+        Secret::new("locked-token"),
+        at(3600),
+        at(0),
+    )
+}
+
+#[test]
+fn a_document_is_rewritten_in_place_keeping_role_and_order() {
+    let DocumentVerdict::Credentials(doc) = judge_document(200, ECS_DOC.as_bytes(), &[]) else {
+        panic!("not judged a document");
+    };
+    assert_eq!(doc.role_arn.as_deref(), Some(ROLE_A));
+    assert_eq!(doc.access_key_id, "ASIARAWEAAAAAAAAAAAA");
+    let out = rewrite_document(ECS_DOC.as_bytes(), &locked_set()).unwrap();
+    let text = String::from_utf8(out.clone()).unwrap();
+    assert_eq!(
+        text,
+        r#"{"RoleArn":"arn:aws:iam::111122223333:role/task-a","AccessKeyId":"ASIALOCKED","SecretAccessKey":"locked-secret","Token":"locked-token","Expiration":"2027-01-15T09:00:00Z"}"#
+    );
+    assert!(!not_servable(
+        &out,
+        &[
+            &doc.secret_access_key,
+            &doc.token,
+            &Secret::new(doc.access_key_id.clone())
+        ]
+    ));
+    // The raw values checked against the raw document itself: refused.
+    assert!(not_servable(ECS_DOC.as_bytes(), &[&doc.secret_access_key]));
+    assert_eq!(
+        FIELDS[..4],
+        ["AccessKeyId", "SecretAccessKey", "Token", "Expiration"]
+    );
+}
+
+#[test]
+fn duplicate_keys_cannot_smuggle_a_raw_value_past_the_rewrite() {
+    let doc = r#"{"RoleArn":"r","AccessKeyId":"A","SecretAccessKey":"RAWSECRET1","Token":"T","Expiration":"E","SecretAccessKey":"RAWSECRET2"}"#;
+    let out = rewrite_document(doc.as_bytes(), &locked_set()).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(!text.contains("RAWSECRET"), "{text}");
+}
+
+#[test]
+fn agent_errors_pass_and_secret_shapes_are_refused() {
+    // The agent's own errors (ecs-agent credentials_handler_test.go bodies): passed.
+    let invalid = br#"{"code":"InvalidIdInRequest","message":"CredentialsV2Request: Credentials not found","HTTPErrorCode":400}"#;
+    assert!(matches!(
+        judge_document(400, invalid, &[]),
+        DocumentVerdict::Pass
+    ));
+    assert!(matches!(
+        judge_document(404, b"404 page not found\n", &[]),
+        DocumentVerdict::Pass
+    ));
+    assert!(matches!(
+        judge_document(301, b"", &[]),
+        DocumentVerdict::Pass
+    ));
+    // A 200 with part of the fields: the wrong shape.
+    let partial = br#"{"AccessKeyId":"A","SecretAccessKey":"S"}"#;
+    assert!(matches!(
+        judge_document(200, partial, &[]),
+        DocumentVerdict::Refuse(AnswerRefusal::Shape)
+    ));
+    // A full document under another status: never passed.
+    assert!(matches!(
+        judge_document(203, ECS_DOC.as_bytes(), &[]),
+        DocumentVerdict::Refuse(AnswerRefusal::RawSecret)
+    ));
+    // Secret keys nested or in another case.
+    let nested = br#"{"code":"x","detail":{"secretaccesskey":"S"}}"#;
+    assert!(matches!(
+        judge_document(500, nested, &[]),
+        DocumentVerdict::Refuse(AnswerRefusal::RawSecret)
+    ));
+    // A raw value seen before, in a body that is not even JSON: refused.
+    let known = [Secret::new("xxRAWSECRETxx")];
+    assert!(matches!(
+        judge_document(500, b"oops xxRAWSECRETxx", &known),
+        DocumentVerdict::Refuse(AnswerRefusal::RawSecret)
+    ));
+    // Escaped inside a JSON string: still found.
+    assert!(matches!(
+        judge_document(400, br#"{"m":"xxRAW\u0053ECRETxx"}"#, &known),
+        DocumentVerdict::Refuse(AnswerRefusal::RawSecret)
+    ));
+    // Empty secrets are not a document.
+    let empty =
+        br#"{"RoleArn":"r","AccessKeyId":"","SecretAccessKey":"","Token":"","Expiration":"E"}"#;
+    assert!(!matches!(
+        judge_document(200, empty, &[]),
+        DocumentVerdict::Credentials(_)
+    ));
+}
+
+#[test]
+fn a_raw_value_in_a_header_is_found() {
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-note", HeaderValue::from_static("key xxRAWSECRETxx here"));
+    let secret = Secret::new("xxRAWSECRETxx");
+    assert!(headers_leak(&headers, &[&secret]));
+    assert!(!headers_leak(&headers, &[&Secret::new("other")]));
+    assert!(!headers_leak(&headers, &[&Secret::new("")]));
+}
