@@ -53,6 +53,7 @@ suite prometheus tests/root/prometheus_e2e_test.sh
 suite tripwire tests/tripwire/run.sh
 suite firewall-nft need_root tests/root/netns_firewall_test.sh --backend nft
 suite firewall-iptables need_root tests/root/netns_firewall_test.sh --backend iptables
+suite firewall-ecs need_root tests/root/netns_ecs_test.sh
 suite systemd-nspawn need_root tests/root/nspawn_systemd_test.sh
 
 echo
