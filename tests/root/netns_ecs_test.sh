@@ -201,13 +201,15 @@ setup() {
         ip -n "$NS_C" route add 127.0.0.0/8 via 10.214.0.1 dev "$V_C" &&
         in_c sysctl -qw net.ipv4.conf.all.route_localnet=1 "net.ipv4.conf.$V_C.route_localnet=1" || return 1
 
-    in_i "$PY" "$ROOT/tests/support/ecs_agent_emulator.py" --listen "$AGENT" --control "$AGENT_CTL" \
-        >"$TMP/agent.out" 2>&1 &
+    # `ip netns exec` execs the program, so $! is the program itself (a shell function in the
+    # background would be a subshell's PID, and the program would outlive the test).
+    ip netns exec "$NS_I" "$PY" "$ROOT/tests/support/ecs_agent_emulator.py" --listen "$AGENT" \
+        --control "$AGENT_CTL" >"$TMP/agent.out" 2>&1 &
     PIDS+=($!)
-    in_i "$PY" "$ROOT/tests/support/imds_emulator.py" --listen "$IMDS" --control "$IMDS_CTL" \
-        >"$TMP/imds.out" 2>&1 &
+    ip netns exec "$NS_I" "$PY" "$ROOT/tests/support/imds_emulator.py" --listen "$IMDS" \
+        --control "$IMDS_CTL" >"$TMP/imds.out" 2>&1 &
     PIDS+=($!)
-    in_i "$VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >"$TMP/moto.out" 2>&1 &
+    ip netns exec "$NS_I" "$VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >"$TMP/moto.out" 2>&1 &
     PIDS+=($!)
     for _ in $(seq 1 150); do
         grep -q '^control ' "$TMP/agent.out" && grep -q '^control ' "$TMP/imds.out" &&
