@@ -20,16 +20,21 @@
 //! instance's own sessions.
 //!
 //! Invariants:
-//! - No raw value reaches a client: a document is served only rewritten, and the rewritten
-//!   bytes are checked for the task's raw values before they leave ([`not_servable`]); any
-//!   other answer passes only if it carries no secret key and no raw value credlock has seen
-//!   from the agent.
+//! - No raw value reaches a client: what an answer must be to pass is
+//!   [`crate::container_judge`]'s (a document only rewritten and only in the documented shape,
+//!   checked again after the rewrite; anything else only without a secret key, a raw value
+//!   seen in the last 6 hours or a credential-shaped string, in the body or the headers), and
+//!   only allow-listed request headers reach the agent, so the bytes judged are the bytes
+//!   served.
 //! - Sets are held per raw task credential (its `AccessKeyId`): an answer for task A can only
 //!   ever be served the set assumed with A's own credentials. A rotation by the agent (new raw
 //!   keys) is a new set; a set unused until it expires is dropped, and an agent error for a
 //!   credential id drops that id's sets.
 //! - Fail closed: no environment yet, no role, an STS error or an exhausted STS budget answer
 //!   502 or 503 with no credentials. The agent's own answers pass unchanged.
+//! - A task that cannot be locked costs nothing shared: it is answered 502 at once during its
+//!   back-off, and tried again on a budget of its own; no request waits on another's
+//!   AssumeRole for longer than [`LOCK_WAIT`].
 //!
 //! Cost: one AssumeRole per task per locked session (`lock.session_duration_seconds`, less the
 //! serving margin), and one per rotation of the task's credentials by the agent, whichever
@@ -54,10 +59,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::clock::Clock;
-use crate::credentials::{
-    DocumentVerdict, LockedCredentials, RawDocument, Secret, judge_document, not_servable,
-    rewrite_document,
-};
+use crate::container_judge::{RawDocument, Verdict, judge, servable};
+use crate::credentials::{LockedCredentials, Secret, rewrite_document};
 use crate::environment::Environment;
 use crate::identity::RoleArn;
 use crate::metrics::Metrics;
@@ -70,6 +73,21 @@ use crate::upstream::{UpstreamClient, strip_hop_by_hop};
 const ASSUME_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a request waits for the STS budget before it is answered 503.
 const BUDGET_WAIT: Duration = Duration::from_secs(2);
+/// How long a request waits for another request of the same task that is locking it (an
+/// AssumeRole in flight) before it is answered 503: a connection slot is never held for the
+/// length of a slow STS call per waiting request.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+/// After a failed lock, a task's requests are answered 502 at once, without STS or waiting,
+/// for this long, doubling per consecutive failure up to [`FAILED_MAX`]: a task whose role
+/// refuses cannot hold connection slots or spend the STS budget of the others.
+const FAILED_FIRST: Duration = Duration::from_secs(5);
+const FAILED_MAX: Duration = Duration::from_secs(60);
+/// How long the raw values of a set no longer held are still checked for in answers (the
+/// agent's task credentials live 6 hours: "IAM roles for tasks", Amazon ECS Developer Guide).
+const RETIRED_FOR: Duration = Duration::from_secs(6 * 3600);
+/// How long a role that refused the SourceIdentity marker is called unmarked before the marked
+/// call is tried again (a fixed trust policy heals within this).
+const UNMARKED_FOR: Duration = Duration::from_secs(3600);
 /// Session names carry the credential id when it fits STS's rules (`[\w+=,.@-]`, 2-64
 /// characters, "AssumeRole", AWS STS API Reference) after the prefix.
 const SESSION_PREFIX: &str = "credlock-ecs-";
@@ -154,14 +172,24 @@ pub struct TaskLocks {
     config: TaskLockConfig,
     clock: Arc<dyn Clock>,
     context: ArcSwapOption<LockContext>,
-    /// Keyed by the raw `AccessKeyId` the agent answered with.
+    /// Keyed by a digest of the whole raw set the agent answered with (key id, secret and
+    /// token): two answers share a set only if they carry the same raw credentials.
     sets: Mutex<HashMap<String, Arc<Slot>>>,
-    /// The raw values of every set held, for the check of answers that are not documents.
+    /// The raw values of every set held, and of those dropped within [`RETIRED_FOR`], for the
+    /// check of every answer.
     known: ArcSwap<Vec<Secret>>,
+    retired: Mutex<std::collections::VecDeque<(tokio::time::Instant, Secret)>>,
     budget: Budget,
+    /// What a task whose last lock failed may spend when it is tried again: a quarter of the
+    /// rate, of its own, so tasks whose role refuses can never spend the budget of the tasks
+    /// that have not been tried.
+    retry_budget: Budget,
+    /// Roles that refused the SourceIdentity marker, until when: their next calls go unmarked
+    /// at once (one call, not two).
+    unmarked: Mutex<HashMap<String, tokio::time::Instant>>,
     metrics: Arc<Metrics>,
-    /// Monotonic origin of `Slot::used`.
-    epoch: tokio::time::Instant,
+    /// Uses so far: the clock of `Slot::used`.
+    uses: AtomicU64,
 }
 
 /// One task credential's locked set, behind a lock held while it is assumed: concurrent
@@ -171,8 +199,10 @@ struct Slot {
     /// The credential id last seen with it (for a dropped id).
     credential_id: Mutex<Option<String>>,
     entry: tokio::sync::Mutex<Option<Entry>>,
-    /// Milliseconds since `TaskLocks::epoch` of the last use.
+    /// When it was last used, in [`TaskLocks::uses`]' count (least recently used goes first).
     used: AtomicU64,
+    /// The last lock failed: answer 502 at once until then ([`FAILED_FIRST`]).
+    failed: Mutex<Option<(tokio::time::Instant, u32)>>,
 }
 
 struct Entry {
@@ -190,6 +220,10 @@ enum Failure {
     NoRole,
     #[error("the STS budget for task credentials is spent; retry shortly")]
     Budget,
+    #[error("another request of this task is locking it; retry shortly")]
+    Busy,
+    #[error("locking this task failed moments ago; not retried for {0:?}")]
+    Backoff(Duration),
     #[error(transparent)]
     Policy(#[from] policy::PolicyError),
     #[error("AssumeRole failed: {0}")]
@@ -201,7 +235,7 @@ enum Failure {
 impl Failure {
     fn status(&self) -> StatusCode {
         match self {
-            Failure::NotReady | Failure::Budget => StatusCode::SERVICE_UNAVAILABLE,
+            Failure::NotReady | Failure::Budget | Failure::Busy => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -271,13 +305,16 @@ impl TaskLocks {
             agent,
             template,
             budget: Budget::new(config.assume_rate),
+            retry_budget: Budget::new(config.assume_rate / 4.0),
+            unmarked: Mutex::new(HashMap::new()),
             config,
             clock,
             context: ArcSwapOption::empty(),
             sets: Mutex::new(HashMap::new()),
             known: ArcSwap::from_pointee(Vec::new()),
+            retired: Mutex::new(std::collections::VecDeque::new()),
             metrics,
-            epoch: tokio::time::Instant::now(),
+            uses: AtomicU64::new(0),
         }
     }
 
@@ -286,27 +323,33 @@ impl TaskLocks {
         self.context.store(Some(Arc::new(context)));
     }
 
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+    fn use_count(&self) -> u64 {
+        self.uses.fetch_add(1, Ordering::Relaxed)
     }
 
     /// The slot for a raw set, made (and room made for it) if new.
     fn slot(&self, raw: &RawDocument) -> Arc<Slot> {
+        let key = slot_key(raw);
         let mut sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
-        let now_ms = self.now_ms();
-        if let Some(slot) = sets.get(&raw.access_key_id) {
-            slot.used.store(now_ms, Ordering::Relaxed);
+        let use_count = self.use_count();
+        if let Some(slot) = sets.get(&key) {
+            slot.used.store(use_count, Ordering::Relaxed);
             return slot.clone();
         }
         if sets.len() >= self.config.max_sets {
             // Expired sets first (those whose lock is free to look at), then the least
             // recently used.
             let now = self.clock.now();
+            let mut dropped = Vec::new();
             sets.retain(|_, s| {
-                s.entry.try_lock().map_or(true, |e| {
+                let keep = s.entry.try_lock().map_or(true, |e| {
                     e.as_ref()
                         .is_some_and(|e| e.locked.remaining(now) > Duration::ZERO)
-                })
+                });
+                if !keep {
+                    dropped.push(s.clone());
+                }
+                keep
             });
             while sets.len() >= self.config.max_sets {
                 let Some(oldest) = sets
@@ -316,8 +359,9 @@ impl TaskLocks {
                 else {
                     break;
                 };
-                sets.remove(&oldest);
+                dropped.extend(sets.remove(&oldest));
             }
+            self.retire(&dropped);
         }
         let slot = Arc::new(Slot {
             raw: [
@@ -327,9 +371,10 @@ impl TaskLocks {
             ],
             credential_id: Mutex::new(None),
             entry: tokio::sync::Mutex::new(None),
-            used: AtomicU64::new(now_ms),
+            used: AtomicU64::new(use_count),
+            failed: Mutex::new(None),
         });
-        sets.insert(raw.access_key_id.clone(), slot.clone());
+        sets.insert(key, slot.clone());
         self.changed(&sets);
         slot
     }
@@ -338,13 +383,20 @@ impl TaskLocks {
     fn forget(&self, credential_id: &str) {
         let mut sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
         let before = sets.len();
+        let mut dropped = Vec::new();
         sets.retain(|_, s| {
-            s.credential_id
+            let keep = s
+                .credential_id
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .as_deref()
-                != Some(credential_id)
+                != Some(credential_id);
+            if !keep {
+                dropped.push(s.clone());
+            }
+            keep
         });
+        self.retire(&dropped);
         if sets.len() != before {
             tracing::info!(
                 sets = before - sets.len(),
@@ -354,9 +406,27 @@ impl TaskLocks {
         }
     }
 
+    /// Keeps the raw values of dropped sets among the known ones for [`RETIRED_FOR`].
+    fn retire(&self, dropped: &[Arc<Slot>]) {
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        for slot in dropped {
+            retired.extend(slot.raw.iter().map(|r| (now + RETIRED_FOR, r.clone())));
+        }
+        while retired.front().is_some_and(|(until, _)| *until <= now)
+            || retired.len() > 3 * 4 * self.config.max_sets
+        {
+            retired.pop_front();
+        }
+    }
+
     fn changed(&self, sets: &HashMap<String, Arc<Slot>>) {
+        let retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
         self.known.store(Arc::new(
-            sets.values().flat_map(|s| s.raw.iter().cloned()).collect(),
+            sets.values()
+                .flat_map(|s| s.raw.iter().cloned())
+                .chain(retired.iter().map(|(_, r)| r.clone()))
+                .collect(),
         ));
         self.metrics
             .task_sets
@@ -385,7 +455,14 @@ impl TaskLocks {
         if let Some(id) = credential_id {
             *slot.credential_id.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.to_string());
         }
-        let mut entry = slot.entry.lock().await;
+        if let Some((until, _)) = *slot.failed.lock().unwrap_or_else(|e| e.into_inner())
+            && let Some(left) = until.checked_duration_since(tokio::time::Instant::now())
+        {
+            return Err(Failure::Backoff(left));
+        }
+        let Ok(mut entry) = tokio::time::timeout(LOCK_WAIT, slot.entry.lock()).await else {
+            return Err(Failure::Busy);
+        };
         let now = self.clock.now();
         if let Some(held) = entry.as_ref()
             && held.role == role
@@ -394,22 +471,74 @@ impl TaskLocks {
         {
             return Ok((held.locked.clone(), true));
         }
-        self.budget.wait().await?;
+        let retry = slot
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        let budget = if retry {
+            &self.retry_budget
+        } else {
+            &self.budget
+        };
+        let result = self
+            .lock(&context, raw, &role, &environment, credential_id, budget)
+            .await;
+        let mut failed = slot.failed.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(locked) => {
+                *failed = None;
+                *entry = Some(Entry {
+                    role,
+                    environment,
+                    locked: locked.clone(),
+                });
+                Ok((locked, false))
+            }
+            // Waiting for the budget is not the task's failure.
+            Err(e @ Failure::Budget) => Err(e),
+            Err(e) => {
+                let n = failed.map_or(1, |(_, n)| n.saturating_add(1));
+                let wait = FAILED_FIRST
+                    .saturating_mul(1 << (n - 1).min(8))
+                    .min(FAILED_MAX);
+                *failed = Some((tokio::time::Instant::now() + wait, n));
+                Err(e)
+            }
+        }
+    }
+
+    /// One AssumeRole (two when the role refuses the SourceIdentity), each within the budget.
+    async fn lock(
+        &self,
+        context: &LockContext,
+        raw: &RawDocument,
+        role: &RoleArn,
+        environment: &Arc<Environment>,
+        credential_id: Option<&str>,
+        budget: &Budget,
+    ) -> Result<Arc<LockedCredentials>, Failure> {
+        budget.wait().await?;
+        let role_key = role.to_string();
+        let unmarked = {
+            let mut roles = self.unmarked.lock().unwrap_or_else(|e| e.into_inner());
+            let now = tokio::time::Instant::now();
+            roles.retain(|_, until| *until > now);
+            roles.contains_key(&role_key)
+        };
         let deny: Vec<RoleArn> = context
             .deny
             .iter()
-            .filter(|r| **r != role)
+            .filter(|r| *r != role)
             .cloned()
             .collect();
-        let policy = policy::render_denying(&self.template, &environment, &role, &deny)?;
+        let policy = policy::render_denying(&self.template, environment, role, &deny)?;
         let request = AssumeRequest {
             role_arn: role.to_string(),
             session_name: session_name(credential_id, &raw.access_key_id),
             policy: policy.text,
             duration: self.config.session_duration,
-            source_identity: self
-                .config
-                .source_identity
+            source_identity: (self.config.source_identity && !unmarked)
                 .then(|| crate::refresh::source_identity(&context.instance_id)),
             tags: Vec::new(),
         };
@@ -434,6 +563,11 @@ impl TaskLocks {
                 source_identity: None,
                 ..request.clone()
             };
+            self.unmarked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(role_key, tokio::time::Instant::now() + UNMARKED_FOR);
+            budget.wait().await?;
             result = self.assume(&*context.issuer, source, &plain).await;
         }
         let issued = result?;
@@ -447,12 +581,7 @@ impl TaskLocks {
             expiration = %crate::credentials::imds_timestamp(locked.expiration),
             "locked task credentials issued"
         );
-        *entry = Some(Entry {
-            role,
-            environment,
-            locked: locked.clone(),
-        });
-        Ok((locked, false))
+        Ok(locked)
     }
 
     async fn assume(
@@ -549,7 +678,11 @@ pub async fn handle(locks: Arc<TaskLocks>, req: Request<Incoming>) -> Response<F
     };
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
-    let answer = match locks.agent.send(parts.method, &target, headers).await {
+    let answer = match locks
+        .agent
+        .send_only(parts.method, &target, &headers, forwarded_header)
+        .await
+    {
         Ok(answer) => answer,
         Err(e) => {
             tracing::warn!(error = %e, "the ECS agent did not answer");
@@ -558,17 +691,13 @@ pub async fn handle(locks: Arc<TaskLocks>, req: Request<Incoming>) -> Response<F
         }
     };
     let known = locks.known.load();
-    // A raw value the agent put in a header (it never does) is refused like one in a body.
-    if headers_leak(&answer.headers, &known.iter().collect::<Vec<_>>()) {
-        locks.count(TaskResult::Refused);
-        return local(
-            StatusCode::BAD_GATEWAY,
-            "credlock: the agent's answer was refused\n",
-            head,
-        );
-    }
-    match judge_document(answer.status.as_u16(), &answer.body, &known) {
-        DocumentVerdict::Pass => {
+    match judge(
+        answer.status.as_u16(),
+        &answer.headers,
+        &answer.body,
+        &known,
+    ) {
+        Verdict::Pass => {
             // 400 InvalidIdInRequest / NoIdInRequest: the agent does not know the id (any
             // more); other errors (429, 503 pending) say nothing about it.
             if matches!(answer.status.as_u16(), 400 | 404)
@@ -579,7 +708,7 @@ pub async fn handle(locks: Arc<TaskLocks>, req: Request<Incoming>) -> Response<F
             locks.count(TaskResult::Passed);
             upstream(answer.status, answer.headers, answer.body, head)
         }
-        DocumentVerdict::Refuse(reason) => {
+        Verdict::Refuse(reason) => {
             tracing::warn!(
                 reason = reason.label(),
                 status = answer.status.as_u16(),
@@ -592,50 +721,47 @@ pub async fn handle(locks: Arc<TaskLocks>, req: Request<Incoming>) -> Response<F
                 head,
             )
         }
-        DocumentVerdict::Credentials(raw) => {
-            match locks.locked_for(&raw, credential_id(&target)).await {
-                Ok((locked, cached)) => {
-                    let key = Secret::new(raw.access_key_id.clone());
-                    let raw_values = [&key, &raw.secret_access_key, &raw.token];
-                    let served = rewrite_document(&answer.body, &locked)
-                        .ok()
-                        .filter(|out| !not_servable(out, &raw_values))
-                        .filter(|_| !headers_leak(&answer.headers, &raw_values));
-                    match served {
-                        Some(out) => {
-                            locks.count(if cached {
-                                TaskResult::Cached
-                            } else {
-                                TaskResult::Locked
-                            });
-                            upstream(answer.status, answer.headers, Bytes::from(out), head)
-                        }
-                        None => {
-                            locks.count(TaskResult::Refused);
-                            local(
-                                StatusCode::BAD_GATEWAY,
-                                "credlock: the agent's answer was refused\n",
-                                head,
-                            )
-                        }
+        Verdict::Document(raw) => match locks.locked_for(&raw, credential_id(&target)).await {
+            Ok((locked, cached)) => {
+                let mut raw_values = raw.raw_values().to_vec();
+                raw_values.extend(known.iter().cloned());
+                let served = rewrite_document(&answer.body, &locked)
+                    .ok()
+                    .filter(|out| servable(out, &raw_values));
+                match served {
+                    Some(out) => {
+                        locks.count(if cached {
+                            TaskResult::Cached
+                        } else {
+                            TaskResult::Locked
+                        });
+                        upstream(answer.status, answer.headers, Bytes::from(out), head)
+                    }
+                    None => {
+                        locks.count(TaskResult::Refused);
+                        local(
+                            StatusCode::BAD_GATEWAY,
+                            "credlock: the agent's answer was refused\n",
+                            head,
+                        )
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "no locked task credentials: failing closed");
-                    locks.count(TaskResult::Failed);
-                    let text = match e {
-                        Failure::NotReady => {
-                            "credlock: no locked task credentials yet (the instance's environment is not known)\n"
-                        }
-                        Failure::Budget => {
-                            "credlock: too many task credential locks at once; retry shortly\n"
-                        }
-                        _ => "credlock: no locked task credentials could be had\n",
-                    };
-                    local(e.status(), text, head)
-                }
             }
-        }
+            Err(e) => {
+                tracing::warn!(error = %e, "no locked task credentials: failing closed");
+                locks.count(TaskResult::Failed);
+                let text = match e {
+                    Failure::NotReady => {
+                        "credlock: no locked task credentials yet (the instance's environment is not known)\n"
+                    }
+                    Failure::Budget => {
+                        "credlock: too many task credential locks at once; retry shortly\n"
+                    }
+                    _ => "credlock: no locked task credentials could be had\n",
+                };
+                local(e.status(), text, head)
+            }
+        },
     }
 }
 
@@ -648,14 +774,24 @@ impl TaskLocks {
     }
 }
 
-/// Whether any header value holds one of `raw`.
-fn headers_leak(headers: &http::HeaderMap, raw: &[&Secret]) -> bool {
-    headers.values().any(|v| {
-        raw.iter().any(|r| {
-            let r = r.expose().as_bytes();
-            !r.is_empty() && v.as_bytes().windows(r.len()).any(|w| w == r)
-        })
-    })
+/// The request headers forwarded to the agent: what an SDK's container provider sends and the
+/// agent may read. Nothing that changes the answer's encoding or asks for part of it
+/// (`Accept-Encoding`, `Range`, `If-*`): its bytes must be the ones judged.
+fn forwarded_header(name: &http::HeaderName) -> bool {
+    matches!(name.as_str(), "user-agent" | "accept" | "authorization")
+}
+
+/// The key of a raw set's slot: a digest of all three raw values.
+fn slot_key(raw: &RawDocument) -> String {
+    let mut hash = Sha256::new();
+    for value in raw.raw_values() {
+        hash.update(value.expose().as_bytes());
+        hash.update([0]);
+    }
+    hash.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn upstream(

@@ -3,7 +3,6 @@ use std::time::{Duration, SystemTime};
 
 use super::*;
 use crate::clock::ManualClock;
-use crate::credentials::{AnswerRefusal, FIELDS};
 
 const T0: u64 = 1_800_000_000;
 const ROLE_A: &str = "arn:aws:iam::111122223333:role/task-a";
@@ -336,22 +335,87 @@ async fn sets_are_bounded_and_forgotten_with_their_credential_id() {
             .await
             .unwrap();
     }
+    let held = |key: &str| {
+        h.locks
+            .sets
+            .lock()
+            .unwrap()
+            .contains_key(&slot_key(&raw(key, Some(ROLE_A))))
+    };
     assert_eq!(h.locks.sets.lock().unwrap().len(), 2);
     // The least recently used (a) went first.
-    assert!(!h.locks.sets.lock().unwrap().contains_key("ASIARAWEA"));
-    // Its raw values are no longer among the known ones; b's are.
-    let known: Vec<String> = h
-        .locks
-        .known
-        .load()
-        .iter()
-        .map(|s| s.expose().to_string())
-        .collect();
-    assert!(known.contains(&"ASIARAWEB-RAWSECRET".to_string()));
-    assert!(!known.contains(&"ASIARAWEA-RAWSECRET".to_string()));
+    assert!(!held("ASIARAWEA") && held("ASIARAWEB") && held("ASIARAWEC"));
+    // Its raw values are still among the known ones (answers are checked for them for as
+    // long as they may be valid), as are b's.
+    let known = |h: &Harness| -> Vec<String> {
+        h.locks
+            .known
+            .load()
+            .iter()
+            .map(|s| s.expose().to_string())
+            .collect()
+    };
+    assert!(known(&h).contains(&"ASIARAWEB-RAWSECRET".to_string()));
     h.locks.forget("b");
-    assert!(!h.locks.sets.lock().unwrap().contains_key("ASIARAWEB"));
+    assert!(!held("ASIARAWEB"));
     assert_eq!(h.locks.sets.lock().unwrap().len(), 1);
+    assert!(known(&h).contains(&"ASIARAWEA-RAWSECRET".to_string()));
+    assert!(known(&h).contains(&"ASIARAWEB-RAWSECRET".to_string()));
+}
+
+#[tokio::test]
+async fn one_key_id_with_another_secret_is_another_set() {
+    let h = harness(16, 50.0);
+    let a = raw("ASIARAWEA", Some(ROLE_A));
+    let mut b = raw("ASIARAWEA", Some(ROLE_A));
+    b.secret_access_key = Secret::new("another-RAWSECRET");
+    let (la, _) = h.locks.locked_for(&a, Some("a")).await.unwrap();
+    let (lb, cached) = h.locks.locked_for(&b, Some("b")).await.unwrap();
+    assert!(!cached);
+    assert_ne!(la.access_key_id, lb.access_key_id);
+    assert_eq!(calls(&h).len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_task_backs_off_without_sts_or_budget() {
+    let h = harness(16, 1.0);
+    *h.sts.failing.lock().unwrap() = Some(StsErrorCode::AccessDenied);
+    let bad = raw("ASIARAWEBAD", Some(ROLE_A));
+    // The first failure (the marked call, then the unmarked retry: two calls, two tokens).
+    assert!(matches!(
+        h.locks.locked_for(&bad, None).await,
+        Err(Failure::Sts(_))
+    ));
+    let after_first = calls(&h).len();
+    assert_eq!(after_first, 2);
+    // Hammered within the back-off: answered at once, no call, no token spent.
+    for _ in 0..50 {
+        let started = tokio::time::Instant::now();
+        let r = h.locks.locked_for(&bad, None).await;
+        assert!(matches!(r, Err(Failure::Backoff(_))), "{r:?}");
+        assert_eq!(r.unwrap_err().status(), StatusCode::BAD_GATEWAY);
+        assert!(started.elapsed() < Duration::from_millis(10));
+    }
+    assert_eq!(calls(&h).len(), after_first);
+    // Another task still gets the budget (refilled meanwhile) and its set.
+    *h.sts.failing.lock().unwrap() = None;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    h.locks
+        .locked_for(&raw("ASIARAWEGOOD", Some(ROLE_A)), None)
+        .await
+        .unwrap();
+    // After the back-off the failing task is tried again; the next failure waits longer.
+    tokio::time::sleep(FAILED_FIRST).await;
+    *h.sts.failing.lock().unwrap() = Some(StsErrorCode::AccessDenied);
+    assert!(matches!(
+        h.locks.locked_for(&bad, None).await,
+        Err(Failure::Sts(_))
+    ));
+    tokio::time::sleep(FAILED_FIRST + Duration::from_secs(1)).await;
+    assert!(matches!(
+        h.locks.locked_for(&bad, None).await,
+        Err(Failure::Backoff(_))
+    ));
 }
 
 #[test]
@@ -384,118 +448,4 @@ fn credential_ids_from_both_documented_paths() {
     assert_eq!(credential_id("/v2/credentials/"), None);
     assert_eq!(credential_id("/v1/credentials"), None);
     assert_eq!(credential_id("/v2/metadata"), None);
-}
-
-/// The agent's document, byte for byte as its handler test pins it
-/// (`credentialsResponseJSON`, ecs-agent/tmds/handlers/credentials_handler_test.go).
-const ECS_DOC: &str = r#"{"RoleArn":"arn:aws:iam::111122223333:role/task-a","AccessKeyId":"ASIARAWEAAAAAAAAAAAA","SecretAccessKey":"xxRAWSECRETxx","Token":"RAWTOKENxx","Expiration":"2026-12-02T10:00:00Z"}"#;
-
-fn locked_set() -> LockedCredentials {
-    LockedCredentials::new(
-        "ASIALOCKED".into(),
-        Secret::new("locked-secret"),
-        Secret::new("locked-token"),
-        at(3600),
-        at(0),
-    )
-}
-
-#[test]
-fn a_document_is_rewritten_in_place_keeping_role_and_order() {
-    let DocumentVerdict::Credentials(doc) = judge_document(200, ECS_DOC.as_bytes(), &[]) else {
-        panic!("not judged a document");
-    };
-    assert_eq!(doc.role_arn.as_deref(), Some(ROLE_A));
-    assert_eq!(doc.access_key_id, "ASIARAWEAAAAAAAAAAAA");
-    let out = rewrite_document(ECS_DOC.as_bytes(), &locked_set()).unwrap();
-    let text = String::from_utf8(out.clone()).unwrap();
-    assert_eq!(
-        text,
-        r#"{"RoleArn":"arn:aws:iam::111122223333:role/task-a","AccessKeyId":"ASIALOCKED","SecretAccessKey":"locked-secret","Token":"locked-token","Expiration":"2027-01-15T09:00:00Z"}"#
-    );
-    assert!(!not_servable(
-        &out,
-        &[
-            &doc.secret_access_key,
-            &doc.token,
-            &Secret::new(doc.access_key_id.clone())
-        ]
-    ));
-    // The raw values checked against the raw document itself: refused.
-    assert!(not_servable(ECS_DOC.as_bytes(), &[&doc.secret_access_key]));
-    assert_eq!(
-        FIELDS[..4],
-        ["AccessKeyId", "SecretAccessKey", "Token", "Expiration"]
-    );
-}
-
-#[test]
-fn duplicate_keys_cannot_smuggle_a_raw_value_past_the_rewrite() {
-    let doc = r#"{"RoleArn":"r","AccessKeyId":"A","SecretAccessKey":"RAWSECRET1","Token":"T","Expiration":"E","SecretAccessKey":"RAWSECRET2"}"#;
-    let out = rewrite_document(doc.as_bytes(), &locked_set()).unwrap();
-    let text = String::from_utf8(out).unwrap();
-    assert!(!text.contains("RAWSECRET"), "{text}");
-}
-
-#[test]
-fn agent_errors_pass_and_secret_shapes_are_refused() {
-    // The agent's own errors (ecs-agent credentials_handler_test.go bodies): passed.
-    let invalid = br#"{"code":"InvalidIdInRequest","message":"CredentialsV2Request: Credentials not found","HTTPErrorCode":400}"#;
-    assert!(matches!(
-        judge_document(400, invalid, &[]),
-        DocumentVerdict::Pass
-    ));
-    assert!(matches!(
-        judge_document(404, b"404 page not found\n", &[]),
-        DocumentVerdict::Pass
-    ));
-    assert!(matches!(
-        judge_document(301, b"", &[]),
-        DocumentVerdict::Pass
-    ));
-    // A 200 with part of the fields: the wrong shape.
-    let partial = br#"{"AccessKeyId":"A","SecretAccessKey":"S"}"#;
-    assert!(matches!(
-        judge_document(200, partial, &[]),
-        DocumentVerdict::Refuse(AnswerRefusal::Shape)
-    ));
-    // A full document under another status: never passed.
-    assert!(matches!(
-        judge_document(203, ECS_DOC.as_bytes(), &[]),
-        DocumentVerdict::Refuse(AnswerRefusal::RawSecret)
-    ));
-    // Secret keys nested or in another case.
-    let nested = br#"{"code":"x","detail":{"secretaccesskey":"S"}}"#;
-    assert!(matches!(
-        judge_document(500, nested, &[]),
-        DocumentVerdict::Refuse(AnswerRefusal::RawSecret)
-    ));
-    // A raw value seen before, in a body that is not even JSON: refused.
-    let known = [Secret::new("xxRAWSECRETxx")];
-    assert!(matches!(
-        judge_document(500, b"oops xxRAWSECRETxx", &known),
-        DocumentVerdict::Refuse(AnswerRefusal::RawSecret)
-    ));
-    // Escaped inside a JSON string: still found.
-    assert!(matches!(
-        judge_document(400, br#"{"m":"xxRAW\u0053ECRETxx"}"#, &known),
-        DocumentVerdict::Refuse(AnswerRefusal::RawSecret)
-    ));
-    // Empty secrets are not a document.
-    let empty =
-        br#"{"RoleArn":"r","AccessKeyId":"","SecretAccessKey":"","Token":"","Expiration":"E"}"#;
-    assert!(!matches!(
-        judge_document(200, empty, &[]),
-        DocumentVerdict::Credentials(_)
-    ));
-}
-
-#[test]
-fn a_raw_value_in_a_header_is_found() {
-    let mut headers = http::HeaderMap::new();
-    headers.insert("x-note", HeaderValue::from_static("key xxRAWSECRETxx here"));
-    let secret = Secret::new("xxRAWSECRETxx");
-    assert!(headers_leak(&headers, &[&secret]));
-    assert!(!headers_leak(&headers, &[&Secret::new("other")]));
-    assert!(!headers_leak(&headers, &[&Secret::new("")]));
 }

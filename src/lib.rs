@@ -51,6 +51,8 @@ pub mod clock;
 pub mod config;
 #[cfg(feature = "daemon")]
 pub mod container;
+#[cfg(feature = "daemon")]
+pub mod container_judge;
 pub mod credentials;
 #[cfg(feature = "daemon")]
 pub mod discovery;
