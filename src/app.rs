@@ -467,7 +467,13 @@ async fn run_background(
         _ = shutdown.changed() => return,
     };
     let source = ImdsSourceProvider::new(imds.clone());
-    let context = discovery_context(&config, imds.clone(), identity.clone(), source.clone()).await;
+    let context = discovery_context(
+        &config,
+        imds.clone(),
+        identity.clone(),
+        aws_credential_types::provider::SharedCredentialsProvider::new(source.clone()),
+    )
+    .await;
     let (env_tx, env_rx) = watch::channel(None);
     let discoverer = Discoverer {
         context,
@@ -596,7 +602,7 @@ pub async fn discovery_context(
     config: &Config,
     imds: Arc<Imds>,
     identity: InstanceIdentity,
-    source: ImdsSourceProvider,
+    source: aws_credential_types::provider::SharedCredentialsProvider,
 ) -> discovery::Context {
     let http = reqwest::Client::builder()
         .timeout(config.discovery.echo_timeout)

@@ -33,6 +33,8 @@
 //! - [`sts`] and [`refresh`]: `sts:AssumeRole` and the lock loop (refresh, retry, backoff);
 //! - [`clock`]: the injected clock.
 //!
+//! Commands beyond the daemon: [`cli`] (`credlock credentials`).
+//!
 //! Observing it: [`metrics`] (Prometheus), [`admin`] (`/healthz`, `/readyz`, `/status`,
 //! `/metrics`), [`firewall`] (the state the firewall units report).
 #![forbid(unsafe_code)]
@@ -46,6 +48,8 @@ pub mod app;
 pub mod audit;
 #[cfg(feature = "proxy")]
 pub mod class_role;
+#[cfg(feature = "daemon")]
+pub mod cli;
 pub mod clock;
 #[cfg(feature = "daemon")]
 pub mod config;

@@ -53,6 +53,40 @@ enum Command {
     /// from the SDK's default chain.
     /// Exit: 0 every document unchanged or updated, 1 any failed, 2 usage.
     PublishEnvironment(PublishArgs),
+    /// Print a locked credential set once and exit: for an SDK's credential_process, CI
+    /// runners, on-premises hosts and scripts the proxy does not reach. Source credentials
+    /// and Region from the SDK's default chain; the environment from the configured
+    /// discovery sources; on a host where credlock runs, its own (locked) set. An unexpired
+    /// set is reused from a 0600 cache file ($XDG_RUNTIME_DIR/credlock, else
+    /// /tmp/credlock-<uid>). Exit: 0 printed, 1 failed (one line on stderr), 78 invalid config.
+    Credentials(CredentialsArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CredentialsFormat {
+    /// The JSON an SDK's credential_process reads (Version 1)
+    CredentialProcess,
+    /// Shell export lines
+    Env,
+    /// JSON with the role and where the set came from
+    Json,
+}
+
+#[derive(Args)]
+struct CredentialsArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[arg(long, value_enum, default_value = "credential-process")]
+    format: CredentialsFormat,
+    /// The role to lock [default: the caller's own role, from sts:GetCallerIdentity]
+    #[arg(long, value_name = "ARN")]
+    role_arn: Option<String>,
+    /// Neither read nor write the cache
+    #[arg(long)]
+    no_cache: bool,
+    /// The cache directory [default: $XDG_RUNTIME_DIR/credlock, else /tmp/credlock-<uid>]
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -223,6 +257,7 @@ fn main() -> ExitCode {
         }
         Command::Explain(e) => (&e.common, Vec::new(), None),
         Command::Audit(a) => (&a.common, Vec::new(), None),
+        Command::Credentials(c) => (&c.common, Vec::new(), None),
         Command::PublishEnvironment(_) => return ExitCode::from(2),
     };
     let overrides = Overrides {
@@ -230,7 +265,12 @@ fn main() -> ExitCode {
         admin_listen,
         upstream: common.upstream.clone(),
         log_format: common.log_format.clone(),
-        log_level: common.log_level.clone(),
+        // A credential process's stderr is for its one error line: only warnings and errors
+        // unless asked.
+        log_level: common
+            .log_level
+            .clone()
+            .or_else(|| matches!(cli.command, Command::Credentials(_)).then(|| "warn".to_string())),
     };
     let config = match config::load(common.config.as_deref(), &overrides) {
         Ok(c) => c,
@@ -294,6 +334,7 @@ fn main() -> ExitCode {
             Command::Explain(args) => explain(config, args).await,
             Command::Audit(args) => audit(config, args).await,
             Command::PublishEnvironment(_) => ExitCode::from(2),
+            Command::Credentials(args) => credentials(config, args).await,
         }
     })
 }
@@ -461,7 +502,13 @@ async fn discover_once(
         .await
         .map_err(|e| format!("cannot learn the instance identity from IMDS: {e}"))?;
     let source = ImdsSourceProvider::new(imds.clone());
-    let ctx = app::discovery_context(config, imds, identity.clone(), source).await;
+    let ctx = app::discovery_context(
+        config,
+        imds,
+        identity.clone(),
+        aws_credential_types::provider::SharedCredentialsProvider::new(source),
+    )
+    .await;
     let mut results = Vec::new();
     for kind in discovery::enabled_sources(&config.discovery) {
         results.push((kind, discovery::run_source(kind, &ctx).await));
@@ -581,6 +628,30 @@ async fn explain(config: Config, args: ExplainArgs) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+async fn credentials(config: Config, args: CredentialsArgs) -> ExitCode {
+    use credlock::cli::credentials::{Format, Options, run};
+    let options = Options {
+        format: match args.format {
+            CredentialsFormat::CredentialProcess => Format::CredentialProcess,
+            CredentialsFormat::Env => Format::Env,
+            CredentialsFormat::Json => Format::Json,
+        },
+        role_arn: args.role_arn,
+        no_cache: args.no_cache,
+        cache_dir: args.cache_dir,
+    };
+    match run(&config, &options).await {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("credlock: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -237,6 +237,38 @@ impl AwsIssuer {
 }
 
 impl AwsIssuer {
+    /// An issuer on a loaded SDK configuration (its credentials and Region: `credlock
+    /// credentials` uses the SDK's default chain), with SDK retries off as for the lock loop.
+    pub fn from_sdk_config(
+        sdk: &aws_config::SdkConfig,
+        endpoint: Option<&str>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let mut config = aws_sdk_sts::config::Builder::from(sdk)
+            .retry_config(aws_config::retry::RetryConfig::disabled());
+        if let Some(url) = endpoint {
+            config = config.endpoint_url(url);
+        }
+        AwsIssuer {
+            client: aws_sdk_sts::Client::from_conf(config.build()),
+            clock,
+        }
+    }
+
+    /// The caller's ARN (`sts:GetCallerIdentity`, which needs no permission).
+    pub async fn caller_arn(&self) -> Result<String, StsError> {
+        let out = self
+            .client
+            .get_caller_identity()
+            .send()
+            .await
+            .map_err(classify)?;
+        out.arn.ok_or_else(|| StsError {
+            code: StsErrorCode::Other,
+            message: "GetCallerIdentity answered without an Arn".into(),
+        })
+    }
+
     /// AssumeRole signed with `source` instead of the instance role's credentials (a task's or
     /// a pod's own, for its locked set): the same Region, endpoint, retry and time-out
     /// settings, a client of its own for the one call.
