@@ -27,6 +27,9 @@ struct Args {
     details: bool,
 }
 
+/// Instances of the smoke run (`cargo test`).
+const SMOKE_INSTANCES: usize = 50;
+
 const USAGE: &str = "usage: fleet-sim [--instances N] [--seed S] [--scenario NAME|all] [--json] [--quota-scale F] [--sdk-attempts STS,S3,EC2] [--no-details]";
 
 fn parse() -> Result<Args, String> {
@@ -37,7 +40,13 @@ fn parse() -> Result<Args, String> {
         details: true,
     };
     let mut it = std::env::args().skip(1);
+    // `cargo test --all-targets` runs this binary with no argument at all (`cargo bench` passes
+    // --bench): then a smoke run of every scenario on a few instances, so the suite proves the
+    // binary works without spending minutes on the figures (10,000 instances took 18 min of
+    // the CI's cargo-test). tests/fleet_sim.rs asserts the targets on 500.
+    let mut smoke = true;
     while let Some(flag) = it.next() {
+        smoke = false;
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
         match flag.as_str() {
             "--instances" => {
@@ -86,6 +95,12 @@ fn parse() -> Result<Args, String> {
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
+    }
+    if smoke {
+        args.params.instances = SMOKE_INSTANCES;
+        eprintln!(
+            "fleet-sim: no arguments (cargo test): a smoke run on {SMOKE_INSTANCES} instances; the figures come from cargo bench --bench fleet-sim"
+        );
     }
     if args.scenario != "all" && sim::scenario(&args.scenario).is_none() {
         let names: Vec<&str> = sim::SCENARIOS.iter().map(|s| s.name).collect();
