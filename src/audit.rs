@@ -429,20 +429,7 @@ pub const CREDLOCK_SOURCE_IDENTITY_PREFIX: &str = "credlock-";
 
 /// `arn:<partition>:sts::<account>:assumed-role/<role>/<session>` → (account, session name).
 fn assumed_role_session(arn: &str) -> Option<(&str, &str)> {
-    let mut parts = arn.splitn(6, ':');
-    let (Some("arn"), Some(_partition), Some("sts"), Some(""), Some(account), Some(resource)) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
-        return None;
-    };
-    let rest = resource.strip_prefix("assumed-role/")?;
-    let (role, session) = rest.rsplit_once('/')?;
-    (!role.is_empty() && !session.is_empty()).then_some((account, session))
+    crate::identity::AssumedRoleArn::parse(arn).map(|a| (a.account, a.session))
 }
 
 /// A call the session policy denied (see the module documentation).

@@ -99,6 +99,41 @@ pub struct InstanceIdentity {
     pub assumed_with: Option<RoleArn>,
 }
 
+/// An STS assumed-role session ARN, split: `arn:<partition>:sts::<account>:assumed-role/<role>/
+/// <session>` (what `sts:GetCallerIdentity` and CloudTrail's `userIdentity.arn` show; the role's
+/// path is not in it). `None` for any other ARN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AssumedRoleArn<'a> {
+    pub partition: &'a str,
+    pub account: &'a str,
+    pub role: &'a str,
+    pub session: &'a str,
+}
+
+impl<'a> AssumedRoleArn<'a> {
+    pub fn parse(arn: &'a str) -> Option<Self> {
+        let mut parts = arn.splitn(6, ':');
+        let (Some("arn"), Some(partition), Some("sts"), Some(""), Some(account), Some(resource)) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return None;
+        };
+        let rest = resource.strip_prefix("assumed-role/")?;
+        let (role, session) = rest.rsplit_once('/')?;
+        (!role.is_empty() && !session.is_empty()).then_some(AssumedRoleArn {
+            partition,
+            account,
+            role,
+            session,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

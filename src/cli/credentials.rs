@@ -410,23 +410,15 @@ fn credlock_uid() -> Option<u32> {
 /// `arn:aws:sts::123456789012:assumed-role/NAME/SESSION` -> the role's ARN (without a path:
 /// GetCallerIdentity does not show it).
 pub fn role_of_session(arn: &str) -> Option<RoleArn> {
-    let mut parts = arn.splitn(6, ':');
-    let (Some("arn"), Some(partition), Some("sts"), Some(""), Some(account), Some(resource)) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
-        return None;
-    };
-    let rest = resource.strip_prefix("assumed-role/")?;
-    let (name, session) = rest.split_once('/')?;
-    if name.is_empty() || session.is_empty() {
+    let session = crate::identity::AssumedRoleArn::parse(arn)?;
+    // A role name has no '/': anything else is not a role session's ARN.
+    if session.role.contains('/') {
         return None;
     }
-    RoleArn::parse(&format!("arn:{partition}:iam::{account}:role/{name}"))
+    RoleArn::parse(&format!(
+        "arn:{}:iam::{}:role/{}",
+        session.partition, session.account, session.role
+    ))
 }
 
 /// This host, for the session name and SourceIdentity: its hostname, reduced to what STS

@@ -90,6 +90,7 @@ fn the_role_of_an_assumed_role_session() {
         "arn:aws:sts::123456789012:federated-user/bob",
         "arn:aws:sts::123456789012:assumed-role/app",
         "arn:aws:sts::123456789012:assumed-role//s",
+        "arn:aws:sts::123456789012:assumed-role/a/b/c",
         "arn:aws:iam::123456789012:root",
         "",
     ] {
