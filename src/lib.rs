@@ -6,7 +6,8 @@
 //! The module map, in reading order.
 //!
 //! Start-up: [`config`] (TOML and flags, validated before any socket is bound), [`app`] (the
-//! wiring: listeners, state, background tasks) and `main.rs` (the CLI).
+//! wiring: listeners, state, background tasks) and `main.rs` (the command line, logging, the
+//! runtime, signals and systemd notification).
 //!
 //! The request path, per connection and request:
 //! - [`server`]: listeners, connection limits and eviction, idle timeouts, graceful drain;
@@ -33,7 +34,9 @@
 //! - [`sts`] and [`refresh`]: `sts:AssumeRole` and the lock loop (refresh, retry, backoff);
 //! - [`clock`]: the injected clock.
 //!
-//! Commands beyond the daemon: [`cli`] (`credlock credentials`).
+//! Commands beyond the daemon, in [`cli`]: `check-config`, `policy` and `discover`
+//! ([`cli::discover`]), `explain`, `audit`, `publish-environment` ([`cli::publish`], over
+//! [`publish`]) and `credentials` ([`cli::credentials`]).
 //!
 //! Observing it: [`metrics`] (Prometheus), [`admin`] (`/healthz`, `/readyz`, `/status`,
 //! `/metrics`), [`firewall`] (the state the firewall units report).

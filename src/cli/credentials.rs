@@ -460,7 +460,7 @@ async fn discover(
         &config.upstream,
         config.upstream_timeout,
     )));
-    let context = app::discovery_context(config, imds, identity, provider).await;
+    let context = discovery::context(config, imds, identity, provider).await;
     let mut merged = Environment::default();
     let mut failures = Vec::new();
     for kind in discovery::enabled_sources(&config.discovery) {

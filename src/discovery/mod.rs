@@ -295,3 +295,63 @@ impl Discoverer {
         });
     }
 }
+
+/// The discovery sources' shared clients. The EC2 and S3 clients use the instance role's own
+/// credentials (never the locked ones, which the lock may not let reach them).
+pub async fn context(
+    config: &crate::config::Config,
+    imds: Arc<Imds>,
+    identity: InstanceIdentity,
+    source: aws_credential_types::provider::SharedCredentialsProvider,
+) -> Context {
+    let http = reqwest::Client::builder()
+        .timeout(config.discovery.echo_timeout)
+        .user_agent(concat!("credlock/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot build the HTTPS client; echo and boot-provider sources will fail");
+            reqwest::Client::new()
+        });
+    let ec2 = match config.discovery.ec2 {
+        Some(_) => {
+            let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .region(aws_config::Region::new(identity.region.clone()))
+                .credentials_provider(source.clone());
+            if let Some(url) = &config.discovery.ec2_endpoint {
+                loader = loader.endpoint_url(url);
+            }
+            let sdk = loader.load().await;
+            Some(Arc::new(aws_sdk_ec2::Client::new(&sdk)) as Arc<dyn ec2::Ec2Api>)
+        }
+        None => None,
+    };
+    let s3 = match &config.discovery.s3 {
+        Some(s3) => {
+            // The bucket's Region when given (one bucket serving a fleet in several Regions),
+            // else the instance's.
+            let region = s3.region.clone().unwrap_or_else(|| identity.region.clone());
+            let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .region(aws_config::Region::new(region))
+                .credentials_provider(source)
+                .load()
+                .await;
+            let store = s3_sdk::SdkObjectStore {
+                client: s3_sdk::client(&sdk, s3.endpoint.as_deref(), false),
+            };
+            Some(Arc::new(s3::S3Source::new(
+                Arc::new(store),
+                s3.clone(),
+                config.discovery.allow_wide_prefixes,
+            )))
+        }
+        None => None,
+    };
+    Context {
+        imds,
+        http,
+        config: config.discovery.clone(),
+        identity,
+        ec2,
+        s3,
+    }
+}
