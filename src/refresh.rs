@@ -59,7 +59,7 @@ use crate::identity::{InstanceIdentity, RoleArn};
 use crate::imds::{Imds, ImdsError};
 use crate::metrics::LockSeries;
 use crate::policy;
-use crate::sts::{AssumeRequest, Issuer, StsErrorCode};
+use crate::sts::{AssumeRequest, Issued, Issuer, StsError, StsErrorCode};
 
 /// The ceiling of the first retry's wait; it doubles with each failure up to [`MAX_BACKOFF`].
 pub const BASE_BACKOFF: Duration = Duration::from_secs(1);
@@ -221,6 +221,14 @@ pub struct Locker<I, S> {
     pub random: Arc<dyn Random>,
 }
 
+/// How a new set was had: whether its session carries the SourceIdentity marker (and why not),
+/// and its session policy's length.
+struct Held {
+    marked: bool,
+    unmarked: Option<String>,
+    characters: usize,
+}
+
 /// What the loop remembers between passes.
 struct LoopState {
     /// What the served set was locked to.
@@ -367,7 +375,32 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
         {
             return left.min(self.recheck);
         }
+        let (request, characters) = match self.request(&wanted) {
+            Ok(r) => r,
+            Err(e) => return self.failed(state, e),
+        };
+        match self.assume_marked(&request).await {
+            Ok((issued, unmarked)) => {
+                let held = Held {
+                    marked: request.source_identity.is_some() && unmarked.is_none(),
+                    unmarked: match (unmarked, request.source_identity.is_some()) {
+                        (Some(why), _) => Some(why),
+                        (None, false) => Some("lock.source_identity = false".into()),
+                        (None, true) => None,
+                    },
+                    characters,
+                };
+                self.issued(state, wanted, issued, held)
+            }
+            Err(e) => {
+                self.metrics.sts_error(e.code.label());
+                self.failed(state, e.to_string())
+            }
+        }
+    }
 
+    /// The AssumeRole request for `wanted`: its session policy rendered, and its length.
+    fn request(&self, wanted: &Locked) -> Result<(AssumeRequest, usize), String> {
         // No locked session may assume another role credlock serves (the instance role from a
         // class role's session, a class role from any other): that session would carry no lock.
         let others: Vec<RoleArn> = (self.also_deny.iter())
@@ -375,15 +408,13 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
             .filter(|r| **r != wanted.identity.role)
             .cloned()
             .collect();
-        let policy = match policy::render_denying(
+        let policy = policy::render_denying(
             &self.template,
             &wanted.environment,
             &wanted.identity.role,
             &others,
-        ) {
-            Ok(p) => p,
-            Err(e) => return self.failed(state, e.to_string()),
-        };
+        )
+        .map_err(|e| e.to_string())?;
         self.metrics.policy_characters.set(policy.characters as i64);
         let request = AssumeRequest {
             role_arn: wanted.identity.role.to_string(),
@@ -396,13 +427,20 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
                 .then(|| source_identity(&wanted.identity.instance_id)),
             tags: self.config.session_tags.clone().into_iter().collect(),
         };
+        Ok((request, policy.characters))
+    }
+
+    /// AssumeRole, marked when asked. A role whose trust policy lacks sts:SetSourceIdentity
+    /// refuses the marked call with AccessDenied ("AssumeRole", STS API Reference:
+    /// SourceIdentity): then lock unmarked rather than not at all, and say why (the sessions are
+    /// invisible to the CloudTrail tripwire). Every refresh tries the marked call first, so
+    /// fixing the role heals it.
+    async fn assume_marked(
+        &self,
+        request: &AssumeRequest,
+    ) -> Result<(Issued, Option<String>), StsError> {
         let started = Instant::now();
-        let mut result = self.issuer.assume(&request).await;
-        let mut unmarked = None;
-        // A role whose trust policy lacks sts:SetSourceIdentity refuses the marked call with
-        // AccessDenied ("AssumeRole", STS API Reference: SourceIdentity). Lock unmarked rather
-        // than not at all, and say so loudly: the sessions are then invisible to the CloudTrail
-        // tripwire. Every refresh tries the marked call first, so fixing the role heals it.
+        let mut result = self.issuer.assume(request).await.map(|i| (i, None));
         if let Err(e) = &result
             && e.code == StsErrorCode::AccessDenied
             && request.source_identity.is_some()
@@ -412,77 +450,73 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
                 source_identity: None,
                 ..request.clone()
             };
-            result = self.issuer.assume(&plain).await;
-            if result.is_ok() {
-                unmarked = Some(format!(
+            result = self.issuer.assume(&plain).await.map(|issued| {
+                let why = format!(
                     "AssumeRole with SourceIdentity was refused ({refused}); locked without it: add sts:SetSourceIdentity to the role's trust policy (policy-templates/trust-policy.json)"
-                ));
-            }
+                );
+                tracing::error!(
+                    role = %request.role_arn,
+                    error = %why,
+                    "locked sessions are NOT marked: CloudTrail cannot tell them from others and the tripwire is blind"
+                );
+                (issued, Some(why))
+            });
         }
         self.metrics
             .assume_role_duration
             .observe(started.elapsed().as_secs_f64());
-        match result {
-            Ok(issued) => {
-                let marked = request.source_identity.is_some() && unmarked.is_none();
-                self.metrics.marked.set(i64::from(marked));
-                if let Some(why) = &unmarked {
-                    tracing::error!(
-                        role = %wanted.identity.role,
-                        error = %why,
-                        "locked sessions are NOT marked: CloudTrail cannot tell them from others and the tripwire is blind"
-                    );
-                }
-                let now = self.clock.now();
-                let expiration = issued.credentials.expiration;
-                state.next_refresh = refresh_at(now, expiration, self.random.unit() * 2.0 - 1.0);
-                state.failures = 0;
-                state.retry_at = None;
-                state.spread_at = None;
-                self.store.store(issued.credentials);
-                self.metrics.success.inc();
-                if let Some(p) = issued.packed_policy_percent {
-                    self.metrics.policy_packed_percent.set(i64::from(p));
-                }
-                tracing::info!(
-                    role = %wanted.identity.role,
-                    expiration = %imds_timestamp(expiration),
-                    next_refresh = %imds_timestamp(state.next_refresh),
-                    policy_characters = policy.characters,
-                    packed_policy_percent = issued.packed_policy_percent,
-                    addresses = wanted.environment.ipv4.len() + wanted.environment.ipv6.len(),
-                    vpcs = wanted.environment.vpcs.len(),
-                    vpc_endpoints = wanted.environment.vpc_endpoints.len(),
-                    "locked credentials issued"
-                );
-                let mut status = (**self.status.load()).clone();
-                status.role_arn = Some(wanted.identity.role.to_string());
-                status.instance_id = Some(wanted.identity.instance_id.clone());
-                status.region = Some(wanted.identity.region.clone());
-                status.locked_environment = Some((*wanted.environment).clone());
-                status.policy_characters = Some(policy.characters);
-                status.packed_policy_percent = issued.packed_policy_percent;
-                status.last_refresh = Some(imds_timestamp(now));
-                status.next_refresh = Some(imds_timestamp(state.next_refresh));
-                status.expiration = Some(imds_timestamp(expiration));
-                status.consecutive_failures = 0;
-                status.pending_relock = None;
-                status.marked = Some(marked);
-                status.unmarked_reason = match (&unmarked, request.source_identity.is_some()) {
-                    (Some(why), _) => Some(why.clone()),
-                    (None, false) => Some("lock.source_identity = false".into()),
-                    (None, true) => None,
-                };
-                self.status.store(Arc::new(status));
-                state.locked = Some(wanted);
-                self.ready.send_replace(true);
-                self.until(state.next_refresh, now)
-            }
-            Err(e) => {
-                self.metrics.sts_error(e.code.label());
-                self.failed(state, e.to_string())
-            }
+        result
+    }
+
+    /// A new locked set: stored and served, the next refresh drawn, the status and metrics told.
+    fn issued(
+        &self,
+        state: &mut LoopState,
+        wanted: Locked,
+        issued: Issued,
+        held: Held,
+    ) -> Duration {
+        self.metrics.marked.set(i64::from(held.marked));
+        let now = self.clock.now();
+        let expiration = issued.credentials.expiration;
+        state.next_refresh = refresh_at(now, expiration, self.random.unit() * 2.0 - 1.0);
+        state.failures = 0;
+        state.retry_at = None;
+        state.spread_at = None;
+        self.store.store(issued.credentials);
+        self.metrics.success.inc();
+        if let Some(p) = issued.packed_policy_percent {
+            self.metrics.policy_packed_percent.set(i64::from(p));
         }
+        tracing::info!(
+            role = %wanted.identity.role,
+            expiration = %imds_timestamp(expiration),
+            next_refresh = %imds_timestamp(state.next_refresh),
+            policy_characters = held.characters,
+            packed_policy_percent = issued.packed_policy_percent,
+            addresses = wanted.environment.ipv4.len() + wanted.environment.ipv6.len(),
+            vpcs = wanted.environment.vpcs.len(),
+            vpc_endpoints = wanted.environment.vpc_endpoints.len(),
+            "locked credentials issued"
+        );
+        let mut status = (**self.status.load()).clone();
+        status.role_arn = Some(wanted.identity.role.to_string());
+        status.instance_id = Some(wanted.identity.instance_id.clone());
+        status.region = Some(wanted.identity.region.clone());
+        status.locked_environment = Some((*wanted.environment).clone());
+        status.policy_characters = Some(held.characters);
+        status.packed_policy_percent = issued.packed_policy_percent;
+        status.last_refresh = Some(imds_timestamp(now));
+        status.next_refresh = Some(imds_timestamp(state.next_refresh));
+        status.expiration = Some(imds_timestamp(expiration));
+        status.consecutive_failures = 0;
+        status.pending_relock = None;
+        status.marked = Some(held.marked);
+        status.unmarked_reason = held.unmarked;
+        self.status.store(Arc::new(status));
+        state.locked = Some(wanted);
+        self.ready.send_replace(true);
+        self.until(state.next_refresh, now)
     }
 
     /// Counts a failure and starts its back-off: no AssumeRole before it ends.
