@@ -9,11 +9,11 @@ set, or let one client deny others their locked sets.
 
 Processes: moto (conftest), an adversarial IMDS upstream (`readbody`, for credlock's own
 instance lock), the ECS agent stand-in (tests/support/ecs_agent_emulator.py), a recording STS
-front in this process (every AssumeRole: role, session, signing key, session token, issued key;
-roles named "deny-..." are refused with STS's AccessDenied, like a task role that does not
-trust itself), a HOSTILE agent in this process (answers each credential id with bytes chosen by
-the test) and credlocks whose [containers.ecs] points at one agent or the other (config written
-here, mirroring adversarial_lib.Credlock).
+front in this process (tests/support/recording_sts.py: every AssumeRole's role, session,
+signing key, session token and issued key; roles named "deny-..." are refused with STS's
+AccessDenied, like a task role that does not trust itself), a HOSTILE agent in this process
+(answers each credential id with bytes chosen by the test) and credlocks whose [containers.ecs]
+points at one agent or the other (config written here, mirroring adversarial_lib.Credlock).
 
 Ground truth is never credlock's code: the raw values the agents served (the stand-in's /state
 and /requests, the hostile agent's own log), the STS front's log, and the flooder's counters.
@@ -47,8 +47,6 @@ import base64
 import concurrent.futures
 import datetime
 import gzip
-import http.client
-import http.server
 import json
 import os
 import re
@@ -57,6 +55,7 @@ import socket
 import socketserver
 import string
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -67,6 +66,11 @@ from pathlib import Path
 import pytest
 
 import adversarial_lib as lib
+
+if str(lib.REPO / "tests" / "support") not in sys.path:
+    sys.path.insert(0, str(lib.REPO / "tests" / "support"))  # as adv_upstream.py does
+import ecs_agent_control  # noqa: E402  (the agent stand-in's control API)
+import recording_sts  # noqa: E402  (the recording STS front)
 
 AGENT_SCRIPT = lib.REPO / "tests" / "support" / "ecs_agent_emulator.py"
 ACCOUNT = "123456789012"
@@ -191,190 +195,19 @@ def get(addr: str, target: str, headers=(), method: str = "GET", timeout: float 
 
 
 # --------------------------------------------------------------------------------------------
-# The recording STS front
-# --------------------------------------------------------------------------------------------
-
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
-              "trailer", "upgrade", "content-length", "expect"}
-
-
-class _GateHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    gate: "StsGate"
-
-    def log_message(self, format, *args) -> None:
-        pass
-
-    def do_POST(self) -> None:  # noqa: N802
-        self.relay()
-
-    do_GET = do_POST  # noqa: N815
-
-    def read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline().strip():
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length", "0") or 0)
-        return self.rfile.read(length) if length else b""
-
-    def relay(self) -> None:
-        body = self.read_body()
-        params = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-        if "x-www-form-urlencoded" in self.headers.get("Content-Type", ""):
-            params.update(urllib.parse.parse_qs(body.decode("utf-8", "replace")))
-        record = None
-        if params.get("Action", [""])[0] == "AssumeRole":
-            credential = re.search(r"Credential=([^/,\s]+)/",
-                                   self.headers.get("Authorization", ""))
-            record = {"role_arn": params.get("RoleArn", [""])[0],
-                      "session": params.get("RoleSessionName", [""])[0],
-                      "signer": credential.group(1) if credential else None,
-                      "token": self.headers.get("X-Amz-Security-Token"),
-                      "source_identity": params.get("SourceIdentity", [None])[0],
-                      "status": None, "issued_key": None, "time": time.monotonic()}
-            if record["role_arn"].rsplit("/", 1)[-1].startswith(DENY_PREFIX):
-                record["status"] = 403
-                self.gate.log(record)
-                self.answer(403, (
-                    '<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error>'
-                    "<Type>Sender</Type><Code>AccessDenied</Code><Message>User is not "
-                    "authorized to perform: sts:AssumeRole on resource: "
-                    f"{record['role_arn']}</Message></Error><RequestId>{uuid.uuid4()}"
-                    "</RequestId></ErrorResponse>").encode(), [("Content-Type", "text/xml")])
-                return
-        host, port = lib.split_addr(self.gate.upstream)
-        conn = http.client.HTTPConnection(host, port, timeout=30)
-        try:
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
-            conn.request(self.command, self.path, body=body, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-            out = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP]
-            status = resp.status
-        finally:
-            conn.close()
-        if record is not None:
-            record["status"] = status
-            key = re.search(r"<AccessKeyId>([^<]+)</AccessKeyId>", data.decode("utf-8", "replace"))
-            record["issued_key"] = key.group(1) if key and status == 200 else None
-            self.gate.log(record)
-        self.answer(status, data, out)
-
-    def answer(self, status: int, body: bytes, headers) -> None:
-        self.send_response_only(status)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-        self.wfile.flush()
-
-
-class StsGate:
-    """Relays to moto, records every AssumeRole, refuses roles named deny-..."""
-
-    def __init__(self, moto_url: str):
-        self.upstream = urllib.parse.urlsplit(moto_url).netloc
-        self.calls: list[dict] = []
-        self.lock = threading.Lock()
-        handler = type("GateHandler", (_GateHandler,), {"gate": self})
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
-                         daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def log(self, record: dict) -> None:
-        with self.lock:
-            self.calls.append(record)
-
-    def task_calls(self, signers=None, since: float = 0.0, until: float = float("inf")):
-        """AssumeRole calls for task sets (session credlock-ecs-...), optionally only those
-        signed with one of `signers`, made in [since, until] (time.monotonic())."""
-        with self.lock:
-            calls = [dict(c) for c in self.calls if c["session"].startswith(SESSION_PREFIX)]
-        if signers is not None:
-            signers = set(signers)
-            calls = [c for c in calls if c["signer"] in signers]
-        return [c for c in calls if since <= c["time"] <= until]
-
-    def issued_for(self, signer: str, token: str | None = None) -> set[str]:
-        return {c["issued_key"] for c in self.task_calls([signer])
-                if c["issued_key"] and (token is None or c["token"] == token)}
-
-    def signer_of(self, issued_key: str) -> dict | None:
-        with self.lock:
-            for c in self.calls:
-                if c["issued_key"] == issued_key:
-                    return dict(c)
-        return None
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-# --------------------------------------------------------------------------------------------
 # The ECS agent stand-in (a process) and the hostile agent (in this process)
 # --------------------------------------------------------------------------------------------
 
-class AgentStandIn:
+class AgentStandIn(ecs_agent_control.AgentControl):
+    """The stand-in as a process (`addr`, its agent listener) and its control API."""
+
     def __init__(self, workdir: Path):
         self.proc = lib.Process([str(lib.PYTHON), str(AGENT_SCRIPT), "--listen", "127.0.0.1:0",
                                  "--control", "127.0.0.1:0"], workdir / "ecs-agent-adv.log",
                                 env=lib.clean_env(), stdout_pipe=True)
         found = lib.read_addresses(self.proc, ("listening", "control"), READY_TIMEOUT)
-        self.addr, self.control_addr = found["listening"], found["control"]
-        self.raw_seen: set[str] = set()
-        self.owner: dict[str, str] = {}  # raw AccessKeyId -> credential id
-        self.lock = threading.Lock()
-
-    def control(self, method: str, path: str, document=None):
-        body = json.dumps(document).encode() if document is not None else None
-        status, data = lib.simple_http(self.control_addr, method, path, body)
-        if status != 200:
-            raise lib.Failure(f"agent control {method} {path}: {status} {data[:300]!r}")
-        return json.loads(data)
-
-    def _remember(self, entry: dict) -> dict:
-        doc = entry["document"]
-        with self.lock:
-            self.raw_seen.update(doc[k] for k in ("AccessKeyId", "SecretAccessKey", "Token")
-                                 if doc[k])
-            self.owner.setdefault(doc["AccessKeyId"], entry["id"])
-        return entry
-
-    def new_task(self, role: str, cred_id: str | None = None, **spec) -> dict:
-        spec = {"id": cred_id or str(uuid.uuid4()),
-                "role_arn": f"arn:aws:iam::{ACCOUNT}:role/{role}", **spec}
-        return self._remember(self.control("POST", "/credentials", spec))
-
-    def rotate(self, cred_id: str) -> dict:
-        return self._remember(self.control("POST", "/credentials/rotate", {"id": cred_id}))
-
-    def state(self) -> dict:
-        state = self.control("GET", "/state")
-        for entry in state["credentials"].values():
-            self._remember(entry)
-        return state
-
-    def raw_values(self) -> set[str]:
-        self.state()
-        with self.lock:
-            return set(self.raw_seen)
-
-    def requests(self) -> list[dict]:
-        return self.control("GET", "/requests")
+        super().__init__(found["control"], ACCOUNT)
+        self.addr = found["listening"]
 
     def set_rate_limit(self, value) -> None:
         self.control("POST", "/state", {"rate_limit": value})
@@ -515,9 +348,9 @@ class HostileAgent:
 # --------------------------------------------------------------------------------------------
 
 class EcsCredlock:
-    def __init__(self, name: str, agent_addr: str, imds: lib.Upstream, gate: StsGate,
-                 workdir: Path, assume_rate: float = 50, max_tasks: int | None = None,
-                 max_connections: int | None = None):
+    def __init__(self, name: str, agent_addr: str, imds: lib.Upstream,
+                 gate: recording_sts.RecordingSts, workdir: Path, assume_rate: float = 50,
+                 max_tasks: int | None = None, max_connections: int | None = None):
         if not (lib.CREDLOCK_BIN.is_file() and os.access(lib.CREDLOCK_BIN, os.X_OK)):
             raise lib.Failure(f"credlock binary missing: {lib.CREDLOCK_BIN}")
         self.name = name
@@ -613,11 +446,10 @@ def wait_locked(credlock: EcsCredlock, target: str, timeout: float = 15.0) -> li
 
 @pytest.fixture(scope="module")
 def gate(moto_url):
-    g = StsGate(moto_url)
-    try:
-        yield g
-    finally:
-        g.stop()
+    """The recording STS front; its queries see task sets (session credlock-ecs-...) only."""
+    with recording_sts.RecordingSts(moto_url, deny_prefix=DENY_PREFIX,
+                                    session_prefix=SESSION_PREFIX) as sts:
+        yield sts
 
 
 @pytest.fixture(scope="module")
@@ -997,7 +829,7 @@ def test_path_tricks_never_yield_raw_values(agent, ecs, gate):
         _, received = exchange(ecs.ecs, data, drain=1.0)
         if leak_findings(received, raw_values):
             problems.append(f"pipeline {data[:60]!r}: {leak_findings(received, raw_values)}")
-    reached = [r for r in agent.requests()
+    reached = [r for r in agent.agent_requests()
                if any(k.lower() == "x-probe" and v == probe for k, v in r["headers"])]
     if reached:
         problems.append(f"a request with a body reached the agent: {reached[:2]}")
@@ -1068,7 +900,7 @@ def test_concurrent_alternating_tasks_only_ever_get_their_own_sets(agent, ecs, g
             continue
         key = reply.json()["AccessKeyId"]
         served[name].add(key)
-        call = gate.signer_of(key)
+        call = gate.call_that_issued(key)
         owner = agent.owner.get(call["signer"]) if call else None
         if owner != ids[name]:
             holder = [n for n, cid in ids.items() if cid == owner]
@@ -1354,7 +1186,7 @@ def test_a_task_whose_assume_role_fails_cannot_hold_every_connection_slot(agent,
         time.sleep(2.0)
         results = victim_rounds(credlock, target, key, started + duration - 0.3, raw_values)
         stats = finish(proc, out, duration + 20)
-        calls = gate.task_calls([failing["document"]["AccessKeyId"]])
+        calls = gate.assumes(signers=[failing["document"]["AccessKeyId"]])
         report = (f"hammer: {stats}; AssumeRole calls for the failing task: {len(calls)}; "
                   f"victim timings {sorted(round(t, 2) for t, _ in results)[-5:]}")
         print(report)
@@ -1414,7 +1246,7 @@ def test_burst_of_new_tasks_beyond_the_sts_budget(agent, imds, gate, workdir):
                 assert_fail_closed(reply, data, raw_values, f"task {task['id']}")
                 assert reply.status == 503, f"over the budget is 503: {reply!r}"
                 refused.append(task)
-        calls = gate.task_calls(signers, since=t0, until=t1)
+        calls = gate.assumes(signers=signers, between=(t0, t1))
         cap = BUDGET_BURST + BUDGET_RATE * (t1 - t0) + 1
         assert len(calls) <= cap, (f"{len(calls)} AssumeRole calls reached STS in {t1 - t0:.1f}"
                                    f" s; assume_rate {BUDGET_RATE} allows {cap:.0f}")
@@ -1431,7 +1263,7 @@ def test_burst_of_new_tasks_beyond_the_sts_budget(agent, imds, gate, workdir):
             assert not leak_findings(data, raw_values)
             assert reply is not None and reply.status == 200, f"not recovered: {reply!r}"
             assert reply.json()["AccessKeyId"] in gate.issued_for(task["document"]["AccessKeyId"])
-        per_task = {s: len(gate.task_calls([s])) for s in signers}
+        per_task = {s: len(gate.assumes(signers=[s])) for s in signers}
         assert set(per_task.values()) == {1}, f"AssumeRole calls per task: {per_task}"
     finally:
         credlock.stop()
@@ -1469,8 +1301,9 @@ def failing_tasks_scenario(agent, imds, gate, workdir):
         t1 = time.monotonic()
         signers = [t["document"]["AccessKeyId"] for t in failing + victims]
         yield {"rate": rate, "burst": 2 * rate, "t0": t0, "t1": t1, "stats": stats,
-               "calls": gate.task_calls(signers, since=t0, until=t1),
-               "failing_calls": gate.task_calls([t["document"]["AccessKeyId"] for t in failing]),
+               "calls": gate.assumes(signers=signers, between=(t0, t1)),
+               "failing_calls": gate.assumes(
+                   signers=[t["document"]["AccessKeyId"] for t in failing]),
                "outcomes": outcomes, "raw_values": raw_values}
     finally:
         if proc is not None and proc.poll() is None:

@@ -3,7 +3,8 @@
     .venv/bin/python -m pytest -q tests/e2e/test_credentials_cli.py
 
 Peers, all on 127.0.0.1: moto (STS and IAM, the session's), a recording STS front in this
-process between every client and moto (AWS_ENDPOINT_URL_STS points at it), conftest's IMDS
+process between every client and moto (tests/support/recording_sts.py; AWS_ENDPOINT_URL_STS
+points at it), conftest's IMDS
 emulator + credlock daemon (for the "credlock runs here" path) and small fake listeners run as
 `nobody` or root (for the listener-ownership check).
 
@@ -44,8 +45,6 @@ holding node_modules); missing -> the test fails, saying so.
 from __future__ import annotations
 
 import datetime
-import http.client
-import http.server
 import importlib.util
 import json
 import os
@@ -56,9 +55,8 @@ import signal
 import socket
 import stat
 import subprocess
-import threading
+import sys
 import time
-import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -78,6 +76,10 @@ def _load(name: str, path: Path):
 
 
 e2e = _load("credlock_e2e_helpers", HERE / "conftest.py")
+SUPPORT = REPO / "tests" / "support"
+if str(SUPPORT) not in sys.path:
+    sys.path.insert(0, str(SUPPORT))  # the stand-ins' shared modules, as adv_upstream.py does
+import recording_sts  # noqa: E402  (the recording STS front)
 
 ACCOUNT = "123456789012"  # moto's default account
 REGION = "us-east-1"
@@ -119,168 +121,15 @@ def parse_time(text: str) -> datetime.datetime:
 
 
 # --------------------------------------------------------------------------------------------
-# The STS front: relays to moto, records every call, refuses "deny-" roles, shortens "short-"
-# --------------------------------------------------------------------------------------------
-
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
-              "trailer", "upgrade", "content-length", "expect"}
-
-
-def access_denied(role: str) -> bytes:
-    return (
-        '<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">\n'
-        "  <Error>\n    <Type>Sender</Type>\n    <Code>AccessDenied</Code>\n"
-        f"    <Message>User: arn:aws:iam::{ACCOUNT}:user/ci is not authorized to perform: "
-        f"sts:AssumeRole on resource: {role}</Message>\n  </Error>\n"
-        f"  <RequestId>{uuid.uuid4()}</RequestId>\n</ErrorResponse>\n").encode()
-
-
-def _xml(text: str, tag: str) -> str | None:
-    found = re.search(rf"<{tag}>([^<]*)</{tag}>", text)
-    return found.group(1) if found else None
-
-
-class _FrontHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    front: "StsFront"
-
-    def log_message(self, format, *args) -> None:
-        pass
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        self.relay()
-
-    do_GET = do_POST  # noqa: N815
-
-    def read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline().strip():
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length", "0") or 0)
-        return self.rfile.read(length) if length else b""
-
-    def relay(self) -> None:
-        body = self.read_body()
-        params = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-        if "x-www-form-urlencoded" in self.headers.get("Content-Type", ""):
-            params.update(urllib.parse.parse_qs(body.decode("utf-8", "replace")))
-        credential = re.search(r"Credential=([^/,\s]+)/", self.headers.get("Authorization", ""))
-        record = {
-            "action": params.get("Action", [""])[0],
-            "role_arn": params.get("RoleArn", [""])[0],
-            "session": params.get("RoleSessionName", [""])[0],
-            "policy": params.get("Policy", [None])[0],
-            "signer": credential.group(1) if credential else None,
-            "token": self.headers.get("X-Amz-Security-Token"),
-            "user_agent": self.headers.get("User-Agent", ""),
-            "status": None,
-            "issued": None,  # AccessKeyId, SecretAccessKey, SessionToken, Expiration
-            "time": time.time(),
-        }
-        role_name = record["role_arn"].rsplit("/", 1)[-1]
-        if record["action"] == "AssumeRole" and role_name.startswith(DENY_PREFIX):
-            record["status"] = 403
-            self.front.log(record)
-            self.answer(403, access_denied(record["role_arn"]),
-                        [("Content-Type", "text/xml"), ("x-amzn-RequestId", str(uuid.uuid4()))])
-            return
-        host, port = e2e.split_addr(self.front.upstream)
-        conn = http.client.HTTPConnection(host, port, timeout=30)
-        try:
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
-            conn.request(self.command, self.path, body=body, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-            out_headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP]
-            status = resp.status
-        finally:
-            conn.close()
-        record["status"] = status
-        if record["action"] == "AssumeRole" and status == 200:
-            text = data.decode("utf-8", "replace")
-            if role_name.startswith(SHORT_PREFIX):
-                soon = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0) \
-                    + datetime.timedelta(seconds=SERVE_MARGIN + SHORT_EXTRA)
-                text = re.sub(r"<Expiration>[^<]*</Expiration>",
-                              f"<Expiration>{soon.strftime('%Y-%m-%dT%H:%M:%SZ')}</Expiration>",
-                              text)
-                data = text.encode()
-            record["issued"] = {
-                "AccessKeyId": _xml(text, "AccessKeyId"),
-                "SecretAccessKey": _xml(text, "SecretAccessKey"),
-                "SessionToken": _xml(text, "SessionToken"),
-                "Expiration": _xml(text, "Expiration"),
-            }
-        self.front.log(record)
-        self.answer(status, data, out_headers)
-
-    def answer(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
-        self.send_response_only(status)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-        self.wfile.flush()
-
-
-class StsFront:
-    """A recording front for moto's STS on a free loopback port."""
-
-    def __init__(self, upstream_url: str):
-        self.upstream = urllib.parse.urlsplit(upstream_url).netloc
-        self.calls: list[dict] = []
-        self.lock = threading.Lock()
-        handler = type("FrontHandler", (_FrontHandler,), {"front": self})
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.2}, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def log(self, record: dict) -> None:
-        with self.lock:
-            self.calls.append(record)
-
-    def mark(self) -> int:
-        with self.lock:
-            return len(self.calls)
-
-    def since(self, mark: int, action: str | None = None) -> list[dict]:
-        with self.lock:
-            calls = [dict(c) for c in self.calls[mark:]]
-        return [c for c in calls if action is None or c["action"] == action]
-
-    def assumes(self, mark: int) -> list[dict]:
-        return self.since(mark, "AssumeRole")
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-# --------------------------------------------------------------------------------------------
 # Fixtures
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def front(moto_url):
-    gate = StsFront(moto_url)
-    try:
-        yield gate
-    finally:
-        gate.stop()
+    """The recording STS front: refuses "deny-" roles, shortens "short-" roles' sets."""
+    with recording_sts.RecordingSts(moto_url, deny_prefix=DENY_PREFIX, short_prefix=SHORT_PREFIX,
+                                    short_lifetime=SERVE_MARGIN + SHORT_EXTRA) as sts:
+        yield sts
 
 
 @pytest.fixture(scope="module")
@@ -511,7 +360,7 @@ def test_boto3_credential_process(front, sources, moto_url, process_profile):
     assert seen["method"] == "custom-process", seen
     check_process_use(front, sources, moto_url, process_profile, mark, seen["key"], seen["arn"])
     # boto3's own GetCallerIdentity went out signed with the locked key.
-    signers = [c["signer"] for c in front.since(mark, "GetCallerIdentity")
+    signers = [c["signer"] for c in front.calls(mark, "GetCallerIdentity")
                if "botocore" in c["user_agent"].lower() or "boto3" in c["user_agent"].lower()]
     assert signers == [seen["key"]], signers
 
@@ -525,7 +374,7 @@ def test_aws_cli_v1_credential_process(front, sources, moto_url, process_profile
                             capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert result.returncode == 0, f"aws cli failed:\n{result.stdout}\n{result.stderr}"
     arn = json.loads(result.stdout)["Arn"]
-    cli_calls = [c for c in front.since(mark, "GetCallerIdentity")
+    cli_calls = [c for c in front.calls(mark, "GetCallerIdentity")
                  if c["user_agent"].startswith("aws-cli/")]
     assert len(cli_calls) == 1, cli_calls
     check_process_use(front, sources, moto_url, process_profile, mark, cli_calls[0]["signer"],
@@ -605,7 +454,7 @@ def test_role_from_assumed_role_session(credlock, front, sources, moto_url, writ
     assert_issued(printed, call)
     assert identity(moto_url, printed)["Arn"] == assumed_arn("e2e-ci-role")
     # GetCallerIdentity was asked with the source session, before the AssumeRole.
-    callers = front.since(mark, "GetCallerIdentity")
+    callers = front.calls(mark, "GetCallerIdentity")
     assert [c["signer"] for c in callers] == [sources["session"]["AWS_ACCESS_KEY_ID"]], callers
 
 

@@ -4,9 +4,10 @@
 
 One stack per module: the ECS agent stand-in (tests/support/ecs_agent_emulator.py), the IMDS
 emulator and moto (credlock's own instance lock needs them, as in the rest of tests/e2e), a
-recording STS front in this process between credlock and moto, and one credlock whose
-[containers.ecs] listener points at the agent stand-in. Clients reach task credentials the way
-a container does, with AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127.0.0.1:PORT/v2/credentials/ID.
+recording STS front in this process between credlock and moto (tests/support/recording_sts.py),
+and one credlock whose [containers.ecs] listener points at the agent stand-in. Clients reach
+task credentials the way a container does, with
+AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127.0.0.1:PORT/v2/credentials/ID.
 
 What is tested:
   * boto3 (container provider), the AWS CLI and the JS SDK v3 (fromContainerMetadata) get a
@@ -36,8 +37,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
-import http.client
-import http.server
 import importlib.util
 import json
 import os
@@ -45,9 +44,8 @@ import random
 import re
 import socket
 import subprocess
-import threading
+import sys
 import time
-import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -61,9 +59,8 @@ SUPPORT = REPO / "tests" / "support"
 
 
 def _load(name: str, path: Path):
-    """A helper module by path, under its own name: tests/e2e/conftest.py's helpers (pytest
-    loads that file as a plugin named "conftest", which another folder's conftest may shadow in
-    sys.modules) and the stand-ins' shared constants (tests/support/standin.py)."""
+    """tests/e2e/conftest.py's helpers as a module of their own name (pytest loads that file as
+    a plugin named "conftest", which another folder's conftest may shadow in sys.modules)."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -71,7 +68,11 @@ def _load(name: str, path: Path):
 
 
 e2e = _load("credlock_e2e_helpers", HERE / "conftest.py")
-standin = _load("credlock_e2e_standin", SUPPORT / "standin.py")
+if str(SUPPORT) not in sys.path:
+    sys.path.insert(0, str(SUPPORT))  # the stand-ins' shared modules, as adv_upstream.py does
+import ecs_agent_control  # noqa: E402  (the agent stand-in's control API)
+import recording_sts  # noqa: E402  (the recording STS front)
+import standin  # noqa: E402  (the stand-ins' shared constants)
 
 AGENT_SCRIPT = SUPPORT / "ecs_agent_emulator.py"
 ACCOUNT = "123456789012"  # the agent stand-in's account (and moto's default)
@@ -102,147 +103,6 @@ try {
   process.exit(1);
 }
 """
-
-
-# --------------------------------------------------------------------------------------------
-# The STS front: relays everything to moto, records AssumeRole, refuses "deny-" roles
-# --------------------------------------------------------------------------------------------
-
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
-              "trailer", "upgrade", "content-length", "expect"}
-
-
-class _GateHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    gate: "StsGate"
-
-    def log_message(self, format, *args) -> None:
-        pass
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        self.relay()
-
-    do_GET = do_POST  # noqa: N815
-
-    def read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline().strip():
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length", "0") or 0)
-        return self.rfile.read(length) if length else b""
-
-    def relay(self) -> None:
-        body = self.read_body()
-        params = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-        if "x-www-form-urlencoded" in self.headers.get("Content-Type", ""):
-            params.update(urllib.parse.parse_qs(body.decode("utf-8", "replace")))
-        record = None
-        if params.get("Action", [""])[0] == "AssumeRole":
-            credential = re.search(r"Credential=([^/,\s]+)/",
-                                   self.headers.get("Authorization", ""))
-            record = {
-                "role_arn": params.get("RoleArn", [""])[0],
-                "session": params.get("RoleSessionName", [""])[0],
-                "signer": credential.group(1) if credential else None,
-                "token": self.headers.get("X-Amz-Security-Token"),
-                "policy": params.get("Policy", [None])[0],
-                "status": None,
-                "issued_key": None,
-                "issued_expiration": None,
-                "time": time.time(),
-            }
-            if record["role_arn"].rsplit("/", 1)[-1].startswith(DENY_PREFIX):
-                record["status"] = 403
-                self.gate.log(record)
-                self.answer(403, access_denied(record["role_arn"]),
-                            [("Content-Type", "text/xml"),
-                             ("x-amzn-RequestId", str(uuid.uuid4()))])
-                return
-        host, port = e2e.split_addr(self.gate.upstream)
-        conn = http.client.HTTPConnection(host, port, timeout=30)
-        try:
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
-            conn.request(self.command, self.path, body=body, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-            out_headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP]
-            status = resp.status
-        finally:
-            conn.close()
-        if record is not None:
-            record["status"] = status
-            if status == 200:
-                text = data.decode("utf-8", "replace")
-                key = re.search(r"<AccessKeyId>([^<]+)</AccessKeyId>", text)
-                expiration = re.search(r"<Expiration>([^<]+)</Expiration>", text)
-                record["issued_key"] = key.group(1) if key else None
-                record["issued_expiration"] = expiration.group(1) if expiration else None
-            self.gate.log(record)
-        self.answer(status, data, out_headers)
-
-    def answer(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
-        self.send_response_only(status)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-        self.wfile.flush()
-
-
-def access_denied(role_arn: str) -> bytes:
-    """STS's answer to an AssumeRole the caller may not make (403 AccessDenied, Sender)."""
-    return (
-        '<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">\n'
-        "  <Error>\n    <Type>Sender</Type>\n    <Code>AccessDenied</Code>\n"
-        f"    <Message>User: arn:aws:sts::{ACCOUNT}:assumed-role/task/task is not authorized "
-        f"to perform: sts:AssumeRole on resource: {role_arn}</Message>\n  </Error>\n"
-        f"  <RequestId>{uuid.uuid4()}</RequestId>\n</ErrorResponse>\n").encode()
-
-
-class StsGate:
-    """A recording front for moto's STS on a free loopback port (credlock's STS endpoint)."""
-
-    def __init__(self, upstream_url: str):
-        self.upstream = urllib.parse.urlsplit(upstream_url).netloc
-        self.calls: list[dict] = []
-        self.lock = threading.Lock()
-        handler = type("GateHandler", (_GateHandler,), {"gate": self})
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.2}, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def log(self, record: dict) -> None:
-        with self.lock:
-            self.calls.append(record)
-
-    def assume_calls(self, session: str | None = None, signer: str | None = None) -> list[dict]:
-        """AssumeRole calls (for task sets: session names starting credlock-ecs-), optionally of
-        one session name or signed with one access key."""
-        with self.lock:
-            calls = [dict(c) for c in self.calls if c["session"].startswith(SESSION_PREFIX)]
-        if session is not None:
-            calls = [c for c in calls if c["session"] == session]
-        if signer is not None:
-            calls = [c for c in calls if c["signer"] == signer]
-        return calls
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,55 +189,20 @@ class EcsStack(e2e.Stack):
                      proc.log)
 
 
-class Ecs:
-    """What the tests use: credlock's ECS listener, the agent stand-in (and its ground truth),
-    the STS front's log, credlock's metrics and moto."""
+class Ecs(ecs_agent_control.AgentControl):
+    """What the tests use: credlock's ECS listener, the agent stand-in (its control API and
+    ground truth: new_task, rotate, state, raw, raw_seen, agent_requests), the STS front's log,
+    credlock's metrics and moto."""
 
-    def __init__(self, stack: EcsStack, gate: StsGate, agent: str, control: str, moto_url: str):
+    def __init__(self, stack: EcsStack, sts: recording_sts.RecordingSts, agent: str,
+                 control: str, moto_url: str):
+        super().__init__(control, ACCOUNT)
         self.stack = stack
-        self.gate = gate
+        self.sts = sts
         self.agent = agent
-        self.control_addr = control
         self.moto_url = moto_url
         self.proxy = stack.ecs
         self.admin = stack.admin
-        self.raw_seen: set[str] = set()  # every raw value the agent ever served (rotations too)
-
-    # ---- the agent stand-in's control API ----
-
-    def control(self, method: str, path: str, document: dict | None = None):
-        body = json.dumps(document).encode() if document is not None else None
-        reply = e2e.http_request(self.control_addr, method, path,
-                                 {"Content-Type": "application/json"} if body else None, body)
-        assert reply.status == 200, f"agent control {method} {path}: {reply!r}"
-        return reply.json()
-
-    def _remember(self, entry: dict) -> dict:
-        doc = entry["document"]
-        self.raw_seen.update(doc[k] for k in ("AccessKeyId", "SecretAccessKey", "Token") if doc[k])
-        return entry
-
-    def new_task(self, role: str = "e2e-task-role", cred_id: str | None = None, **spec) -> dict:
-        """Define task credentials (a new UUID id unless given) for role ROLE of ACCOUNT."""
-        spec = {"id": cred_id or str(uuid.uuid4()),
-                "role_arn": f"arn:aws:iam::{ACCOUNT}:role/{role}", **spec}
-        return self._remember(self.control("POST", "/credentials", spec))
-
-    def rotate(self, cred_id: str) -> dict:
-        return self._remember(self.control("POST", "/credentials/rotate", {"id": cred_id}))
-
-    def state(self) -> dict:
-        state = self.control("GET", "/state")
-        for entry in state["credentials"].values():
-            self._remember(entry)
-        return state
-
-    def raw(self, cred_id: str) -> dict:
-        """The raw document the agent serves for this id right now."""
-        return self.state()["credentials"][cred_id]["document"]
-
-    def agent_requests(self) -> list[dict]:
-        return self.control("GET", "/requests")
 
     # ---- requests ----
 
@@ -417,7 +242,7 @@ class Ecs:
             assert value not in self.raw_seen, "a raw task credential value was served"
             for marker in RAW_MARKERS:
                 assert marker not in value, f"raw marker {marker!r} in the served set"
-        calls = self.gate.assume_calls(session=SESSION_PREFIX + task_id)
+        calls = self.sts.assumes(session=SESSION_PREFIX + task_id)
         assert calls, f"no AssumeRole with session {SESSION_PREFIX}{task_id} reached STS"
         issued = [c for c in calls if c["issued_key"] == access_key]
         assert issued, (f"the served AccessKeyId was not issued by an AssumeRole for this task: "
@@ -544,19 +369,20 @@ def wire(addr: str, target: str, method: str = "GET", headers: dict | None = Non
 @pytest.fixture(scope="module")
 def ecs_stack(moto_url, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ecs")
-    gate = StsGate(moto_url)
+    sts = recording_sts.RecordingSts(moto_url, deny_prefix=DENY_PREFIX,
+                                     session_prefix=SESSION_PREFIX)
     agent_proc = stack = None
     try:
         agent_proc, agent, control = start_agent(workdir)
-        stack = EcsStack(moto_url, gate.url, agent, workdir)
+        stack = EcsStack(moto_url, sts.url, agent, workdir)
         stack.start()
-        yield Ecs(stack, gate, agent, control, moto_url)
+        yield Ecs(stack, sts, agent, control, moto_url)
     finally:
         if stack is not None:
             stack.stop()
         if agent_proc is not None:
             agent_proc.stop()
-        gate.stop()
+        sts.stop()
 
 
 @pytest.fixture
@@ -624,7 +450,7 @@ def test_aws_cli_get_caller_identity_through_the_task_endpoint(ecs, tmp_path):
     assert identity["Arn"] == assumed_arn(task["document"]["RoleArn"],
                                           SESSION_PREFIX + task["id"]), identity
     # That session exists only as an AssumeRole signed with this task's raw credentials.
-    calls = ecs.gate.assume_calls(session=SESSION_PREFIX + task["id"])
+    calls = ecs.sts.assumes(session=SESSION_PREFIX + task["id"])
     assert calls and all(c["signer"] == task["document"]["AccessKeyId"] for c in calls), calls
     # And the CLI's request reached the agent through credlock.
     assert any(r["path"] == f"/v2/credentials/{task['id']}" for r in ecs.agent_requests())
@@ -670,7 +496,7 @@ def test_locked_document_keeps_role_arn_and_key_order(ecs):
                                  doc["Token"])
     # The served Expiration never outlives the STS set (second precision) and is in the future.
     served = parse_time(doc["Expiration"])
-    issued = parse_time(call["issued_expiration"])
+    issued = parse_time(call["issued"]["Expiration"])
     assert served <= issued.replace(microsecond=0) + datetime.timedelta(seconds=1), (served, issued)
     assert served > datetime.datetime.now(datetime.timezone.utc), served
     assert call["policy"], "the task's AssumeRole carried no session policy"
@@ -737,7 +563,7 @@ def test_tasks_are_isolated(ecs):
         ecs.assert_clean(data, f"for task {name}")
         doc = reply.json()
         own = {c["issued_key"] for c in
-               ecs.gate.assume_calls(session=SESSION_PREFIX + tasks[name]["id"])}
+               ecs.sts.assumes(session=SESSION_PREFIX + tasks[name]["id"])}
         assert doc["AccessKeyId"] in own, f"task {name} was served another task's set"
         assert doc["RoleArn"] == tasks[name]["document"]["RoleArn"]
 
@@ -754,7 +580,7 @@ def test_repeated_requests_are_served_from_the_cache(ecs):
     one = ecs.locked(task["id"])
     two = ecs.locked(task["id"])
     assert two == one, "a second request for the same task got another set"
-    calls = ecs.gate.assume_calls(session=session)
+    calls = ecs.sts.assumes(session=session)
     assert len(calls) == 1, f"{len(calls)} AssumeRole calls for one task's repeated requests"
     ecs.assert_locked_for(task["id"], one["AccessKeyId"], one["SecretAccessKey"], one["Token"])
     assert metric_delta(before, ecs.metrics()) == {"locked": 1, "cached": 1}
@@ -764,7 +590,7 @@ def test_repeated_requests_are_served_from_the_cache(ecs):
     assert reply.status == 200, reply
     ecs.assert_clean(data, "on /v1/credentials")
     assert reply.json()["AccessKeyId"] == one["AccessKeyId"]
-    assert len(ecs.gate.assume_calls(signer=task["document"]["AccessKeyId"])) == 1
+    assert len(ecs.sts.assumes(signers=[task["document"]["AccessKeyId"]])) == 1
 
 
 def test_rotation_locks_again_with_the_new_raw_credentials(ecs):
@@ -779,7 +605,7 @@ def test_rotation_locks_again_with_the_new_raw_credentials(ecs):
     call = ecs.assert_locked_for(task["id"], new["AccessKeyId"], new["SecretAccessKey"],
                                  new["Token"])
     assert call["signer"] == rotated["AccessKeyId"]  # (assert_locked_for: the current raw set)
-    assert len(ecs.gate.assume_calls(signer=task["document"]["AccessKeyId"])) == 1
+    assert len(ecs.sts.assumes(signers=[task["document"]["AccessKeyId"]])) == 1
     identity = ecs.identity(new["AccessKeyId"], new["SecretAccessKey"], new["Token"])
     assert identity["Arn"] == assumed_arn(new["RoleArn"], SESSION_PREFIX + task["id"])
     assert old["RoleArn"] == new["RoleArn"]
@@ -793,7 +619,7 @@ def locked_session_name(ecs, cred_id: str) -> str:
     assert reply.status == 200, (cred_id, reply)
     ecs.assert_clean(data, f"for id {cred_id!r}")
     doc = reply.json()
-    calls = ecs.gate.assume_calls(signer=task["document"]["AccessKeyId"])
+    calls = ecs.sts.assumes(signers=[task["document"]["AccessKeyId"]])
     assert len(calls) == 1, (cred_id, calls)
     assert calls[0]["issued_key"] == doc["AccessKeyId"]
     session = calls[0]["session"]
@@ -948,7 +774,7 @@ def test_sts_refusal_fails_closed(ecs):
     before = ecs.metrics()
     data, reply = ecs.via(f"/v2/credentials/{task['id']}")
     assert_fail_closed(ecs, data, reply, "when STS refuses the task's AssumeRole")
-    calls = ecs.gate.assume_calls(signer=task["document"]["AccessKeyId"])
+    calls = ecs.sts.assumes(signers=[task["document"]["AccessKeyId"]])
     assert calls and all(c["status"] == 403 for c in calls), \
         f"the failure was not STS's refusal of this task's AssumeRole: {calls}"
     delta = metric_delta(before, ecs.metrics())

@@ -320,6 +320,19 @@ class BaseHandler(http.server.BaseHTTPRequestHandler):
             return b""
         return self.rfile.read(int(length)) if int(length) else b""
 
+    def read_chunked_body(self) -> bytes:
+        """A Transfer-Encoding: chunked body (RFC 9112 7.1): chunk extensions and trailer
+        fields are read and dropped."""
+        chunks = []
+        while True:
+            size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline().strip():
+                    pass
+                return b"".join(chunks)
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline()
+
     def record(self, path: str, **extra) -> dict:
         """Log this request (GET /requests); the entry's status is set when it is answered."""
         entry = {
@@ -407,15 +420,7 @@ class GoHandler(BaseHandler):
 
     def read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline().strip():
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
+            return self.read_chunked_body()
         return super().read_body()
 
     def send(self, response: Response) -> None:
