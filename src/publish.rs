@@ -248,7 +248,8 @@ async fn publish_one(
     let url = format!("s3://{}/{}", target.bucket, target.key);
     let mut environment =
         crate::discovery::ec2::discover_scoped(ec2, scope, None, crate::discovery::ec2::PAGE_SIZE)
-            .await?;
+            .await
+            .map_err(|e| e.to_string())?;
     environment.merge(&crate::discovery::static_environment(additions, false)?);
     if environment.is_empty() {
         return Err(

@@ -219,7 +219,7 @@ async fn ec2_scopes_give_exactly_their_environment() {
     let err = discovery::ec2::discover_paged(&c, &none, &imds, 5)
         .await
         .unwrap_err();
-    assert!(err.contains("no VPC matches"), "{err}");
+    assert!(err.to_string().contains("no VPC matches"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -269,7 +269,7 @@ async fn the_echo_source_takes_addresses_and_rejects_everything_else() {
         let err = discovery::echo::discover(&http, std::slice::from_ref(&v4.url))
             .await
             .unwrap_err();
-        assert!(err.contains(&v4.url), "{err}");
+        assert!(err.to_string().contains(&v4.url), "{err}");
     }
 }
 

@@ -30,7 +30,7 @@ use std::time::{Duration, SystemTime};
 
 use credlock::clock::{Random, SeededRandom};
 use credlock::credentials::{CredentialStore, LockedCredentials, Secret};
-use credlock::discovery::ec2::Ec2Api;
+use credlock::discovery::ec2::{Ec2Api, Ec2Error};
 use credlock::discovery::s3::{BoxFuture, Fetched, GetRequest, ObjectStore};
 use credlock::environment::Environment;
 use credlock::identity::InstanceIdentity;
@@ -639,20 +639,20 @@ impl Ec2Api for SimEc2 {
         &'a self,
         _scope: &'a credlock::config::Ec2Scope,
         _imds: &'a Imds,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Environment, String>> + Send + 'a>>
-    {
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Environment, Ec2Error>> + Send + 'a>,
+    > {
         Box::pin(async move {
             for api in Api::EC2_DISCOVERY {
-                match self.client.call(api).await {
-                    Outcome::Ok => {}
-                    Outcome::Throttled => {
-                        return Err(format!(
-                            "{}: RequestLimitExceeded: Request limit exceeded.",
-                            api.name()
-                        ));
-                    }
-                    Outcome::Down => return Err(format!("{}: no answer", api.name())),
-                }
+                let message = match self.client.call(api).await {
+                    Outcome::Ok => continue,
+                    Outcome::Throttled => "RequestLimitExceeded: Request limit exceeded.",
+                    Outcome::Down => "no answer",
+                };
+                return Err(Ec2Error::Api {
+                    call: api.name().trim_start_matches("ec2:"),
+                    message: message.into(),
+                });
             }
             Ok(self.client.world.state().object.environment.clone())
         })

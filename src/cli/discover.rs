@@ -17,7 +17,10 @@ pub async fn discover_once(
 ) -> Result<
     (
         InstanceIdentity,
-        Vec<(discovery::SourceKind, Result<Environment, String>)>,
+        Vec<(
+            discovery::SourceKind,
+            Result<Environment, discovery::SourceError>,
+        )>,
     ),
     String,
 > {
@@ -101,7 +104,7 @@ pub async fn print_discovery(config: Config) -> ExitCode {
                 merged.merge(e);
                 serde_json::json!({ "environment": e })
             }
-            Err(e) => serde_json::json!({ "error": e }),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
         };
         sources.insert(kind.label().to_string(), value);
     }

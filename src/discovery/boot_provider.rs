@@ -12,9 +12,25 @@ use serde::Serialize;
 
 use crate::environment::Environment;
 use crate::identity::InstanceIdentity;
-use crate::imds::Imds;
+use crate::imds::{Imds, ImdsError};
 
-use super::document::{self, MAX_DOCUMENT};
+use super::document::{self, DocumentError, MAX_DOCUMENT};
+
+/// Why the boot provider gave no environment.
+#[derive(Debug, thiserror::Error)]
+pub enum BootProviderError {
+    #[error("reading the instance identity document: {0}")]
+    Identity(#[from] ImdsError),
+    /// The request did not complete (connection, TLS, timeout): reqwest's own words.
+    #[error("{0}")]
+    Transport(String),
+    #[error("HTTP {0}")]
+    Status(reqwest::StatusCode),
+    #[error("environment document of {0} bytes is too large")]
+    TooLarge(usize),
+    #[error("environment document: {0}")]
+    Document(#[from] DocumentError),
+}
 
 #[derive(Serialize)]
 struct WhoAmI<'a> {
@@ -31,11 +47,10 @@ pub async fn discover(
     identity: &InstanceIdentity,
     imds: &Imds,
     allow_wide: bool,
-) -> Result<Environment, String> {
+) -> Result<Environment, BootProviderError> {
     let document = imds
         .text("/latest/dynamic/instance-identity/document")
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     let who = WhoAmI {
         account_id: &identity.role.account,
         region: &identity.region,
@@ -48,24 +63,24 @@ pub async fn discover(
         .json(&who)
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| BootProviderError::Transport(e.to_string()))?;
     let status = response.status();
     if !status.is_success() {
-        return Err(format!("HTTP {status}"));
+        return Err(BootProviderError::Status(status));
     }
-    let body = response.bytes().await.map_err(|e| e.to_string())?;
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| BootProviderError::Transport(e.to_string()))?;
     if body.len() > MAX_DOCUMENT {
-        return Err(format!(
-            "environment document of {} bytes is too large",
-            body.len()
-        ));
+        return Err(BootProviderError::TooLarge(body.len()));
     }
-    parse_document(&body, allow_wide).map_err(|e| format!("environment document: {e}"))
+    Ok(parse_document(&body, allow_wide)?)
 }
 
 /// An environment document (the boot provider's answer; also what `credlock audit
 /// --environment` reads), validated as `document::parse` does; its checksum, when it carries
 /// one, must match.
-pub fn parse_document(bytes: &[u8], allow_wide: bool) -> Result<Environment, String> {
+pub fn parse_document(bytes: &[u8], allow_wide: bool) -> Result<Environment, DocumentError> {
     document::parse(bytes, allow_wide, document::Checksum::IfPresent).map(|(env, _)| env)
 }

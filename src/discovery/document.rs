@@ -119,24 +119,50 @@ pub enum Checksum {
     IfPresent,
 }
 
+/// Why a document was refused; every variant names what is wrong (quoting at most 80
+/// characters of a value from the document).
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    #[error("{0} bytes is more than the {MAX_DOCUMENT} a document may have")]
+    TooLarge(usize),
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error("format {0:?} is not {FORMAT:?}")]
+    Format(String),
+    #[error("{field} is longer than {max} characters or holds control characters")]
+    Field { field: &'static str, max: usize },
+    #[error("{0:?} is not a VPC ID")]
+    NotAVpc(String),
+    #[error("{0:?} is not a VPC endpoint ID")]
+    NotAVpcEndpoint(String),
+    #[error("ipv4: {0:?} is not an IPv4 address or CIDR")]
+    NotIpv4(String),
+    #[error("ipv6: {0:?} is not an IPv6 address or CIDR")]
+    NotIpv6(String),
+    /// A prefix wider than the caps without `allow_wide_prefixes`.
+    #[error("{0}")]
+    Prefix(String),
+    #[error("the document has no checksum (write it with credlock publish-environment)")]
+    NoChecksum,
+    #[error("checksum mismatch: the document says {given}, its content hashes to {actual}")]
+    ChecksumMismatch { given: String, actual: String },
+}
+
 /// Parses and validates a document: its size, fields, IDs, prefixes (wider than the caps are
 /// refused unless `allow_wide`), format and checksum. Every error names what is wrong.
 pub fn parse(
     bytes: &[u8],
     allow_wide: bool,
     checksum_rule: Checksum,
-) -> Result<(Environment, Metadata), String> {
+) -> Result<(Environment, Metadata), DocumentError> {
     if bytes.len() > MAX_DOCUMENT {
-        return Err(format!(
-            "{} bytes is more than the {MAX_DOCUMENT} a document may have",
-            bytes.len()
-        ));
+        return Err(DocumentError::TooLarge(bytes.len()));
     }
-    let doc: Document = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let doc: Document = serde_json::from_slice(bytes)?;
     if let Some(f) = &doc.format
         && f != FORMAT
     {
-        return Err(format!("format {:?} is not {FORMAT:?}", truncate(f)));
+        return Err(DocumentError::Format(truncate(f).into()));
     }
     for (field, value, max) in [
         ("generated_at", &doc.generated_at, 64),
@@ -146,19 +172,17 @@ pub fn parse(
         if let Some(v) = value
             && (v.len() > max || v.chars().any(char::is_control))
         {
-            return Err(format!(
-                "{field} is longer than {max} characters or holds control characters"
-            ));
+            return Err(DocumentError::Field { field, max });
         }
     }
     for v in &doc.vpcs {
         if !crate::config::is_aws_id(v, "vpc-") {
-            return Err(format!("{:?} is not a VPC ID", truncate(v)));
+            return Err(DocumentError::NotAVpc(truncate(v).into()));
         }
     }
     for v in &doc.vpc_endpoints {
         if !crate::config::is_aws_id(v, "vpce-") {
-            return Err(format!("{:?} is not a VPC endpoint ID", truncate(v)));
+            return Err(DocumentError::NotAVpcEndpoint(truncate(v).into()));
         }
     }
     let content = StaticEnvironment {
@@ -169,35 +193,27 @@ pub fn parse(
     };
     for v in &content.ipv4 {
         if v.parse::<ipnet::Ipv4Net>().is_err() && v.parse::<std::net::Ipv4Addr>().is_err() {
-            return Err(format!(
-                "ipv4: {:?} is not an IPv4 address or CIDR",
-                truncate(v)
-            ));
+            return Err(DocumentError::NotIpv4(truncate(v).into()));
         }
     }
     for v in &content.ipv6 {
         if v.parse::<ipnet::Ipv6Net>().is_err() && v.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err(format!(
-                "ipv6: {:?} is not an IPv6 address or CIDR",
-                truncate(v)
-            ));
+            return Err(DocumentError::NotIpv6(truncate(v).into()));
         }
     }
-    let env = super::static_environment(&content, allow_wide)?;
+    let env = super::static_environment(&content, allow_wide).map_err(DocumentError::Prefix)?;
     match (&doc.checksum, checksum_rule) {
         (None, Checksum::Required) => {
-            return Err(
-                "the document has no checksum (write it with credlock publish-environment)".into(),
-            );
+            return Err(DocumentError::NoChecksum);
         }
         (None, Checksum::IfPresent) => {}
         (Some(given), _) => {
             let actual = checksum(&env);
             if *given != actual {
-                return Err(format!(
-                    "checksum mismatch: the document says {}, its content hashes to {actual}",
-                    truncate(given)
-                ));
+                return Err(DocumentError::ChecksumMismatch {
+                    given: truncate(given).into(),
+                    actual,
+                });
             }
         }
     }
@@ -287,7 +303,11 @@ mod tests {
         let text = String::from_utf8(render(&env(), "t", "p")).unwrap();
         let tampered = text.replace("203.0.113.10/32", "198.51.100.7/32");
         let err = parse(tampered.as_bytes(), false, Checksum::Required).unwrap_err();
-        assert!(err.starts_with("checksum mismatch"), "{err}");
+        assert!(
+            matches!(err, DocumentError::ChecksumMismatch { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().starts_with("checksum mismatch"), "{err}");
     }
 
     #[test]
@@ -311,11 +331,13 @@ mod tests {
             (r#"{"ipv4":["203.0.113.10"]"#, "EOF"),
         ];
         for (doc, want) in cases {
-            let err = parse(doc.as_bytes(), false, Checksum::IfPresent).unwrap_err();
+            let err = parse(doc.as_bytes(), false, Checksum::IfPresent)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{doc}: {err}");
         }
         let err = parse(br#"{"ipv4":["203.0.113.10"]}"#, false, Checksum::Required).unwrap_err();
-        assert!(err.contains("no checksum"), "{err}");
+        assert!(matches!(err, DocumentError::NoChecksum), "{err}");
         let big = format!(
             r#"{{"ipv4":[{}]}}"#,
             vec![r#""203.0.113.1""#; 5000].join(",")
@@ -323,6 +345,7 @@ mod tests {
         assert!(
             parse(big.as_bytes(), false, Checksum::IfPresent)
                 .unwrap_err()
+                .to_string()
                 .contains("bytes is more than")
         );
     }

@@ -25,11 +25,34 @@ fn filter(name: &str, values: &[String]) -> Filter {
         .build()
 }
 
-fn err(call: &str, e: impl std::error::Error + 'static) -> String {
-    format!(
-        "ec2:{call}: {}",
-        aws_smithy_types::error::display::DisplayErrorContext(e)
-    )
+/// Why the EC2 API source gave no environment.
+#[derive(Debug, thiserror::Error)]
+pub enum Ec2Error {
+    /// A call failed: its name and the SDK's error with its causes (throttling, access denied,
+    /// the transport).
+    #[error("ec2:{call}: {message}")]
+    Api { call: &'static str, message: String },
+    #[error("the vpc scope reads the instance's own VPC from IMDS; off an instance, name the VPCs")]
+    OffInstance,
+    #[error(transparent)]
+    Metadata(#[from] super::imds::MetadataError),
+    #[error(transparent)]
+    Imds(#[from] crate::imds::ImdsError),
+    #[error("IMDS shows no VPC for this instance")]
+    NoOwnVpc,
+    #[error("no VPC named")]
+    NoVpcNamed,
+    #[error("no VPC matches the {0} scope")]
+    NoVpcInScope(String),
+    #[error("{call} gave {value:?}, not a single address")]
+    NotAnAddress { call: &'static str, value: String },
+}
+
+fn err(call: &'static str, e: impl std::error::Error + 'static) -> Ec2Error {
+    Ec2Error::Api {
+        call,
+        message: aws_smithy_types::error::display::DisplayErrorContext(e).to_string(),
+    }
 }
 
 /// The EC2 source's transport: the SDK client in production, a counting stand-in in the fleet
@@ -39,7 +62,9 @@ pub trait Ec2Api: Send + Sync + 'static {
         &'a self,
         scope: &'a Ec2Scope,
         imds: &'a Imds,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Environment, String>> + Send + 'a>>;
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Environment, Ec2Error>> + Send + 'a>,
+    >;
 }
 
 impl Ec2Api for Client {
@@ -47,8 +72,9 @@ impl Ec2Api for Client {
         &'a self,
         scope: &'a Ec2Scope,
         imds: &'a Imds,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Environment, String>> + Send + 'a>>
-    {
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Environment, Ec2Error>> + Send + 'a>,
+    > {
         Box::pin(discover(self, scope, imds))
     }
 }
@@ -57,7 +83,7 @@ pub async fn discover(
     client: &Client,
     scope: &Ec2Scope,
     imds: &Imds,
-) -> Result<Environment, String> {
+) -> Result<Environment, Ec2Error> {
     discover_paged(client, scope, imds, PAGE_SIZE).await
 }
 
@@ -67,7 +93,7 @@ pub async fn discover_paged(
     scope: &Ec2Scope,
     imds: &Imds,
     page_size: i32,
-) -> Result<Environment, String> {
+) -> Result<Environment, Ec2Error> {
     discover_scoped(client, scope, Some(imds), page_size).await
 }
 
@@ -78,14 +104,9 @@ pub async fn discover_scoped(
     scope: &Ec2Scope,
     imds: Option<&Imds>,
     page_size: i32,
-) -> Result<Environment, String> {
+) -> Result<Environment, Ec2Error> {
     let mut env = Environment::default();
-    let need_imds = || {
-        imds.ok_or_else(|| {
-            "the vpc scope reads the instance's own VPC from IMDS; off an instance, name the VPCs"
-                .to_string()
-        })
-    };
+    let need_imds = || imds.ok_or(Ec2Error::OffInstance);
 
     // 1. Which VPCs are in scope.
     let mut vpcs = client.describe_vpcs().max_results(page_size.max(5));
@@ -93,13 +114,13 @@ pub async fn discover_scoped(
         Ec2Scope::Vpc => {
             let own = super::imds::discover(need_imds()?).await?.vpcs;
             if own.is_empty() {
-                return Err("IMDS shows no VPC for this instance".into());
+                return Err(Ec2Error::NoOwnVpc);
             }
             vpcs = vpcs.filters(filter("vpc-id", &own.into_iter().collect::<Vec<_>>()));
         }
         Ec2Scope::Vpcs(ids) => {
             if ids.is_empty() {
-                return Err("no VPC named".into());
+                return Err(Ec2Error::NoVpcNamed);
             }
             vpcs = vpcs.filters(filter("vpc-id", ids));
         }
@@ -125,7 +146,7 @@ pub async fn discover_scoped(
         );
     }
     if env.vpcs.is_empty() {
-        return Err(format!("no VPC matches the {scope:?} scope"));
+        return Err(Ec2Error::NoVpcInScope(format!("{scope:?}")));
     }
     let vpc_ids: Vec<String> = env.vpcs.iter().cloned().collect();
     let scoped = !matches!(scope, Ec2Scope::Region);
@@ -174,9 +195,10 @@ pub async fn discover_scoped(
                 if let Some(ip) = address.public_ip()
                     && !env.add_address(ip)
                 {
-                    return Err(format!(
-                        "DescribeNatGateways gave {ip:?}, not a single address"
-                    ));
+                    return Err(Ec2Error::NotAnAddress {
+                        call: "DescribeNatGateways",
+                        value: ip.into(),
+                    });
                 }
             }
         }
@@ -187,10 +209,7 @@ pub async fn discover_scoped(
     let mut addresses = client.describe_addresses();
     match scope {
         Ec2Scope::Vpc => {
-            let id = need_imds()?
-                .text("/latest/meta-data/instance-id")
-                .await
-                .map_err(|e| e.to_string())?;
+            let id = need_imds()?.text("/latest/meta-data/instance-id").await?;
             addresses = addresses.filters(filter("instance-id", &[id.trim().to_string()]));
         }
         Ec2Scope::Region | Ec2Scope::Vpcs(_) => {}
@@ -232,9 +251,10 @@ pub async fn discover_scoped(
         if let Some(ip) = address.public_ip()
             && !env.add_address(ip)
         {
-            return Err(format!(
-                "DescribeAddresses gave {ip:?}, not a single address"
-            ));
+            return Err(Ec2Error::NotAnAddress {
+                call: "DescribeAddresses",
+                value: ip.into(),
+            });
         }
     }
     Ok(env)
@@ -250,7 +270,7 @@ async fn interfaces_in(
     client: &Client,
     enis: Vec<String>,
     vpcs: &[String],
-) -> Result<std::collections::BTreeSet<String>, String> {
+) -> Result<std::collections::BTreeSet<String>, Ec2Error> {
     let mut found = std::collections::BTreeSet::new();
     for chunk in enis.chunks(FILTER_VALUES) {
         let pages = client

@@ -10,7 +10,27 @@ use crate::environment::Environment;
 /// An echo answer is one address; a few hundred bytes is already suspicious.
 const MAX_ANSWER: usize = 256;
 
-pub async fn discover(http: &reqwest::Client, urls: &[String]) -> Result<Environment, String> {
+/// Why one echo URL gave no address.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    /// The request did not complete (connection, TLS, timeout): reqwest's own words.
+    #[error("{0}")]
+    Transport(String),
+    #[error("HTTP {0}")]
+    Status(reqwest::StatusCode),
+    #[error("answer of {0} bytes is not an address")]
+    TooLong(usize),
+    /// At most 64 characters of the answer.
+    #[error("answer {0:?} is not an IP address")]
+    NotAnAddress(String),
+}
+
+/// Every echo URL failed (one that answers is enough).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.iter().map(|(url, e)| format!("{url}: {e}")).collect::<Vec<_>>().join("; "))]
+pub struct EchoError(pub Vec<(String, AnswerError)>);
+
+pub async fn discover(http: &reqwest::Client, urls: &[String]) -> Result<Environment, EchoError> {
     let mut env = Environment::default();
     let mut errors = Vec::new();
     for url in urls {
@@ -18,34 +38,31 @@ pub async fn discover(http: &reqwest::Client, urls: &[String]) -> Result<Environ
             Ok(ip) => {
                 env.add_address(&ip.to_string());
             }
-            Err(e) => errors.push(format!("{url}: {e}")),
+            Err(e) => errors.push((url.clone(), e)),
         }
     }
     if errors.len() == urls.len() {
-        return Err(errors.join("; "));
+        return Err(EchoError(errors));
     }
-    for e in errors {
-        tracing::warn!(error = %e, "an echo URL failed; using the others");
+    for (url, e) in errors {
+        tracing::warn!(url, error = %e, "an echo URL failed; using the others");
     }
     Ok(env)
 }
 
-async fn ask(http: &reqwest::Client, url: &str) -> Result<IpAddr, String> {
-    let response = http.get(url).send().await.map_err(|e| e.to_string())?;
+async fn ask(http: &reqwest::Client, url: &str) -> Result<IpAddr, AnswerError> {
+    let transport = |e: reqwest::Error| AnswerError::Transport(e.to_string());
+    let response = http.get(url).send().await.map_err(transport)?;
     let status = response.status();
     if !status.is_success() {
-        return Err(format!("HTTP {status}"));
+        return Err(AnswerError::Status(status));
     }
-    let body = response.bytes().await.map_err(|e| e.to_string())?;
+    let body = response.bytes().await.map_err(transport)?;
     if body.len() > MAX_ANSWER {
-        return Err(format!("answer of {} bytes is not an address", body.len()));
+        return Err(AnswerError::TooLong(body.len()));
     }
     let text = String::from_utf8_lossy(&body);
     let text = text.trim();
-    text.parse::<IpAddr>().map_err(|_| {
-        format!(
-            "answer {:?} is not an IP address",
-            text.chars().take(64).collect::<String>()
-        )
-    })
+    text.parse::<IpAddr>()
+        .map_err(|_| AnswerError::NotAnAddress(text.chars().take(64).collect()))
 }

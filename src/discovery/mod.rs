@@ -76,36 +76,54 @@ pub struct Context {
     pub s3: Option<Arc<s3::S3Source>>,
 }
 
+/// Why one run of a source found nothing (the source keeps its last known environment).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("the {} source is not configured", .0.label())]
+    NotConfigured(SourceKind),
+    #[error(transparent)]
+    Metadata(#[from] imds::MetadataError),
+    #[error(transparent)]
+    Echo(#[from] echo::EchoError),
+    #[error(transparent)]
+    Ec2(#[from] ec2::Ec2Error),
+    #[error(transparent)]
+    BootProvider(#[from] boot_provider::BootProviderError),
+    #[error(transparent)]
+    S3(#[from] s3::S3Error),
+    /// A configured prefix wider than the caps without `allow_wide_prefixes`.
+    #[error("{0}")]
+    Static(String),
+}
+
 /// Runs one source once.
-pub async fn run_source(kind: SourceKind, ctx: &Context) -> Result<Environment, String> {
-    match kind {
-        SourceKind::Imds => imds::discover(&ctx.imds).await,
-        SourceKind::Echo => echo::discover(&ctx.http, &ctx.config.echo_urls).await,
+pub async fn run_source(kind: SourceKind, ctx: &Context) -> Result<Environment, SourceError> {
+    let not_configured = || SourceError::NotConfigured(kind);
+    Ok(match kind {
+        SourceKind::Imds => imds::discover(&ctx.imds).await?,
+        SourceKind::Echo => echo::discover(&ctx.http, &ctx.config.echo_urls).await?,
         SourceKind::Ec2 => match (&ctx.ec2, &ctx.config.ec2) {
-            (Some(client), Some(scope)) => client.discover(scope, &ctx.imds).await,
-            _ => Err("the EC2 source is not configured".into()),
+            (Some(client), Some(scope)) => client.discover(scope, &ctx.imds).await?,
+            _ => return Err(not_configured()),
         },
-        SourceKind::BootProvider => match &ctx.config.boot_provider {
-            Some(url) => {
-                boot_provider::discover(
-                    &ctx.http,
-                    url,
-                    &ctx.identity,
-                    &ctx.imds,
-                    ctx.config.allow_wide_prefixes,
-                )
-                .await
-            }
-            None => Err("the boot provider source is not configured".into()),
-        },
-        SourceKind::S3 => match &ctx.s3 {
-            Some(source) => source.discover(&ctx.identity, &ctx.imds).await,
-            None => Err("the s3 source is not configured".into()),
-        },
+        SourceKind::BootProvider => {
+            let url = ctx
+                .config
+                .boot_provider
+                .as_ref()
+                .ok_or_else(not_configured)?;
+            let (identity, wide) = (&ctx.identity, ctx.config.allow_wide_prefixes);
+            boot_provider::discover(&ctx.http, url, identity, &ctx.imds, wide).await?
+        }
+        SourceKind::S3 => {
+            let source = ctx.s3.as_ref().ok_or_else(not_configured)?;
+            source.discover(&ctx.identity, &ctx.imds).await?
+        }
         SourceKind::Static => {
             static_environment(&ctx.config.static_env, ctx.config.allow_wide_prefixes)
+                .map_err(SourceError::Static)?
         }
-    }
+    })
 }
 
 /// The configured static additions (validated with the config), or a boot provider's

@@ -104,7 +104,7 @@ impl S3Source {
         &self,
         identity: &InstanceIdentity,
         imds: &Imds,
-    ) -> Result<Environment, String> {
+    ) -> Result<Environment, S3Error> {
         let key = self.key(identity, imds).await?;
         let if_none_match = lock(&self.last).as_ref().map(|l| l.etag.clone());
         let request = GetRequest {
@@ -113,34 +113,29 @@ impl S3Source {
             expected_bucket_owner: self.config.expected_bucket_owner.clone(),
             if_none_match,
         };
-        let where_ = format!("s3://{}/{}", request.bucket, request.key);
+        let at = |problem| S3Error::Object {
+            url: format!("s3://{}/{}", request.bucket, request.key),
+            problem,
+        };
         match self
             .store
             .get(&request)
             .await
-            .map_err(|e| format!("{where_}: {e}"))?
+            .map_err(|e| at(ObjectProblem::Get(e)))?
         {
             Fetched::NotModified => match lock(&self.last).as_ref() {
                 Some(last) => Ok(last.environment.clone()),
-                // Only possible if S3 (or something in the way) answers 304 to a GET that sent
-                // no If-None-Match.
-                None => Err(format!(
-                    "{where_}: 304 Not Modified to an unconditional GET"
-                )),
+                None => Err(at(ObjectProblem::UnaskedNotModified)),
             },
             Fetched::Object { etag, body } => {
                 if body.len() > MAX_DOCUMENT {
-                    return Err(format!(
-                        "{where_}: the object is larger than the {MAX_DOCUMENT} bytes a document may have"
-                    ));
+                    return Err(at(ObjectProblem::TooLarge));
                 }
                 let (environment, metadata) =
                     document::parse(&body, self.allow_wide, Checksum::Required)
-                        .map_err(|e| format!("{where_}: {e}"))?;
+                        .map_err(|e| at(ObjectProblem::Document(e)))?;
                 if environment.is_empty() {
-                    return Err(format!(
-                        "{where_}: the document lists no address, VPC or endpoint; refusing to lock to nothing"
-                    ));
+                    return Err(at(ObjectProblem::Empty));
                 }
                 *lock(&self.info) = Some(DocumentInfo {
                     key: request.key.clone(),
@@ -158,7 +153,7 @@ impl S3Source {
     }
 
     /// The key with `{account}`, `{region}` and `{vpc}` filled in.
-    async fn key(&self, identity: &InstanceIdentity, imds: &Imds) -> Result<String, String> {
+    async fn key(&self, identity: &InstanceIdentity, imds: &Imds) -> Result<String, S3Error> {
         if let Some(k) = lock(&self.key).as_ref() {
             return Ok(k.clone());
         }
@@ -178,26 +173,54 @@ impl S3Source {
 /// The VPC of the instance's primary interface (IMDS `mac`, then
 /// `network/interfaces/macs/<mac>/vpc-id`; Amazon EC2 User Guide, "Instance metadata
 /// categories").
-async fn primary_vpc(imds: &Imds) -> Result<String, String> {
-    let mac = imds
-        .text("/latest/meta-data/mac")
-        .await
-        .map_err(|e| format!("the key names {{vpc}}: {e}"))?;
+async fn primary_vpc(imds: &Imds) -> Result<String, S3Error> {
+    let mac = imds.text("/latest/meta-data/mac").await?;
     let mac = mac.trim();
     if !mac.bytes().all(|b| b.is_ascii_hexdigit() || b == b':') {
-        return Err(format!("IMDS mac is {mac:?}, not a MAC address"));
+        return Err(S3Error::NotAMac(mac.into()));
     }
     let vpc = imds
         .text(&format!(
             "/latest/meta-data/network/interfaces/macs/{mac}/vpc-id"
         ))
-        .await
-        .map_err(|e| format!("the key names {{vpc}}: {e}"))?;
+        .await?;
     let vpc = vpc.trim();
     if !crate::config::is_aws_id(vpc, "vpc-") {
-        return Err(format!("IMDS vpc-id is {vpc:?}, not a VPC ID"));
+        return Err(S3Error::NotAVpc(vpc.into()));
     }
     Ok(vpc.to_string())
+}
+
+/// Why the `s3` source gave no environment.
+#[derive(Debug, thiserror::Error)]
+pub enum S3Error {
+    /// The key names `{vpc}` and IMDS could not say which.
+    #[error("the key names {{vpc}}: {0}")]
+    Imds(#[from] crate::imds::ImdsError),
+    #[error("IMDS mac is {0:?}, not a MAC address")]
+    NotAMac(String),
+    #[error("IMDS vpc-id is {0:?}, not a VPC ID")]
+    NotAVpc(String),
+    #[error("{url}: {problem}")]
+    Object { url: String, problem: ObjectProblem },
+}
+
+/// What was wrong with the object (or the GET for it).
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectProblem {
+    /// The store's own words (S3's error code and message, or the transport's).
+    #[error("{0}")]
+    Get(String),
+    /// Only possible if S3 (or something in the way) answers 304 to a GET that sent no
+    /// If-None-Match.
+    #[error("304 Not Modified to an unconditional GET")]
+    UnaskedNotModified,
+    #[error("the object is larger than the {MAX_DOCUMENT} bytes a document may have")]
+    TooLarge,
+    #[error("{0}")]
+    Document(#[from] super::document::DocumentError),
+    #[error("the document lists no address, VPC or endpoint; refusing to lock to nothing")]
+    Empty,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -326,7 +349,7 @@ mod tests {
         ];
         for (body, want) in bad {
             *lock(&store.object) = Some(("\"bad\"".into(), body.to_vec()));
-            let err = s3.discover(&id, &imds).await.unwrap_err();
+            let err = s3.discover(&id, &imds).await.unwrap_err().to_string();
             assert!(err.contains(want), "{err}");
             assert!(
                 err.starts_with("s3://fleet-environments/credlock/"),
@@ -338,7 +361,7 @@ mod tests {
             "\"empty\"".into(),
             document::render(&Environment::default(), "t", "p"),
         ));
-        let err = s3.discover(&id, &imds).await.unwrap_err();
+        let err = s3.discover(&id, &imds).await.unwrap_err().to_string();
         assert!(err.contains("refusing to lock to nothing"), "{err}");
         // Too large: refused before parsing.
         *lock(&store.object) = Some(("\"big\"".into(), vec![b' '; MAX_DOCUMENT + 1]));
@@ -346,6 +369,7 @@ mod tests {
             s3.discover(&id, &imds)
                 .await
                 .unwrap_err()
+                .to_string()
                 .contains("larger than")
         );
         // A missing object is an error naming S3's code.
@@ -354,6 +378,7 @@ mod tests {
             s3.discover(&id, &imds)
                 .await
                 .unwrap_err()
+                .to_string()
                 .contains("NoSuchKey")
         );
         // The last good ETag is still the one sent: the good document back is a 304.
@@ -383,7 +408,11 @@ mod tests {
             .clone(),
             false,
         );
-        let err = s3.discover(&identity(), &imds()).await.unwrap_err();
+        let err = s3
+            .discover(&identity(), &imds())
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unconditional"), "{err}");
     }
 }
