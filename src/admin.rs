@@ -17,12 +17,15 @@ use crate::config::Upstream;
 use crate::credentials::imds_timestamp;
 use crate::discovery::SourceStatus;
 use crate::firewall::{FirewallState, FirewallWatch};
-use crate::proxy::{ProxyState, TokenMode};
+use crate::metrics::Metrics;
+use crate::proxy::ProxyState;
 use crate::refresh::LockStatus;
 use crate::upstream::UpstreamClient;
 
 pub struct AdminState {
+    /// Read through its view ([`ProxyState::view`] and the status methods) only.
     pub proxy: Arc<ProxyState>,
+    pub metrics: Arc<Metrics>,
     pub lock_status: Arc<ArcSwap<LockStatus>>,
     pub discovery_status: Arc<ArcSwap<Vec<SourceStatus>>>,
     /// A client to credlock's own IMDS listener: `/readyz` goes through the real data path.
@@ -51,6 +54,7 @@ impl AdminState {
             .parse()
             .expect("a socket address is an authority");
         AdminState {
+            metrics: proxy.metrics.clone(),
             proxy,
             lock_status,
             discovery_status,
@@ -112,7 +116,7 @@ async fn cached_readyz(state: &AdminState) -> Result<String, String> {
     // soon as the firewall's check has seen it.
     if state.firewall.required {
         let fw = state.firewall.read(firewall_now());
-        state.proxy.metrics.firewall(&fw);
+        state.metrics.firewall(&fw);
         if !fw.enforced() {
             return Err(format!(
                 "not ready: the firewall is not enforced (backend {}, ipv4 {}, ipv6 {}){}\n",
@@ -124,12 +128,7 @@ async fn cached_readyz(state: &AdminState) -> Result<String, String> {
         }
     }
     // The servable check is cheap and always fresh: expiry turns a probe unready at once.
-    let proxy = &state.proxy;
-    if proxy
-        .store
-        .servable(proxy.clock.now(), proxy.serve_margin)
-        .is_none()
-    {
+    if !state.proxy.view().servable {
         return readyz(state).await;
     }
     if let Some((at, result)) = state
@@ -148,25 +147,22 @@ async fn cached_readyz(state: &AdminState) -> Result<String, String> {
 }
 
 /// Ready: a servable locked set is held, and a credential request through credlock's own
-/// listener (token PUT, then GET of the role's credentials) returns that set.
+/// listener (token PUT, then GET of the role's credentials) returns that set. The probe goes
+/// through the listener on purpose: ready means an application asking now gets the locked set,
+/// not only that one is held.
 async fn readyz(state: &AdminState) -> Result<String, String> {
-    let proxy = &state.proxy;
-    let now = proxy.clock.now();
-    let Some(locked) = proxy.store.servable(now, proxy.serve_margin) else {
-        return Err(match proxy.store.peek() {
-            Some(c) => format!(
+    let view = state.proxy.view();
+    if !view.servable {
+        return Err(match &view.held {
+            Some(held) => format!(
                 "not ready: the locked set expires at {}, within the serving margin\n",
-                imds_timestamp(c.expiration)
+                imds_timestamp(held.expiration)
             ),
             None => "not ready: no locked credentials yet\n".into(),
         });
-    };
-    let role = state
-        .lock_status
-        .load()
-        .role_arn
-        .as_deref()
-        .and_then(|arn| arn.rsplit('/').next().map(str::to_string))
+    }
+    let role = (state.lock_status.load().role_arn.as_ref())
+        .map(|arn| arn.name.clone())
         .ok_or("not ready: no role locked yet\n")?;
     let mut headers = HeaderMap::new();
     headers.insert(
@@ -203,34 +199,20 @@ async fn readyz(state: &AdminState) -> Result<String, String> {
     }
     let served: serde_json::Value = serde_json::from_slice(&answer.body)
         .map_err(|_| "not ready: the credential answer is not JSON\n".to_string())?;
-    if served["AccessKeyId"].as_str() != Some(locked.access_key_id.as_str()) {
+    if !served["AccessKeyId"]
+        .as_str()
+        .is_some_and(|k| view.serves(k))
+    {
         return Err("not ready: the credential answer does not carry the locked set\n".into());
     }
-    Ok(format!(
-        "ready: locked credentials served, {} s left\n",
-        locked.remaining(now).as_secs()
-    ))
-}
-
-fn refresh_gauges(proxy: &ProxyState) {
-    let now = proxy.clock.now();
-    let remaining = proxy
-        .store
-        .peek()
-        .map_or(0.0, |c| c.remaining(now).as_secs_f64());
-    proxy.metrics.remaining_seconds.set(remaining);
-    let ready = proxy.store.servable(now, proxy.serve_margin).is_some();
-    proxy.metrics.ready.set(i64::from(ready));
-    proxy.class_roles.refresh_gauges(now);
+    let left = view.held.map_or(0, |h| h.remaining.as_secs());
+    Ok(format!("ready: locked credentials served, {left} s left\n"))
 }
 
 fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
-    refresh_gauges(&state.proxy);
-    state
-        .proxy
-        .metrics
-        .firewall(&state.firewall.read(firewall_now()));
-    let mut r = Response::new(Full::new(Bytes::from(state.proxy.metrics.render())));
+    state.proxy.refresh_gauges();
+    state.metrics.firewall(&state.firewall.read(firewall_now()));
+    let mut r = Response::new(Full::new(Bytes::from(state.metrics.render())));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -272,23 +254,17 @@ struct CredentialStatus {
 }
 
 fn status(state: &AdminState) -> Response<Full<Bytes>> {
-    let proxy = &state.proxy;
-    let now = SystemTime::max(proxy.clock.now(), SystemTime::UNIX_EPOCH);
-    let held = proxy.store.peek();
+    let view = state.proxy.view();
     let lock = state.lock_status.load();
     let discovery = state.discovery_status.load();
     let body = Status {
         version: env!("CARGO_PKG_VERSION"),
-        ready: proxy.store.servable(now, proxy.serve_margin).is_some(),
-        upstream_token_mode: match proxy.token_mode() {
-            TokenMode::Unknown => "unknown",
-            TokenMode::Optional => "optional",
-            TokenMode::Required => "required",
-        },
+        ready: view.servable,
+        upstream_token_mode: view.token_mode.label(),
         credentials: CredentialStatus {
-            held: held.is_some(),
-            expiration: held.as_ref().map(|c| imds_timestamp(c.expiration)),
-            remaining_seconds: held.as_ref().map(|c| c.remaining(now).as_secs()),
+            held: view.held.is_some(),
+            expiration: view.held.as_ref().map(|h| imds_timestamp(h.expiration)),
+            remaining_seconds: view.held.as_ref().map(|h| h.remaining.as_secs()),
         },
         lock: &lock,
         discovery: &discovery,
@@ -300,8 +276,8 @@ fn status(state: &AdminState) -> Response<Full<Bytes>> {
                 state: fw,
             }
         },
-        access: proxy.access.as_ref().map(|a| a.status()),
-        class_roles: proxy.class_roles.status(now, |i| {
+        access: state.proxy.access_status(),
+        class_roles: state.proxy.class_role_status(view.now, |i| {
             state
                 .class_lock_status
                 .get(i)

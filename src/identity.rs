@@ -61,6 +61,13 @@ impl RoleArn {
     }
 }
 
+/// Serialized as its ARN text (as `/status` shows it).
+impl serde::Serialize for RoleArn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl std::fmt::Display for RoleArn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

@@ -48,6 +48,10 @@ pub enum TokenMode {
     Required = 2,
 }
 
+#[path = "proxy_view.rs"]
+mod view;
+pub use view::{HeldSet, View};
+
 /// The handler's shared state. Everything is read-only or lock-free on the request path.
 pub struct ProxyState {
     pub upstream: UpstreamClient,

@@ -150,7 +150,7 @@ pub type OnIdentity = Box<dyn Fn(&InstanceIdentity) + Send + Sync>;
 /// What `/status` shows about the lock. No secret: the access key id is not shown either.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LockStatus {
-    pub role_arn: Option<String>,
+    pub role_arn: Option<RoleArn>,
     pub instance_id: Option<String>,
     pub region: Option<String>,
     pub locked_environment: Option<Environment>,
@@ -500,7 +500,7 @@ impl<I: Issuer, S: InstanceSource> Locker<I, S> {
             "locked credentials issued"
         );
         let mut status = (**self.status.load()).clone();
-        status.role_arn = Some(wanted.identity.role.to_string());
+        status.role_arn = Some(wanted.identity.role.clone());
         status.instance_id = Some(wanted.identity.instance_id.clone());
         status.region = Some(wanted.identity.region.clone());
         status.locked_environment = Some((*wanted.environment).clone());
