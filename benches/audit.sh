@@ -40,8 +40,8 @@ while (($# > 0)); do
     esac
 done
 [[ $size_mb =~ ^[0-9]+$ && $groups_mb =~ ^[0-9]+$ && $runs =~ ^[0-9]+$ && $runs -ge 1 ]] || { echo "--size-mb, --groups-mb and --runs take integers" >&2; exit 2; }
-log() { printf '[audit.sh %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "FAILED: $*"; exit 1; }
+# shellcheck source=benches/lib.sh
+source "$here/lib.sh"   # log, die, at_exit ...
 
 [[ -x $BIN ]] || die "no driver at $BIN (CARGO_TARGET_DIR=/work/target-release cargo build --release --example audit_bench)"
 [[ -x /usr/bin/time ]] || die "/usr/bin/time is not installed (apt-get install time)"
@@ -50,15 +50,8 @@ free_kb=$(df -Pk /tmp | awk 'NR == 2 { print $4 }')
 ((free_kb > 3000000)) || die "less than 3 GB free under /tmp"
 
 work=$(mktemp -d /tmp/credlock-audit-bench.XXXXXX)
-cleanup() {
-    if ((keep == 0)); then
-        rm -rf "$work"
-    else
-        log "kept $work"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+remove_work() { if ((keep == 0)); then rm -rf "$work"; else log "kept $work"; fi; }
+at_exit remove_work
 
 # generate NAME MB [ARGS...]: a corpus in $work/NAME; sets records, uncompressed_mb, compressed_mb,
 # files, gen_secs.

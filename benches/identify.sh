@@ -34,26 +34,16 @@ while (($# > 0)); do
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
-log() { printf '[identify.sh %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "FAILED: $*"; exit 1; }
 # shellcheck source=benches/lib.sh
-source "$here/lib.sh"
+source "$here/lib.sh"   # log, die, free_ports, wait_http, at_exit, stop_background ...
 for tool in wrk nginx taskset curl; do command -v "$tool" >/dev/null || die "$tool is not installed (tests/setup.sh)"; done
 [[ -x $CREDLOCK_BIN ]] || die "no credlock at $CREDLOCK_BIN (cargo build --release)"
 
 work=$(mktemp -d /tmp/credlock-identify.XXXXXX)
 chmod 755 "$work"
-pids=()
-cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    sleep 0.3
-    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    if [[ -n ${CREDLOCK_BENCH_KEEP:-} ]]; then log "kept $work (CREDLOCK_BENCH_KEEP)"; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+remove_work() { if [[ -n ${CREDLOCK_BENCH_KEEP:-} ]]; then log "kept $work (CREDLOCK_BENCH_KEEP)"; else rm -rf "$work"; fi; }
+at_exit remove_work
+at_exit stop_background 1 # PIDS: everything started below
 
 read -r up_port off_port off_admin on_port on_admin ngx_port moto_port <<<"$(free_ports 7)"
 write_upstream "$work" "1" "$up_port" "$ngx_port"
@@ -77,17 +67,17 @@ TOML
 
 server_cpu=(taskset -c 1) load_cpu=(taskset -c 0)
 "${server_cpu[@]}" nginx -p "$work" -c "$work/upstream.conf" -e "$work/upstream-error.log" -g 'daemon off;' >/dev/null 2>&1 &
-pids+=($!)
+PIDS+=($!)
 "${server_cpu[@]}" "$MOTO_SERVER" -H 127.0.0.1 -p "$moto_port" >"$work/moto.log" 2>&1 &
-pids+=($!)
+PIDS+=($!)
 wait_http "http://127.0.0.1:$up_port$PASS_PATH" 200 10 || die "the nginx upstream did not start"
 wait_http "http://127.0.0.1:$moto_port/" any 30 || die "moto did not start"
 for which in off on; do
     "${server_cpu[@]}" "$CREDLOCK_BIN" run --config "$work/$which.toml" >"$work/$which.log" 2>&1 &
-    pids+=($!)
+    PIDS+=($!)
 done
 "${server_cpu[@]}" nginx -p "$work" -c "$work/proxy.conf" -e "$work/proxy-error.log" -g 'daemon off;' >/dev/null 2>&1 &
-pids+=($!)
+PIDS+=($!)
 wait_http "http://127.0.0.1:$off_admin/readyz" 200 30 || die "credlock (off) never became ready"
 wait_http "http://127.0.0.1:$on_admin/readyz" 200 30 || die "credlock (on) never became ready ($work/on.log)"
 wait_http "http://127.0.0.1:$ngx_port$PASS_PATH" 200 10 || die "the nginx proxy did not start"

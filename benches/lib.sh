@@ -1,29 +1,13 @@
 # shellcheck shell=bash
-# Helpers shared by benches/load.sh and benches/identify.sh (sourced; they need PYTHON set).
+# Helpers shared by benches/load.sh, benches/identify.sh and benches/audit.sh (sourced; they need
+# PYTHON set). The ones the test suites use too (free_ports, wait_http, at_exit, stop_background ...)
+# are tests/lib.sh's, sourced from here.
+# shellcheck source=tests/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../tests/lib.sh"
 
-# N distinct free loopback ports (all bound at once, then released).
-free_ports() {
-    "$PYTHON" - "$1" <<'PY'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-PY
-}
-
-# wait_http URL CODE SECONDS: until URL answers CODE (any: any HTTP answer at all).
-wait_http() {
-    local url=$1 want=$2 deadline=$((SECONDS + $3)) code
-    while ((SECONDS < deadline)); do
-        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true)
-        [[ $code == "$want" || ($want == any && -n $code && $code != 000) ]] && return 0
-        sleep 0.1
-    done
-    return 1
-}
+# log MESSAGE / die MESSAGE: "[SCRIPT HH:MM:SS] MESSAGE" on stderr; die then exits 1.
+log() { printf '[%s %s] %s\n' "${0##*/}" "$(date +%T)" "$*" >&2; }
+die() { log "FAILED: $*"; exit 1; }
 
 # fill TEMPLATE OUT KEY=VALUE...: replace @KEY@ placeholders.
 fill() {

@@ -74,8 +74,8 @@ round_secs=$((duration / rounds))
 soak_requests=${soak_requests:-1000000}
 soak_seconds=${soak_seconds:-150}
 
-log() { printf '[load.sh %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "FAILED: $*"; exit 1; }
+# shellcheck source=benches/lib.sh
+source "$here/lib.sh"   # log, die, free_ports, wait_http, at_exit, stop_background ...
 
 for tool in nginx haproxy wrk curl timeout; do
     command -v "$tool" >/dev/null || die "$tool is not installed (apt-get install nginx haproxy wrk curl)"
@@ -100,25 +100,9 @@ fi
 
 work=$(mktemp -d /tmp/credlock-bench.XXXXXX)
 chmod 755 "$work"   # nginx workers run as nobody when started by root
-pids=()
-cleanup() {
-    local pid status=$?
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for _ in $(seq 60); do
-        local alive=0
-        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        ((alive)) || break
-        sleep 0.1
-    done
-    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    if ((keep || status == 1)); then log "logs and configs kept in $work"; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# shellcheck source=benches/lib.sh
-source "$here/lib.sh"
+remove_work() { if ((keep || EXIT_STATUS == 1)); then log "logs and configs kept in $work"; else rm -rf "$work"; fi; }
+at_exit remove_work
+at_exit stop_background 6 # PIDS: everything started below
 
 ports=$(free_ports 7)
 read -r up_port cl_port cl_admin ngx_port hap_port moto_port emu_port <<<"$ports"
@@ -144,24 +128,24 @@ TOML
 "${server_cpu[@]}" nginx -p "$work" -c "$work/upstream.conf" -e "$work/upstream-error.log" -g 'daemon off;' \
     >"$work/upstream.out" 2>&1 &
 upstream_pid=$!
-pids+=("$upstream_pid")
+PIDS+=("$upstream_pid")
 "${server_cpu[@]}" "$MOTO_SERVER" -H 127.0.0.1 -p "$moto_port" >"$work/moto.log" 2>&1 &
-pids+=($!)
+PIDS+=($!)
 wait_http "http://127.0.0.1:$up_port$PASS_PATH" 200 10 || die "the nginx upstream did not start ($work/upstream-error.log)"
 wait_http "http://127.0.0.1:$moto_port/" any 30 || die "moto did not start ($work/moto.log)"
 
 # ---- the proxies ---------------------------------------------------------------------------
 "${server_cpu[@]}" "$CREDLOCK_BIN" run --config "$work/credlock.toml" >"$work/credlock.log" 2>&1 &
 credlock_pid=$!
-pids+=("$credlock_pid")
+PIDS+=("$credlock_pid")
 "${server_cpu[@]}" nginx -p "$work" -c "$work/proxy.conf" -e "$work/proxy-error.log" -g 'daemon off;' \
     >"$work/proxy.out" 2>&1 &
 nginx_pid=$!
-pids+=("$nginx_pid")
+PIDS+=("$nginx_pid")
 haproxy -c -q -f "$work/haproxy.cfg" || die "haproxy rejects $work/haproxy.cfg"
 "${server_cpu[@]}" haproxy -db -f "$work/haproxy.cfg" >"$work/haproxy.log" 2>&1 &
 haproxy_pid=$!
-pids+=("$haproxy_pid")
+PIDS+=("$haproxy_pid")
 wait_http "http://127.0.0.1:$cl_admin/readyz" 200 30 || { tail -20 "$work/credlock.log" >&2; die "credlock never became ready"; }
 wait_http "http://127.0.0.1:$ngx_port$PASS_PATH" 200 10 || die "the nginx proxy did not start"
 wait_http "http://127.0.0.1:$hap_port$PASS_PATH" 200 10 || die "haproxy did not start"
@@ -192,9 +176,8 @@ log "all four targets answer; credlock serves locked credentials"
 # Resolution: one curl probe every ~10 ms.
 "$PYTHON" "$repo/tests/support/imds_emulator.py" --listen "127.0.0.1:$emu_port" \
     >"$work/emulator.out" 2>"$work/emulator.err" &
-pids+=($!)
-for _ in $(seq 100); do grep -q '^listening' "$work/emulator.out" 2>/dev/null && break; sleep 0.1; done
-grep -q '^listening' "$work/emulator.out" || die "the IMDS emulator did not start"
+PIDS+=($!)
+wait_until 10 grep -q '^listening' "$work/emulator.out" || die "the IMDS emulator did not start"
 startup_ms=()
 for run in $(seq "$startup_runs"); do
     read -r s_port s_admin <<<"$(free_ports 2)"
@@ -211,7 +194,7 @@ TOML
     t0=$(date +%s%N)
     "$CREDLOCK_BIN" run --config "$work/startup.toml" >"$work/startup-$run.log" 2>&1 &
     spid=$!
-    pids+=("$spid")
+    PIDS+=("$spid")
     ready=0
     while (($(date +%s%N) - t0 < 10000000000)); do
         if [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://127.0.0.1:$s_admin/readyz" || true) == 200 ]]; then
@@ -325,7 +308,7 @@ soak_all0=$(metric_sum '.')
     -s "$here/upstream/mix.lua" "http://127.0.0.1:$cl_port" -- \
     "$ROLE" $(((soak_requests + soak_threads - 1) / soak_threads)) "$work/soak-done" >"$work/soak.log" 2>&1 &
 wrk_pid=$!
-pids+=("$wrk_pid")
+PIDS+=("$wrk_pid")
 soak_deadline=$((SECONDS + soak_seconds + 30))
 while kill -0 "$wrk_pid" 2>/dev/null; do
     markers=("$work"/soak-done.*)

@@ -7,23 +7,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+# shellcheck source=tests/lib.sh
+. "$root/tests/lib.sh" # at_exit, stop_background, free_ports, wait_until, wait_http, BOLD/PLAIN (a terminal only)
 
 tests/setup.sh --minimal
-# Colour only on a terminal.
-if [[ -t 1 ]]; then bold=$'\033[1m' plain=$'\033[0m'; else bold='' plain=''; fi
-printf '%s== Building credlock (debug). The first build compiles the AWS SDK: several minutes on 2 cores (about 16 on a fresh 2-core machine); later runs take seconds.%s\n' "$bold" "$plain"
-cargo build --bin credlock
+printf '%s== Building credlock (debug). The first build compiles the AWS SDK: several minutes on 2 cores (about 16 on a fresh 2-core machine); later runs take seconds.%s\n' "$BOLD" "$PLAIN"
+# --examples: the examples use the dev-dependencies, so cargo resolves the crate features the
+# test suite's build uses and tests/run.sh afterwards compiles only credlock's own test targets.
+cargo build --bin credlock --examples
 bin=$root/target/debug/credlock
 py=$root/.venv/bin/python
 
 work=$(mktemp -d)
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-step() { printf '\n%s== %s%s\n' "$bold" "$*" "$plain"; }
-fail() {
-    printf '\n%sdemo FAILED: %s%s\n' "$bold" "$*" "$plain" >&2
+at_exit rm -rf "$work"
+at_exit stop_background 5 # PIDS: the emulator, moto, credlock
+step() { printf '\n%s== %s%s\n' "$BOLD" "$*" "$PLAIN"; }
+# abort MESSAGE: the demo failed: MESSAGE and the last lines of the logs, exit 1.
+abort() {
+    printf '\n%sdemo FAILED: %s%s\n' "$BOLD" "$*" "$PLAIN" >&2
     for log in credlock.log emu.err moto.log; do
         [[ -s $work/$log ]] && { printf -- '--- last lines of %s:\n' "$log" >&2; tail -n 30 "$work/$log" >&2; }
     done
@@ -31,22 +32,19 @@ fail() {
 }
 
 "$py" tests/support/imds_emulator.py --listen 127.0.0.1:0 --control 127.0.0.1:0 >"$work/emu" 2>"$work/emu.err" &
-pids+=($!)
-moto_port=$(free_port)
+PIDS+=($!)
+moto_port=$(free_ports 1)
 .venv/bin/moto_server -H 127.0.0.1 -p "$moto_port" >"$work/moto.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 50); do grep -q '^control' "$work/emu" 2>/dev/null && break; sleep 0.1; done
+PIDS+=($!)
+wait_until 5 grep -q '^control' "$work/emu" || abort "the IMDS emulator did not start"
 imds=$(awk '/^listening/{print $2; exit}' "$work/emu")
-[[ -n $imds ]] || fail "the IMDS emulator did not start"
+[[ -n $imds ]] || abort "the IMDS emulator did not start"
 # CREDLOCK_DEMO_IMDS=HOST:PORT points credlock elsewhere (a port where nothing listens shows how
 # the demo fails when credlock cannot become ready).
 imds=${CREDLOCK_DEMO_IMDS:-$imds}
-moto_up=0
-for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$moto_port/" && moto_up=1 && break; sleep 0.2; done
-((moto_up)) || fail "moto (the local STS) did not start"
+wait_http "http://127.0.0.1:$moto_port/" any 20 || abort "moto (the local STS) did not start"
 
-port=$(free_port)
-admin=$(free_port)
+read -r port admin <<<"$(free_ports 2)"
 cat >"$work/credlock.toml" <<TOML
 [server]
 listen = ["127.0.0.1:$port"]
@@ -62,10 +60,8 @@ TOML
 
 step "Starting credlock (IMDS emulator at $imds, moto STS at 127.0.0.1:$moto_port)"
 "$bin" run --config "$work/credlock.toml" 2>"$work/credlock.log" &
-pids+=($!)
-ready=0
-for _ in $(seq 150); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && ready=1 && break; sleep 0.1; done
-((ready)) || fail "credlock did not become ready within 15 s ($(curl -s "http://127.0.0.1:$admin/readyz" || echo 'its admin listener does not answer'))"
+PIDS+=($!)
+wait_http "http://127.0.0.1:$admin/readyz" 200 15 || abort "credlock did not become ready within 15 s ($(curl -s "http://127.0.0.1:$admin/readyz" || echo 'its admin listener does not answer'))"
 curl -s "http://127.0.0.1:$admin/readyz"
 
 role=credlock-test-role
@@ -78,7 +74,7 @@ printf '%s\n' "$raw"
 step "Through credlock: the same request answers with locked credentials from sts:AssumeRole"
 locked=$(curl -s -H "X-aws-ec2-metadata-token: $(tok "http://127.0.0.1:$port")" "http://127.0.0.1:$port/latest/meta-data/iam/security-credentials/$role")
 printf '%s\n' "$locked"
-"$py" - "$raw" "$locked" <<'PY' || fail "credlock did not serve a locked set in place of the raw one"
+"$py" - "$raw" "$locked" <<'PY' || abort "credlock did not serve a locked set in place of the raw one"
 import json, sys
 from datetime import datetime
 raw, locked = (json.loads(a) for a in sys.argv[1:3])
@@ -123,10 +119,10 @@ step "What the lock denies (credlock explain: the same policy, evaluated by cred
 own_ip=$(curl -s "http://127.0.0.1:$admin/status" | "$py" -c 'import json, sys; s = json.load(sys.stdin); print(next(d for d in s["discovery"] if d["source"] == "imds")["environment"]["ipv4"][0].split("/")[0])')
 explain() { "$bin" explain --config "$work/credlock.toml" --action s3:GetObject --resource arn:aws:s3:::example-bucket/report.csv "$@"; }
 echo "A thief calls S3 with the stolen set from 192.0.2.77:"
-if out=$(explain --source-ip 192.0.2.77 2>&1); then fail "explain allowed a call from outside the environment: $out"; fi
+if out=$(explain --source-ip 192.0.2.77 2>&1); then abort "explain allowed a call from outside the environment: $out"; fi
 printf '%s\n' "$out" | sed -n '1p;/aws:SourceIp/p' | sed 's/^ */  /'
 echo "The application on the instance calls S3 from the instance's own address ($own_ip):"
-out=$(explain --source-ip "$own_ip" 2>&1) || fail "explain denied the instance's own call: $out"
+out=$(explain --source-ip "$own_ip" 2>&1) || abort "explain denied the instance's own call: $out"
 printf '%s\n' "$out" | sed -n 1p | sed 's/^/  /'
 echo "(moto, the local STS, does not evaluate session policies; credlock's evaluator agrees with the"
 echo "independent iam-rs on 59,616 generated cases: cargo test --lib evaluate.)"
@@ -135,5 +131,5 @@ curl -s "http://127.0.0.1:$admin/metrics" | grep -E '^credlock_(requests_total\{
 
 if [[ "${1:-}" == "--keep" ]]; then
   step "credlock serves on 127.0.0.1:$port (admin 127.0.0.1:$admin); Ctrl-C to stop"
-  wait "${pids[2]}"
+  wait "${PIDS[2]}"
 fi

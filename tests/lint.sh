@@ -19,20 +19,13 @@ set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${CREDLOCK_VENV:-$REPO/.venv}
 MAX_EXPOSURE=2.0
-PASSED=0
-FAILED=0
-SKIPPED=0
-
-pass() { printf 'PASS %s\n' "$1"; PASSED=$((PASSED + 1)); }
-fail() {
-    printf 'FAIL %s\n' "$1"
-    if [[ -n ${2:-} ]]; then printf '%s\n' "$2" | sed 's/^/  | /'; fi
-    FAILED=$((FAILED + 1))
-}
-skip() { printf 'SKIP %s (%s)\n' "$1" "$2"; SKIPPED=$((SKIPPED + 1)); }
+# shellcheck source=tests/lib.sh
+. "$REPO/tests/lib.sh" # pass, fail, skip, summary, at_exit
+FAIL_DETAIL=lines      # a failure's detail: its lines under it, as "  | LINE"
+SUMMARY_SKIPPED=1      # "N passed, M failed, K skipped"
 
 TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
+at_exit rm -rf "$TMP"
 
 # ---------------------------------------------------------------------------------------------
 # systemd units
@@ -303,5 +296,4 @@ check_config
 check_packer
 check_image_builder
 check_bench_summary
-printf '%d passed, %d failed, %d skipped\n' "$PASSED" "$FAILED" "$SKIPPED"
-((FAILED == 0))
+summary

@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # The per-process access policy (issue 15), sourced by netns_firewall_test.sh: its namespaces,
-# users, IMDS emulator and firewall rules, and its helpers (in_i, as_app, pass, fail, expect...).
+# users, IMDS emulator and firewall rules, and its helpers (in_i, as_app, start_credlock...) and
+# tests/lib.sh's (pass, fail, expect, wait_http...).
 #
 # credlock restarts with [[access.rule]]s and moto as STS (so it holds locked credentials), and
 # real clients ask IMDS through the firewall as different users over IPv4 and IPv6:
@@ -19,15 +20,12 @@ MOTO_PID=""
 
 # start_moto: moto_server (STS) inside the instance namespace, once per run.
 start_moto() {
-    local _
-    [[ -n $MOTO_PID ]] && kill -0 "$MOTO_PID" 2>/dev/null && return 0
-    in_i "$VENV/bin/moto_server" -H "${ACCESS_MOTO%:*}" -p "${ACCESS_MOTO#*:}" >"$TMP/moto.log" 2>&1 &
+    alive "$MOTO_PID" && return 0
+    # `ip netns exec` execs moto, so $! is moto itself (in_i in the background would be a
+    # subshell's PID, and stopping that at exit left moto running).
+    ip netns exec "$NS_I" "$VENV/bin/moto_server" -H "${ACCESS_MOTO%:*}" -p "${ACCESS_MOTO#*:}" >"$TMP/moto.log" 2>&1 &
     MOTO_PID=$!
-    for _ in $(seq 1 100); do
-        in_i curl -s -o /dev/null --max-time 1 "http://$ACCESS_MOTO/moto-api/data.json" && return 0
-        sleep 0.1
-    done
-    return 1
+    wait_http "http://$ACCESS_MOTO/moto-api/data.json" any 10 in_i
 }
 
 write_access_config() {
@@ -128,13 +126,7 @@ access_checks() {
         fail "access policy: credlock starts with [[access.rule]]s"
         return
     }
-    for _ in $(seq 1 100); do
-        if [[ $(in_i curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://$ADMIN/readyz") == 200 ]]; then
-            ready=1
-            break
-        fi
-        sleep 0.1
-    done
+    if wait_http "http://$ADMIN/readyz" 200 10 in_i; then ready=1; fi
     expect "access policy: credlock ready with locked credentials (moto as STS)" 1 "$ready"
 
     # The log names the caller's processes (its cgroup's): here the unit's cgroup holds only
@@ -278,8 +270,7 @@ s = socket.socket(); s.bind(("0.0.0.0", 9100)); s.listen(); time.sleep(20)' &
         local listener_pid=$!
         sleep 0.5
         out=$(in_c curl -sS -g --max-time 5 --local-port 9100 -w ' %{http_code}' -o /dev/null "http://$IMDS4$creds" 2>&1)
-        kill "$listener_pid" 2>/dev/null
-        wait "$listener_pid" 2>/dev/null
+        stop_pids 5 "$listener_pid"
         expect "unidentified: a container using the source port of the allowed user's listener is not that user (404)" " 404" "$out"
     fi
     expect "metrics: denials and allowances counted per rule" "yes yes yes yes" \

@@ -23,6 +23,8 @@ set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
+# shellcheck source=tests/lib.sh
+. "$HERE/../lib.sh" # pass, fail, expect*, summary, COMBO, at_exit, PIDS, stop_pids, wait_*, cgroup2_root
 FW=${CREDLOCK_FIREWALL_SCRIPT:-$ROOT/systemd/credlock-firewall}
 CREDLOCK_BIN=${CREDLOCK_BIN:-$ROOT/target/debug/credlock}
 VENV=${CREDLOCK_VENV:-$ROOT/.venv}
@@ -57,57 +59,26 @@ IMDS=127.0.0.1:18080 IMDS_CTL=127.0.0.1:18081 MOTO_PORT=15000
 TASK_ROLE=arn:aws:iam::123456789012:role/ecs-task-a
 TMP=$(mktemp -d /tmp/cl-ecs-test.XXXXXX)
 chmod 755 "$TMP"
+at_exit rm -rf "$TMP"
 export CREDLOCK_FIREWALL_TEST=1
 unset INVOCATION_ID
-CG2=""
-if [[ $(stat -f -c %T /sys/fs/cgroup 2>/dev/null) == cgroup2fs ]]; then
-    CG2=/sys/fs/cgroup
-elif [[ $(stat -f -c %T /sys/fs/cgroup/unified 2>/dev/null) == cgroup2fs ]]; then
-    CG2=/sys/fs/cgroup/unified
-fi
+CG2=$(cgroup2_root)
 CG_REL=clecs-$ID/credlock
 CG_DIR=$CG2/$CG_REL
-PIDS=() CREDLOCK_PID="" CREATED_USERS=()
+CREDLOCK_PID="" CREATED_USERS=()
 
-PASSED=0 FAILED=0 COMBO=""
-pass() {
-    PASSED=$((PASSED + 1))
-    echo "PASS ${COMBO:+[$COMBO] }$1"
-}
-fail() {
-    FAILED=$((FAILED + 1))
-    echo "FAIL ${COMBO:+[$COMBO] }$1${2:+: $2}"
-}
-expect() { if [[ $3 == "$2" ]]; then pass "$1"; else fail "$1" "expected '$2', got '$3'"; fi; }
-
-cleanup() {
-    local pid
-    set +e
-    for pid in "$CREDLOCK_PID" "${PIDS[@]}"; do [[ -n $pid ]] && kill "$pid" 2>/dev/null; done
-    for pid in "$CREDLOCK_PID" "${PIDS[@]}"; do
-        [[ -n $pid ]] || continue
-        for _ in $(seq 1 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null
-        wait "$pid" 2>/dev/null
-    done
+# What setup creates, undone at exit (after the processes in it are stopped).
+# shellcheck disable=SC2317 # run at exit
+teardown() {
     ip netns del "$NS_C" 2>/dev/null
     ip netns del "$NS_I" 2>/dev/null
     for u in "${CREATED_USERS[@]}"; do userdel "$u" 2>/dev/null; done
-    if [[ -n $CG2 ]]; then
-        for _ in $(seq 1 20); do
-            rmdir "$CG_DIR" 2>/dev/null
-            [[ -d $CG_DIR ]] || break
-            sleep 0.1
-        done
-        rmdir "$CG2/clecs-$ID" 2>/dev/null
-    fi
-    rm -rf "$TMP"
+    if [[ -n $CG2 ]]; then rmdir_wait 2 "$CG_DIR" "$CG2/clecs-$ID"; fi
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+at_exit teardown
+# shellcheck disable=SC2317 # run at exit
+stop_processes() { stop_pids 5 "$CREDLOCK_PID" "${PIDS[@]}"; }
+at_exit stop_processes
 
 in_i() { ip netns exec "$NS_I" "$@"; }
 in_c() { ip netns exec "$NS_C" "$@"; }
@@ -211,11 +182,9 @@ setup() {
     PIDS+=($!)
     ip netns exec "$NS_I" "$VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >"$TMP/moto.out" 2>&1 &
     PIDS+=($!)
-    for _ in $(seq 1 150); do
-        grep -q '^control ' "$TMP/agent.out" && grep -q '^control ' "$TMP/imds.out" &&
-            in_i curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$MOTO_PORT/moto-api/" && break
-        sleep 0.1
-    done
+    wait_until 15 grep -q '^control ' "$TMP/agent.out"
+    wait_until 15 grep -q '^control ' "$TMP/imds.out"
+    wait_http "http://127.0.0.1:$MOTO_PORT/moto-api/" any 15 in_i
     in_i curl -s --max-time 3 -X POST "http://$AGENT_CTL/credentials" \
         -d "{\"id\": \"task-a\", \"role_arn\": \"$TASK_ROLE\"}" | grep -q ASIARAWE || {
         echo "the ECS agent stand-in did not take the task" >&2
@@ -250,38 +219,21 @@ start_credlock() {
         setpriv --reuid "$uid" --regid "$gid" --clear-groups -- \
         "$CREDLOCK_BIN" run --config "$TMP/credlock.toml" >>"$TMP/credlock.log" 2>&1 &
     CREDLOCK_PID=$!
-    for _ in $(seq 1 200); do
-        [[ $(in_i curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://$ADMIN/readyz") == 200 ]] && return 0
-        kill -0 "$CREDLOCK_PID" 2>/dev/null || break
-        sleep 0.1
-    done
+    wait_ready "$CREDLOCK_PID" 20 http_answers 200 "http://$ADMIN/readyz" in_i && return 0
     echo "credlock did not become ready; log:" >&2
     tail -n 30 "$TMP/credlock.log" >&2
     return 1
 }
 
 stop_credlock() {
-    [[ -n $CREDLOCK_PID ]] || return 0
-    kill -TERM "$CREDLOCK_PID" 2>/dev/null
-    for _ in $(seq 1 70); do
-        kill -0 "$CREDLOCK_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$CREDLOCK_PID" 2>/dev/null
-    wait "$CREDLOCK_PID" 2>/dev/null
+    stop_pids 7 "$CREDLOCK_PID"
     CREDLOCK_PID=""
 }
 
 expect_refused() { # NAME WHO HOST PORT: an active refusal, fast
-    local name=$1 out result ms
+    local name=$1
     shift
-    out=$(probe "$@" 2)
-    read -r result ms <<<"$out"
-    if [[ ($result == refused || $result == unreachable) && ${ms:-9999} -lt 1000 ]]; then
-        pass "$name ($result in ${ms} ms)"
-    else
-        fail "$name" "expected a fast refusal, got '$out'"
-    fi
+    expect_refusal "$name" "$(probe "$@" 2)"
 }
 
 run_checks() {
@@ -341,8 +293,7 @@ run_checks() {
 START=$SECONDS
 if ! setup; then
     fail "the topology, the stand-ins and moto start"
-    echo "$PASSED passed, $FAILED failed"
-    exit 1
+    summary
 fi
 for BACKEND in $BACKENDS; do
     COMBO=$BACKEND
@@ -356,5 +307,4 @@ for BACKEND in $BACKENDS; do
     COMBO=""
 done
 echo "(took $((SECONDS - START)) s)"
-echo "$PASSED passed, $FAILED failed"
-((FAILED == 0))
+summary

@@ -35,6 +35,8 @@ set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
+# shellcheck source=tests/lib.sh
+. "$HERE/../lib.sh" # pass, fail, expect*, summary, COMBO, at_exit, stop_pids, wait_*, cgroup2_root
 FW=${CREDLOCK_FIREWALL_SCRIPT:-$ROOT/systemd/credlock-firewall} # override: mutation tests
 FW_DEFAULTS=$ROOT/systemd/credlock-firewall.defaults
 EMULATOR=$ROOT/tests/support/imds_emulator.py
@@ -90,6 +92,7 @@ ADMIN=127.0.0.1:9169
 IID="i-0123456789abcdef0"
 TMP=$(mktemp -d /tmp/cl-fw-test.XXXXXX)
 chmod 755 "$TMP"
+at_exit rm -rf "$TMP"
 EMU_PID="" UDP_PID="" SINK_PID="" CREDLOCK_PID="" WATCH_PID="" HOLDER_PID="" HAMMER_PID="" CREATED_USERS=()
 # The harness marker: the script honours its test-only variables (CREDLOCK_FIREWALL_RUNDIR,
 # CREDLOCK_SERVICE_CGROUP, ...) only with it, and only outside systemd (no INVOCATION_ID).
@@ -97,12 +100,7 @@ export CREDLOCK_FIREWALL_TEST=1
 unset INVOCATION_ID
 # credlock's stand-in for system.slice/credlock.service: a cgroup two levels down in the cgroup
 # v2 hierarchy (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host).
-CG2=""
-if [[ $(stat -f -c %T /sys/fs/cgroup 2>/dev/null) == cgroup2fs ]]; then
-    CG2=/sys/fs/cgroup
-elif [[ $(stat -f -c %T /sys/fs/cgroup/unified 2>/dev/null) == cgroup2fs ]]; then
-    CG2=/sys/fs/cgroup/unified
-fi
+CG2=$(cgroup2_root)
 CG_REL=clfw-$ID/credlock
 CG_DIR=$CG2/$CG_REL
 WATCH_INTERVAL=1 # CREDLOCK_CHECK_INTERVAL of the `watch` started by the tests
@@ -113,37 +111,11 @@ LOCK_WAIT=1      # CREDLOCK_FIREWALL_LOCK_WAIT: how long apply waits for a lock 
 AT_ONCE_WAIT=10
 AT_ONCE_MS=5000
 
-PASSED=0 FAILED=0 COMBO=""
-pass() {
-    PASSED=$((PASSED + 1))
-    echo "PASS ${COMBO:+[$COMBO] }$1"
-}
-fail() {
-    FAILED=$((FAILED + 1))
-    echo "FAIL ${COMBO:+[$COMBO] }$1${2:+: $2}"
-}
-# expect NAME EXPECTED ACTUAL
-expect() { if [[ $3 == "$2" ]]; then pass "$1"; else fail "$1" "expected '$2', got '$3'"; fi; }
-
-# Background processes are started as `ip netns exec NS [env ...] [setpriv ...] PROGRAM &`: each
-# of those execs the next, so $! is the program itself and can be stopped by its PID.
-cleanup() {
-    local pid i
-    set +e
-    [[ -n $HAMMER_PID ]] && : >"$TMP/hammer.stop"
-    for pid in "$CREDLOCK_PID" "$SINK_PID" "$UDP_PID" "$EMU_PID" "$WATCH_PID" "$HOLDER_PID" "$HAMMER_PID" "$MOTO_PID"; do
-        [[ -n $pid ]] && kill "$pid" 2>/dev/null
-    done
-    for pid in "$CREDLOCK_PID" "$SINK_PID" "$UDP_PID" "$EMU_PID" "$WATCH_PID" "$HOLDER_PID" "$HAMMER_PID" "$MOTO_PID"; do
-        [[ -n $pid ]] || continue
-        for i in $(seq 1 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null
-        wait "$pid" 2>/dev/null
-    done
-    # Deleting the namespaces deletes their veths, bridge and every rule loaded inside them.
+# What the run creates, undone at exit (after the processes in it are stopped). Deleting the
+# namespaces deletes their veths, bridge and every rule loaded inside them.
+# shellcheck disable=SC2317 # run at exit
+teardown() {
+    local ns u
     for ns in "$NS_C" "$NS_I" "$NS_M"; do
         ip netns del "$ns" 2>/dev/null
     done
@@ -151,19 +123,20 @@ cleanup() {
         userdel "$u" 2>/dev/null
     done
     if [[ -n $CG2 ]]; then
-        for i in $(seq 1 20); do
-            rmdir "$CG_DIR" 2>/dev/null
-            [[ -d $CG_DIR ]] || break
-            sleep 0.1
-        done
-        rmdir "$CG2/clfw-$ID"/*.service "$CG2/clfw-$ID" 2>/dev/null
+        rmdir_wait 2 "$CG_DIR" "$CG2/clfw-$ID"/*.service "$CG2/clfw-$ID"
     fi
-    rm -rf "$TMP"
 }
-trap cleanup EXIT
+at_exit teardown
+# Background processes are started as `ip netns exec NS [env ...] [setpriv ...] PROGRAM &`: each
+# of those execs the next, so $! is the program itself and can be stopped by its PID.
+# shellcheck disable=SC2317 # run at exit
+stop_processes() {
+    if [[ -n $HAMMER_PID ]]; then : >"$TMP/hammer.stop"; fi
+    stop_pids 5 "$CREDLOCK_PID" "$SINK_PID" "$UDP_PID" "$EMU_PID" "$WATCH_PID" "$HOLDER_PID" "$HAMMER_PID" "$MOTO_PID"
+}
+at_exit stop_processes
 # shellcheck source=tests/root/netns_access_checks.sh
 source "$HERE/netns_access_checks.sh"
-trap 'exit 130' INT TERM
 
 in_i() { ip netns exec "$NS_I" "$@"; }
 in_m() { ip netns exec "$NS_M" "$@"; }
@@ -211,15 +184,9 @@ probe() {
 }
 # expect_fast_refusal NAME WHO PROTO HOST PORT: refused/unreachable (an active reject) in < 1 s.
 expect_fast_refusal() {
-    local name=$1 out result ms
+    local name=$1
     shift
-    out=$(probe "$@")
-    read -r result ms <<<"$out"
-    if [[ ($result == refused || $result == unreachable) && ${ms:-9999} -lt 1000 ]]; then
-        pass "$name ($result in ${ms} ms)"
-    else
-        fail "$name" "expected a fast refusal, got '$out'"
-    fi
+    expect_refusal "$name" "$(probe "$@")"
 }
 
 # ---- setup -------------------------------------------------------------------------------------
@@ -273,8 +240,14 @@ setup_users() {
     done
 }
 
+# The UDP echo (imds namespace, :5353) and the loopback sink (instance namespace, :5300) listen.
+# shellcheck disable=SC2317 # called through wait_until/wait_ready
+udp_servers_bound() {
+    ip netns exec "$NS_M" ss -Huln 'sport = :5353' | grep -q . &&
+        ip netns exec "$NS_I" ss -Huln 'sport = :5300' | grep -q .
+}
+
 start_emulator() {
-    local i
     ip netns exec "$NS_M" "$PY" "$EMULATOR" --listen "$IMDS4:80" --listen "[$IMDS6]:80" \
         --listen "$IMDS4:8080" --listen "[$IMDS6]:8080" --control "$CTL" \
         >"$TMP/emulator.out" 2>"$TMP/emulator.err" &
@@ -302,17 +275,9 @@ while True:
     print(data.decode(errors="replace"), peer[0], flush=True)
 ' >"$TMP/loopback-sink.log" 2>/dev/null &
     SINK_PID=$!
-    for i in $(seq 1 100); do
-        ip netns exec "$NS_M" ss -Huln 'sport = :5353' | grep -q . &&
-            ip netns exec "$NS_I" ss -Huln 'sport = :5300' | grep -q . && break
-        sleep 0.1
-    done
-    for i in $(seq 1 100); do
-        grep -q '^control ' "$TMP/emulator.out" 2>/dev/null && return 0
-        kill -0 "$EMU_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    echo "IMDS emulator did not start (after ${i} tries):" >&2
+    wait_until 10 udp_servers_bound
+    wait_ready "$EMU_PID" 10 grep -q '^control ' "$TMP/emulator.out" && return 0
+    echo "IMDS emulator did not start:" >&2
     cat "$TMP/emulator.out" "$TMP/emulator.err" >&2
     return 1
 }
@@ -326,8 +291,16 @@ credlock_command() {
     fi
 }
 
+# credlock answers on its admin listener and accepts on 127.0.0.1:8169 and [::1]:8169.
+# shellcheck disable=SC2317 # called through wait_until/wait_ready
+credlock_listening() {
+    in_i curl -s -o /dev/null --max-time 1 "http://$ADMIN/metrics" &&
+        [[ $(probe root tcp 127.0.0.1 8169 1) == connected* ]] &&
+        [[ $(probe root tcp ::1 8169 1) == connected* ]]
+}
+
 start_credlock() {
-    local i uid gid cmd
+    local uid gid cmd
     uid=$(id -u "$CRED_USER") gid=$(id -g "$CRED_USER")
     read -ra cmd <<<"$(credlock_command)"
     # setpriv execs (no fork), so $! is credlock itself, in its cgroup (in_cg). No route to
@@ -342,30 +315,14 @@ start_credlock() {
         setpriv --reuid "$uid" --regid "$gid" --clear-groups -- "${cmd[@]}" \
         >>"$TMP/credlock.log" 2>&1 &
     CREDLOCK_PID=$!
-    for i in $(seq 1 150); do
-        if in_i curl -s -o /dev/null --max-time 1 "http://$ADMIN/metrics" &&
-            [[ $(probe root tcp 127.0.0.1 8169 1) == connected* ]] &&
-            [[ $(probe root tcp ::1 8169 1) == connected* ]]; then
-            return 0
-        fi
-        kill -0 "$CREDLOCK_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    echo "credlock did not start listening (after ${i} tries); log:" >&2
+    wait_ready "$CREDLOCK_PID" 15 credlock_listening && return 0
+    echo "credlock did not start listening; log:" >&2
     tail -n 30 "$TMP/credlock.log" >&2
     return 1
 }
 
 stop_credlock() {
-    local i
-    [[ -n $CREDLOCK_PID ]] || return 0
-    kill -TERM "$CREDLOCK_PID" 2>/dev/null
-    for i in $(seq 1 70); do
-        kill -0 "$CREDLOCK_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$CREDLOCK_PID" 2>/dev/null
-    wait "$CREDLOCK_PID" 2>/dev/null
+    stop_pids 7 "$CREDLOCK_PID"
     CREDLOCK_PID=""
 }
 
@@ -375,12 +332,7 @@ container_reaches_host_loopback() {
     in_c "$PY" -c 'import socket, sys
 socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(sys.argv[1].encode(), ("127.0.0.1", 5300))' "$1" 2>/dev/null
     # Up to 2 s for the sink to log it (a loaded machine); a blocked datagram never arrives.
-    local i
-    for i in $(seq 1 20); do
-        grep -q "^$1 " "$TMP/loopback-sink.log" && return 0
-        sleep 0.1
-    done
-    return 1
+    wait_until 2 grep -q "^$1 " "$TMP/loopback-sink.log"
 }
 
 # srh_probe WHO: an HTTP GET for instance-id to [IMDS6]:80 carrying a segment-routing header
@@ -595,8 +547,7 @@ start_watch() {
 }
 stop_watch() {
     [[ -n $WATCH_PID ]] || return 0
-    kill "$WATCH_PID" 2>/dev/null
-    wait "$WATCH_PID" 2>/dev/null
+    stop_pids 5 "$WATCH_PID"
     WATCH_PID=""
     sleep 0.5 # a check it started may still be finishing (at most one, bounded)
 }
@@ -615,16 +566,11 @@ fcntl.flock(f, fcntl.LOCK_EX)
 print("held", flush=True)
 time.sleep(30)' "$2" >"$TMP/holder.out" 2>&1 &
     HOLDER_PID=$!
-    for _ in $(seq 1 30); do
-        grep -q held "$TMP/holder.out" && return 0
-        sleep 0.1
-    done
+    wait_until 3 grep -q held "$TMP/holder.out" && return 0
     fail "the lock holder ($1) holds $2" "$(cat "$TMP/holder.out")"
 }
 release_lock() {
-    [[ -n $HOLDER_PID ]] || return 0
-    kill "$HOLDER_PID" 2>/dev/null
-    wait "$HOLDER_PID" 2>/dev/null
+    stop_pids 5 "$HOLDER_PID"
     HOLDER_PID=""
 }
 
@@ -846,16 +792,13 @@ hammer_stop() {
 # binds the freed port and connects with the same tuple. Conntrack "ignores" that SYN and lets
 # it pass with the old entry: no DNAT, and `ct state new` does not match.
 stale_conntrack_checks() {
-    local host port pid out entry i
+    local host port pid out entry
     for host in "$IMDS4" "$IMDS6"; do
         port=$((41000 + RANDOM % 2000))
         rm -f "$TMP/stale.go"
         as_cred_cg "$PY" "$HERE/netns_stale_ct.py" hold "$host" "$port" "$TMP/stale.go" >"$TMP/stale.out" 2>&1 &
         pid=$!
-        for i in $(seq 1 50); do
-            grep -q connected "$TMP/stale.out" && break
-            sleep 0.1
-        done
+        wait_until 5 grep -q connected "$TMP/stale.out"
         in_i nft -f - <<EOF
 table inet clfw_stale_$ID {
     chain out { type filter hook output priority raw; tcp sport $port notrack; }
@@ -1312,28 +1255,24 @@ if [[ $STANDIN == 1 ]]; then
     fail "real credlock binary used" "CREDLOCK_FW_TEST_STANDIN=1: the Python stand-in replaced credlock"
 elif ! "$CREDLOCK_BIN" --help >/dev/null 2>&1; then
     fail "real credlock binary exists and runs" "$CREDLOCK_BIN --help failed (build it: cargo build --bin credlock)"
-    echo "$PASSED passed, $FAILED failed"
-    exit 1
+    summary
 fi
 for tool in nft iptables ip6tables iptables-restore ip6tables-restore curl ip setpriv runuser useradd; do
     if ! command -v "$tool" >/dev/null 2>&1; then
         fail "tool $tool installed" "apt-get install nftables iptables curl iproute2 util-linux passwd"
-        echo "$PASSED passed, $FAILED failed"
-        exit 1
+        summary
     fi
 done
-[[ -f $EMULATOR ]] || { fail "IMDS emulator exists" "$EMULATOR missing" && echo "$PASSED passed, $FAILED failed" && exit 1; }
-[[ -d $SITE/botocore ]] || { fail "venv with botocore" "$SITE missing (tests/setup.sh)" && echo "$PASSED passed, $FAILED failed" && exit 1; }
+[[ -f $EMULATOR ]] || { fail "IMDS emulator exists" "$EMULATOR missing" && summary; }
+[[ -d $SITE/botocore ]] || { fail "venv with botocore" "$SITE missing (tests/setup.sh)" && summary; }
 
 if [[ -z $CG2 ]] || ! mkdir -p "$CG_DIR"; then
     fail "a cgroup v2 hierarchy (/sys/fs/cgroup or /sys/fs/cgroup/unified) for credlock's test cgroup" "found '$CG2'"
-    echo "$PASSED passed, $FAILED failed"
-    exit 1
+    summary
 fi
 if ! setup_users || ! setup_topology || ! start_emulator; then
     fail "test topology (namespaces, users, emulator) set up"
-    echo "$PASSED passed, $FAILED failed"
-    exit 1
+    summary
 fi
 
 # Configuration errors are clear and change nothing.
@@ -1408,5 +1347,4 @@ for backend in $BACKENDS; do
 done
 
 echo "(took $((SECONDS - START)) s)"
-echo "$PASSED passed, $FAILED failed"
-((FAILED == 0))
+summary

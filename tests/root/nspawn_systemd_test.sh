@@ -59,6 +59,10 @@ BIN=${CREDLOCK_BIN:-$REPO/target/debug/credlock}
 VENV=${CREDLOCK_VENV:-$REPO/.venv}
 EMULATOR=$REPO/tests/support/imds_emulator.py
 HERE=$REPO/tests/root
+# shellcheck source=tests/lib.sh
+. "$HERE/../lib.sh" # pass, fail, check, summary, at_exit, stop_pids, alive, wait_until, wait_http
+FAIL_DETAIL=paren   # "FAIL NAME (DETAIL)"
+WAIT_INTERVAL=0.5   # wait_until polls every 0.5 s
 
 readonly MACHINE=credlock-nspawn-test
 readonly NS_INST=credlock-nsp-inst NS_IMDS=credlock-nsp-imds
@@ -71,8 +75,6 @@ readonly WATCHDOG_SEC=30 RESTART_SEC=1
 readonly IID=i-0123456789abcdef0      # the emulator's instance-id
 readonly CI_DIR=/var/lib/cloud/credlock-test # the fake cloud-init's records, inside the container
 
-PASSED=0
-FAILED=0
 WORK=""
 ROOT=""
 NSPAWN_PID=""
@@ -81,37 +83,12 @@ EMU_PID=""
 MOTO_PID=""
 CONTROL=""
 T0=$SECONDS
+SUMMARY_T0=$T0 # summary: "N passed, M failed (Ts)"
 
 log() { printf '  [%3ds] %s\n' "$((SECONDS - T0))" "$*"; }
-pass() { printf 'PASS %s\n' "$1"; PASSED=$((PASSED + 1)); }
-fail() { printf 'FAIL %s%s\n' "$1" "${2:+ ($2)}"; FAILED=$((FAILED + 1)); }
-# check NAME COMMAND...: PASS if the command succeeds.
-check() {
-    local name=$1
-    shift
-    if "$@"; then pass "$name"; else fail "$name"; fi
-}
 
 # ---------------------------------------------------------------------------------------------
-# Processes and cleanup. Every process is ended by its recorded pid, never by name.
-
-alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null; }
-
-# stop_pid PID SECONDS: SIGTERM, wait, then SIGKILL.
-stop_pid() {
-    local pid=$1 wait=$2 i
-    alive "$pid" || return 0
-    kill -TERM "$pid" 2>/dev/null
-    for ((i = 0; i < wait * 5; i++)); do
-        alive "$pid" || return 0
-        sleep 0.2
-    done
-    kill -KILL "$pid" 2>/dev/null
-    for ((i = 0; i < 25; i++)); do
-        alive "$pid" || return 0
-        sleep 0.2
-    done
-}
+# Processes and cleanup. Every process is ended by its recorded pid, never by name (stop_pids).
 
 # A pid recorded by a previous run is ours only if its command line still matches.
 stop_recorded() {
@@ -120,11 +97,12 @@ stop_recorded() {
     pid=$(<"$file")
     if [[ $pid =~ ^[0-9]+$ ]] && alive "$pid" &&
         tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$pattern"; then
-        stop_pid "$pid" 10
+        stop_pids 10 "$pid"
     fi
     rm -f "$file"
 }
 
+# shellcheck disable=SC2317 # also run at exit
 teardown() {
     # Container: SIGTERM to systemd-nspawn halts it; its init is killed if it does not.
     stop_recorded nspawn.pid systemd-nspawn
@@ -146,19 +124,6 @@ teardown() {
         rm -f "$STATE/workdir"
     fi
     rmdir "$STATE" 2>/dev/null || true
-}
-
-# shellcheck disable=SC2317 # run by the EXIT trap
-on_exit() {
-    local rc=$?
-    teardown
-    return "$rc"
-}
-
-summary() {
-    printf '%d passed, %d failed (%ds)\n' "$PASSED" "$FAILED" "$((SECONDS - T0))"
-    if ((FAILED > 0)); then exit 1; fi
-    exit 0
 }
 
 # fatal NAME REASON: a setup step failed; nothing after it can be checked.
@@ -320,17 +285,6 @@ raw_creds() {
     else
         fail "$name" "got: $(head -c 200 "$file" 2>/dev/null) $(head -c 200 "$file.err" 2>/dev/null)"
     fi
-}
-
-# wait_until SECONDS COMMAND...: poll every 0.5 s.
-wait_until() {
-    local limit=$1 i
-    shift
-    for ((i = 0; i < limit * 2; i++)); do
-        if "$@" >/dev/null 2>&1; then return 0; fi
-        sleep 0.5
-    done
-    return 1
 }
 
 # shellcheck disable=SC2317 # called through check/wait_until
@@ -583,7 +537,7 @@ setup_network() {
 }
 
 start_servers() {
-    local i line
+    local line
     ip netns exec "$NS_IMDS" /usr/bin/python3 "$EMULATOR" --tokens required \
         --listen "$IMDS4:80" --listen "[$IMDS6]:80" --control 127.0.0.1:0 \
         >"$WORK/emulator.out" 2>"$WORK/emulator.err" &
@@ -594,23 +548,19 @@ start_servers() {
     MOTO_PID=$!
     printf '%s\n' "$MOTO_PID" >"$STATE/moto.pid"
 
-    for ((i = 0; i < 50; i++)); do
-        line=$(grep -m1 '^control ' "$WORK/emulator.out" 2>/dev/null) && break
-        alive "$EMU_PID" || break
-        sleep 0.2
-    done
+    wait_ready "$EMU_PID" 10 grep -q '^control ' "$WORK/emulator.out"
+    line=$(grep -m1 '^control ' "$WORK/emulator.out" 2>/dev/null)
     CONTROL=${line#control }
     [[ -n $CONTROL && $line == control* ]] ||
         fatal "IMDS emulator" "did not start: $(head -c 500 "$WORK/emulator.err")"
-    wait_until 30 ip netns exec "$NS_IMDS" curl -s -o /dev/null --max-time 1 \
-        "http://$MOTO_ADDR:$MOTO_PORT/moto-api/" ||
+    wait_http "http://$MOTO_ADDR:$MOTO_PORT/moto-api/" any 30 ip netns exec "$NS_IMDS" ||
         fatal "moto_server" "not answering on $MOTO_ADDR:$MOTO_PORT: $(tail -c 500 "$WORK/moto.log")"
     log "IMDS emulator (control $CONTROL) and moto_server ($MOTO_ADDR:$MOTO_PORT) up in $NS_IMDS"
 }
 
 # boot_container [LABEL]
 boot_container() {
-    local i state label=${1:-}
+    local state label=${1:-}
     # CAP_NET_ADMIN: nspawn keeps it only with --private-network, not for a network namespace
     # passed by path; the firewall needs it (the namespace is the test's own).
     systemd-nspawn -D "$ROOT" -M "$MACHINE" -b --register=no --keep-unit \
@@ -619,12 +569,8 @@ boot_container() {
         >"$WORK/console${label:+-$label}.log" 2>&1 &
     NSPAWN_PID=$!
     printf '%s\n' "$NSPAWN_PID" >"$STATE/nspawn.pid"
-    for ((i = 0; i < 50; i++)); do
-        LEADER=$(pgrep -P "$NSPAWN_PID" -x systemd | head -n1)
-        [[ -n $LEADER ]] && break
-        alive "$NSPAWN_PID" || break
-        sleep 0.2
-    done
+    wait_ready "$NSPAWN_PID" 10 pgrep -P "$NSPAWN_PID" -x systemd
+    LEADER=$(pgrep -P "$NSPAWN_PID" -x systemd | head -n1)
     [[ -n $LEADER ]] || fatal "boot" "no container init: $(tail -c 1000 "$WORK/console.log")"
     printf '%s\n' "$LEADER" >"$STATE/leader.pid"
     # Wait for the boot to finish (credlock's start job included: up to TimeoutStartSec).
@@ -643,8 +589,7 @@ boot_container() {
 # The network namespace is the test's and outlives the container: its rules are flushed, as a
 # reboot would.
 shutdown_container() {
-    stop_pid "$NSPAWN_PID" 30
-    wait "$NSPAWN_PID" 2>/dev/null
+    stop_pids 30 "$NSPAWN_PID"
     rm -f "$STATE/nspawn.pid" "$STATE/leader.pid"
     NSPAWN_PID="" LEADER=""
     ip netns exec "$NS_INST" nft flush ruleset 2>/dev/null
@@ -1670,17 +1615,15 @@ EOF
 # ---------------------------------------------------------------------------------------------
 
 main() {
-    trap on_exit EXIT
-    trap 'exit 130' INT TERM
     preflight
     # One run at a time on a machine (the machine, namespace and state names are fixed): a
     # second run waits here instead of tearing down the first one's container as "leftovers".
     exec 8>/run/credlock-nspawn-test.lock
     if ! flock -w 900 8; then
         fail "another run of this suite holds /run/credlock-nspawn-test.lock (waited 15 min)"
-        trap - EXIT # its container is not ours to tear down
-        summary
+        summary # its container is not ours to tear down (teardown is not registered yet)
     fi
+    at_exit teardown
     mkdir -p "$STATE"
     teardown # leftovers of an interrupted run
     mkdir -p "$STATE"

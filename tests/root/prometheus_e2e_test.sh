@@ -25,7 +25,7 @@
 #
 # CREDLOCK_BIN overrides target/debug/credlock; CREDLOCK_VENV the venv (moto, Python);
 # KEEP_TMP=1 keeps the temporary directory (logs, scrapes) when a check fails.
-# shellcheck disable=SC2317 # most functions run through check, wait_for or the EXIT trap
+# shellcheck disable=SC2317 # most functions run through check or wait_until
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -38,93 +38,9 @@ EMULATOR=$ROOT/tests/support/imds_emulator.py
 MONITORING=$ROOT/ami/monitoring
 BUDGET=55 # seconds, from the first process started to the verdict
 
-PASSED=0
-FAILED=0
-PIDS=()
-TMP=
-
-pass() {
-    printf 'PASS %s\n' "$1"
-    PASSED=$((PASSED + 1))
-}
-
-fail() {
-    printf 'FAIL %s%s\n' "$1" "${2:+: $2}"
-    FAILED=$((FAILED + 1))
-}
-
-# check NAME COMMAND...: PASS when COMMAND exits 0.
-check() {
-    local name=$1
-    shift
-    if "$@"; then pass "$name"; else fail "$name"; fi
-}
-
-verdict() {
-    printf '%d passed, %d failed\n' "$PASSED" "$FAILED"
-    if ((FAILED > 0 || PASSED == 0)); then exit 1; fi
-    exit 0
-}
-
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null
-    done
-    for pid in "${PIDS[@]}"; do
-        # Bounded: the emulator and moto take a second or two to exit.
-        for _ in $(seq 1 30); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null
-        wait "$pid" 2>/dev/null
-    done
-    if [[ -n $TMP && -d $TMP ]]; then
-        if ((FAILED > 0)) && [[ -n ${KEEP_TMP:-} ]]; then
-            echo "kept $TMP" >&2
-        else
-            rm -rf "$TMP"
-        fi
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# Seconds left in the budget (0 when spent).
-left() {
-    local rest=$((BUDGET - (SECONDS - START)))
-    ((rest > 0)) && echo "$rest" || echo 0
-}
-
-# wait_for SECONDS COMMAND...: retry COMMAND every 0.2 s until it succeeds, the time is up or
-# the budget is spent.
-wait_for() {
-    local limit=$1 i
-    shift
-    local tries=$((limit * 5))
-    for ((i = 0; i < tries; i++)); do
-        "$@" && return 0
-        (($(left) > 0)) || return 1
-        sleep 0.2
-    done
-    return 1
-}
-
-# n free TCP ports on 127.0.0.1, held open together so they differ, then released.
-free_ports() {
-    python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
-
-http_code() { curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$@"; }
+# shellcheck source=tests/lib.sh
+. "$HERE/../lib.sh" # pass, fail, check, summary, at_exit, stop_background, alive, wait_*, http_answers, free_ports
+WAIT_INTERVAL=0.2   # wait_until's poll interval (its WAIT_DEADLINE: the end of the budget)
 
 # A JSON value from stdin: json_get PYTHON_EXPRESSION (the document is `d`).
 json_get() {
@@ -206,18 +122,22 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
     if ! { timeout 300 apt-get update -qq &&
         timeout 300 apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; then
         fail "install prometheus from apt"
-        verdict
+        summary
     fi
 fi
 for tool in "$CREDLOCK_BIN" "$PY" "$MOTO" promtool prometheus curl python3; do
     if ! command -v "$tool" >/dev/null; then
         fail "required tool present" "$tool"
-        verdict
+        summary
     fi
 done
 
 START=$SECONDS
+WAIT_DEADLINE=$((START + BUDGET))
 TMP=$(mktemp -d /tmp/credlock-prom-e2e.XXXXXX)
+remove_tmp() { if ((FAILED > 0)) && [[ -n ${KEEP_TMP:-} ]]; then echo "kept $TMP" >&2; else rm -rf "$TMP"; fi; }
+at_exit remove_tmp
+at_exit stop_background 3 # PIDS: the emulator, moto, credlock, Prometheus
 read -r MOTO_PORT IMDS_PORT ADMIN_PORT PROM_PORT <<<"$(free_ports 4)"
 
 # ---------------------------------------------------------------------------------------------
@@ -228,18 +148,16 @@ PIDS+=($!)
 "$MOTO" -H 127.0.0.1 -p "$MOTO_PORT" >"$TMP/moto.log" 2>&1 &
 PIDS+=($!)
 
-emulator_ready() { grep -q '^control ' "$TMP/emulator.out"; }
-if ! wait_for 10 emulator_ready; then
+if ! wait_until 10 grep -q '^control ' "$TMP/emulator.out"; then
     fail "IMDS emulator starts" "$(cat "$TMP/emulator.err")"
-    verdict
+    summary
 fi
 UPSTREAM=$(awk '$1 == "listening" { print $2; exit }' "$TMP/emulator.out")
 CONTROL=$(awk '$1 == "control" { print $2; exit }' "$TMP/emulator.out")
 
-moto_ready() { [[ $(http_code "http://127.0.0.1:$MOTO_PORT/moto-api/") != 000 ]]; }
-if ! wait_for 15 moto_ready; then
+if ! wait_http "http://127.0.0.1:$MOTO_PORT/moto-api/" any 15; then
     fail "moto starts" "$(tail -5 "$TMP/moto.log")"
-    verdict
+    summary
 fi
 
 cat >"$TMP/credlock.toml" <<EOF
@@ -261,14 +179,12 @@ CREDLOCK_PID=$!
 
 ADMIN=http://127.0.0.1:$ADMIN_PORT
 IMDS=http://127.0.0.1:$IMDS_PORT
-credlock_ready() { [[ $(http_code "$ADMIN/readyz") == 200 ]]; }
-credlock_ready_or_gone() { credlock_ready || ! kill -0 "$CREDLOCK_PID" 2>/dev/null; }
-if wait_for 20 credlock_ready_or_gone && credlock_ready; then
+if wait_ready "$CREDLOCK_PID" 20 http_answers 200 "$ADMIN/readyz"; then
     pass "credlock ready (/readyz 200)"
 else
-    kill -0 "$CREDLOCK_PID" 2>/dev/null || echo "credlock exited early" >>"$TMP/credlock.log"
+    alive "$CREDLOCK_PID" || echo "credlock exited early" >>"$TMP/credlock.log"
     fail "credlock ready (/readyz 200)" "$(tail -5 "$TMP/credlock.log" | tr '\n' ' ')"
-    verdict
+    summary
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -308,10 +224,9 @@ prometheus --config.file="$TMP/prometheus.yml" --storage.tsdb.path="$TMP/tsdb" \
     --web.listen-address="127.0.0.1:$PROM_PORT" --log.level=warn >"$TMP/prometheus.log" 2>&1 &
 PIDS+=($!)
 
-prometheus_ready() { [[ $(http_code "http://127.0.0.1:$PROM_PORT/-/ready") == 200 ]]; }
-if ! wait_for 15 prometheus_ready; then
+if ! wait_http "http://127.0.0.1:$PROM_PORT/-/ready" 200 15; then
     fail "Prometheus starts" "$(tail -5 "$TMP/prometheus.log")"
-    verdict
+    summary
 fi
 
 # Traffic through credlock's IMDS listener: what an SDK does.
@@ -328,22 +243,22 @@ else
         "token=${#TOKEN} chars instance-id=$INSTANCE_ID role=$ROLE"
 fi
 
-check "Prometheus: target credlock is up (/api/v1/targets)" wait_for 10 target_up
-check "Prometheus: up{job=\"credlock\"} == 1" wait_for 10 prom_positive 'up{job="credlock"}'
+check "Prometheus: target credlock is up (/api/v1/targets)" wait_until 10 target_up
+check "Prometheus: up{job=\"credlock\"} == 1" wait_until 10 prom_positive 'up{job="credlock"}'
 # What credlock itself counted right after the traffic: Prometheus must catch up with it.
 curl -s --max-time 2 "$ADMIN/metrics" >"$TMP/metrics-traffic.txt"
 for route in token passthrough role_listing credentials; do
     expected=$(scraped_value "$TMP/metrics-traffic.txt" credlock_requests_total "route=$route" code_class=2xx)
     check "Prometheus: credlock_requests_total{route=\"$route\",code_class=\"2xx\"} > 0 and >= ${expected:-?} (credlock's count after the traffic)" \
-        wait_for 10 prom_at_least "credlock_requests_total{job=\"credlock\",route=\"$route\",code_class=\"2xx\"}" "${expected:-1}"
+        wait_until 10 prom_at_least "credlock_requests_total{job=\"credlock\",route=\"$route\",code_class=\"2xx\"}" "${expected:-1}"
 done
 check "Prometheus: credlock_credential_refreshes_total{result=\"success\"} > 0" \
-    wait_for 10 prom_positive 'credlock_credential_refreshes_total{job="credlock",result="success"}'
-check "Prometheus: credlock_ready == 1" wait_for 10 prom_positive 'credlock_ready{job="credlock"}'
+    wait_until 10 prom_positive 'credlock_credential_refreshes_total{job="credlock",result="success"}'
+check "Prometheus: credlock_ready == 1" wait_until 10 prom_positive 'credlock_ready{job="credlock"}'
 check "Prometheus: credlock_locked_credentials_remaining_seconds > 1200" \
-    wait_for 10 prom_positive 'credlock_locked_credentials_remaining_seconds{job="credlock"} - 1200'
+    wait_until 10 prom_positive 'credlock_locked_credentials_remaining_seconds{job="credlock"} - 1200'
 check "Prometheus: credlock-alerts.yml loaded, every rule healthy (/api/v1/rules)" \
-    wait_for 10 rules_healthy
+    wait_until 10 rules_healthy
 no_alerts() {
     local v
     v=$(prom_query 'count(ALERTS)')
@@ -410,14 +325,14 @@ for target in "$TMP/status.json" "$TMP/metrics.txt" "$TMP/metrics-after.txt" \
     absent "raw emulator credential value" "$TMP/raw.secrets" "$target"
 done
 
-if kill -0 "$CREDLOCK_PID" 2>/dev/null; then
+if alive "$CREDLOCK_PID"; then
     pass "credlock still running"
 else
     fail "credlock still running"
 fi
-if (($(left) > 0)); then
+if ((SECONDS < WAIT_DEADLINE)); then
     pass "finished within the ${BUDGET} s budget ($((SECONDS - START)) s)"
 else
     fail "finished within the ${BUDGET} s budget ($((SECONDS - START)) s)"
 fi
-verdict
+summary
