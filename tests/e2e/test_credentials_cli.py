@@ -13,8 +13,8 @@ Without a daemon the command is run with a config whose discovery is [discovery.
 credlock answers there.
 
 What is tested:
-  * credential_process in an AWS config file, used by boto3, the AWS CLI v1 and the JS SDK v3
-    (fromProcess): each SDK sees the locked role's session (moto: assumed-role/ROLE/
+  * credential_process in an AWS config file, used by boto3, the AWS CLI v1, the JS SDK v3
+    (fromProcess) and the Rust SDK's default chain (examples/sdk_chain_child.rs): each SDK sees the locked role's session (moto: assumed-role/ROLE/
     credlock-cli-HOST) and signs its own STS call with the key STS issued to credlock, while
     credlock's AssumeRole is signed with the source profile's key;
   * the role from the caller: an assumed-role session needs no --role-arn; an IAM user gets one
@@ -379,6 +379,34 @@ def test_aws_cli_v1_credential_process(front, sources, moto_url, process_profile
     assert len(cli_calls) == 1, cli_calls
     check_process_use(front, sources, moto_url, process_profile, mark, cli_calls[0]["signer"],
                       arn)
+
+
+def test_rust_sdk_credential_process(credlock_bin, front, sources, moto_url, process_profile):
+    """The AWS Rust SDK's default chain (aws-config with its credentials-process feature, as
+    credlock itself is built) resolves profile `locked` by running credlock, then signs its
+    own GetCallerIdentity with the set: examples/sdk_chain_child.rs, built with the tests."""
+    child = credlock_bin.parent / "examples" / "sdk_chain_child"
+    assert child.is_file(), f"{child} missing (cargo build --all-targets builds it)"
+    env = dict(process_profile["env"], AWS_PROFILE="locked")
+    mark = front.mark()
+    result = subprocess.run([str(child)], env=env, capture_output=True, text=True,
+                            timeout=RUN_TIMEOUT)
+    assert result.returncode == 0, f"the Rust SDK failed:\n{result.stdout}\n{result.stderr}"
+    lines = [l for l in result.stdout.splitlines() if l.startswith("SDK-CHAIN-REPORT ")]
+    assert len(lines) == 1, result.stdout
+    seen = json.loads(lines[0].removeprefix("SDK-CHAIN-REPORT "))
+    assert seen["sts_error"] is None, seen
+    check_process_use(front, sources, moto_url, process_profile, mark, seen["access_key_id"],
+                      seen["arn"])
+    # The SDK's own GetCallerIdentity went out signed with the locked key, and it read the
+    # set's Expiration (to the second: credential_process carries RFC 3339).
+    signers = [c["signer"] for c in front.calls(mark, "GetCallerIdentity")
+               if "aws-sdk-rust" in c["user_agent"].lower()]
+    assert signers == [seen["access_key_id"]], (signers, front.calls(mark, "GetCallerIdentity"))
+    issued = front.assumes(mark)[0]["issued"]
+    assert seen["expiry"] is not None
+    assert abs(seen["expiry"] - parse_time(issued["Expiration"]).timestamp()) < 1.0, \
+        (seen["expiry"], issued["Expiration"])
 
 
 JS_PROCESS_SCRIPT = """
