@@ -7,7 +7,6 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 use common::*;
 use credlock::config::{Ec2Scope, Upstream};
 use credlock::discovery;
@@ -23,79 +22,24 @@ fn imds(url: &str) -> Imds {
     ))
 }
 
-async fn ec2(moto: &Moto) -> aws_sdk_ec2::Client {
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_credential_types::Credentials::new(
-            "testing", "testing", None, None, "t",
-        ))
-        .endpoint_url(&moto.url)
-        .load()
-        .await;
-    aws_sdk_ec2::Client::new(&sdk)
-}
-
 fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
 
-/// A VPC with a subnet; optionally tagged.
-async fn vpc(c: &aws_sdk_ec2::Client, cidr: &str, tag: Option<&str>) -> (String, String) {
-    let mut req = c.create_vpc().cidr_block(cidr);
-    if let Some(t) = tag {
-        req = req.tag_specifications(
-            TagSpecification::builder()
-                .resource_type(ResourceType::Vpc)
-                .tags(Tag::builder().key("credlock-perimeter").value(t).build())
-                .build(),
-        );
-    }
-    let vpc = req.send().await.unwrap().vpc.unwrap().vpc_id.unwrap();
-    let subnet = c
-        .create_subnet()
-        .vpc_id(&vpc)
-        .cidr_block(cidr.replace(".0.0/16", ".1.0/24"))
-        .send()
-        .await
-        .unwrap()
-        .subnet
-        .unwrap()
-        .subnet_id
-        .unwrap();
-    (vpc, subnet)
-}
-
+/// `n` endpoints (services svc0, svc1, ...) in `vpc`: their IDs.
 async fn endpoints(c: &aws_sdk_ec2::Client, vpc: &str, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..n {
-        let ep = c
-            .create_vpc_endpoint()
-            .vpc_id(vpc)
-            .service_name(format!("com.amazonaws.us-east-1.svc{i}"))
-            .send()
-            .await
-            .unwrap();
-        ids.push(ep.vpc_endpoint.unwrap().vpc_endpoint_id.unwrap());
+        ids.push(create_endpoint(c, vpc, &format!("svc{i}")).await);
     }
     ids
 }
 
-async fn eip(c: &aws_sdk_ec2::Client) -> (String, String) {
-    let a = c.allocate_address().send().await.unwrap();
-    (a.allocation_id.unwrap(), a.public_ip.unwrap())
-}
-
+/// `n` NAT gateways in `subnet`: their addresses as /32s.
 async fn nats(c: &aws_sdk_ec2::Client, subnet: &str, n: usize) -> Vec<String> {
     let mut ips = Vec::new();
     for _ in 0..n {
-        let (alloc, ip) = eip(c).await;
-        c.create_nat_gateway()
-            .subnet_id(subnet)
-            .allocation_id(alloc)
-            .send()
-            .await
-            .unwrap();
-        ips.push(format!("{ip}/32"));
+        ips.push(format!("{}/32", create_nat_gateway(c, subnet).await));
     }
     ips
 }
@@ -107,39 +51,16 @@ fn ips(env: &Environment) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn ec2_scopes_give_exactly_their_environment() {
     let moto = Moto::start();
-    let c = ec2(&moto).await;
-    let (vpc_a, subnet_a) = vpc(&c, "10.1.0.0/16", Some("yes")).await;
-    let (vpc_b, subnet_b) = vpc(&c, "10.2.0.0/16", None).await;
+    let c = ec2_client(&moto).await;
+    let (vpc_a, subnet_a) = create_vpc(&c, "10.1.0.0/16", Some("yes")).await;
+    let (vpc_b, subnet_b) = create_vpc(&c, "10.2.0.0/16", None).await;
     let eps_a = endpoints(&c, &vpc_a, 7).await;
     let eps_b = endpoints(&c, &vpc_b, 2).await;
     let nat_a = nats(&c, &subnet_a, 6).await;
     let nat_b = nats(&c, &subnet_b, 1).await;
     // An Elastic IP on this instance (a moto instance in VPC A), and a spare one.
-    let image = c.describe_images().send().await.unwrap().images()[0]
-        .image_id()
-        .unwrap()
-        .to_string();
-    let instance = c
-        .run_instances()
-        .image_id(image)
-        .min_count(1)
-        .max_count(1)
-        .subnet_id(&subnet_a)
-        .send()
-        .await
-        .unwrap()
-        .instances()[0]
-        .instance_id()
-        .unwrap()
-        .to_string();
-    let (alloc, instance_ip) = eip(&c).await;
-    c.associate_address()
-        .allocation_id(alloc)
-        .instance_id(&instance)
-        .send()
-        .await
-        .unwrap();
-    let (_, spare_ip) = eip(&c).await;
+    let (instance, instance_ip) = instance_with_eip(&c, &subnet_a).await;
+    let (_, spare_ip) = allocate_eip(&c).await;
 
     // The IMDS emulator describes that instance in VPC A.
     let dir = std::env::temp_dir().join(format!("credlock-ec2-{}", std::process::id()));
@@ -320,15 +241,6 @@ async fn the_boot_provider_is_told_who_asks_and_its_document_is_validated() {
 
 // ---- inside a running credlock -------------------------------------------------------------
 
-async fn status(running: &credlock::app::Running) -> serde_json::Value {
-    reqwest::get(format!("http://{}/status", running.admin_addr))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 fn locked_ipv4(status: &serde_json::Value) -> Vec<String> {
     status["lock"]["locked_environment"]["ipv4"]
         .as_array()
@@ -360,22 +272,21 @@ async fn a_changed_environment_is_locked_within_the_schedule() {
         echo.url
     );
     // Echo on (the fixture's default turns it off), every 5 s.
-    let text = format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\nadmin_listen = \"127.0.0.1:0\"\nupstream = \"{}\"\n[lock]\nsts_endpoint = \"{}\"\nrelock_spread_seconds = 3\n{extra}",
-        emu.url(),
-        moto.url
+    let text = loopback_toml(
+        &emu.url(),
+        &moto.url,
+        &format!("relock_spread_seconds = 3\n{extra}"),
     );
-    let cfg = credlock::config::from_toml(&text, &Default::default()).unwrap();
-    let running = start(cfg).await;
+    let running = start_toml(&text).await;
     wait_ready(&running).await;
-    assert!(locked_ipv4(&status(&running).await).contains(&"198.51.100.7/32".to_string()));
+    assert!(locked_ipv4(&admin_status(&running).await).contains(&"198.51.100.7/32".to_string()));
 
     // The egress address changes (a new NAT gateway EIP): re-locked within one interval
     // (5 s, +10 % jitter) plus the AssumeRole.
     echo.set(|a| a.body = "198.51.100.99".into());
     let changed = Instant::now();
     loop {
-        let s = status(&running).await;
+        let s = admin_status(&running).await;
         if locked_ipv4(&s).contains(&"198.51.100.99/32".to_string()) {
             break;
         }
@@ -386,7 +297,7 @@ async fn a_changed_environment_is_locked_within_the_schedule() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let took = changed.elapsed();
-    assert!(!locked_ipv4(&status(&running).await).contains(&"198.51.100.7/32".to_string()));
+    assert!(!locked_ipv4(&admin_status(&running).await).contains(&"198.51.100.7/32".to_string()));
 
     // A new Elastic IP on an interface (IMDS source): it only adds, so the re-lock waits a
     // random point of lock.relock_spread (3 s) after discovery sees it (within 5.5 s).
@@ -395,7 +306,7 @@ async fn a_changed_environment_is_locked_within_the_schedule() {
     emu.set(serde_json::json!({"interfaces": state["interfaces"]}))
         .await;
     let changed = Instant::now();
-    while !locked_ipv4(&status(&running).await)
+    while !locked_ipv4(&admin_status(&running).await)
         .iter()
         .any(|ip| ip == "203.0.113.77/32")
     {
@@ -417,13 +328,15 @@ async fn a_failing_source_keeps_its_last_value_and_credlock_keeps_serving() {
     let emu = Emulator::start(&[]);
     let moto = Moto::start();
     let echo = FakeHttp::start("198.51.100.7").await;
-    let text = format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\nadmin_listen = \"127.0.0.1:0\"\nupstream = \"{}\"\n[lock]\nsts_endpoint = \"{}\"\n[discovery]\ninterval_seconds = 5\n[discovery.echo]\nurls = [\"{}\"]\ntimeout_ms = 300\n",
-        emu.url(),
-        moto.url,
-        echo.url
+    let text = loopback_toml(
+        &emu.url(),
+        &moto.url,
+        &format!(
+            "[discovery]\ninterval_seconds = 5\n[discovery.echo]\nurls = [\"{}\"]\ntimeout_ms = 300\n",
+            echo.url
+        ),
     );
-    let running = start(credlock::config::from_toml(&text, &Default::default()).unwrap()).await;
+    let running = start_toml(&text).await;
     wait_ready(&running).await;
     let failures = r#"credlock_discovery_runs_total{result="failure",source="echo"}"#;
     for (what, broken) in [
@@ -442,7 +355,7 @@ async fn a_failing_source_keeps_its_last_value_and_credlock_keeps_serving() {
             assert!(Instant::now() < deadline, "{what}: no failure counted");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let s = status(&running).await;
+        let s = admin_status(&running).await;
         let echo_status = s["discovery"]
             .as_array()
             .unwrap()
@@ -462,13 +375,11 @@ async fn a_failing_source_keeps_its_last_value_and_credlock_keeps_serving() {
             locked_ipv4(&s).contains(&"198.51.100.7/32".to_string()),
             "{what}: lock kept"
         );
-        let r = reqwest::get(format!(
-            "{}/latest/meta-data/iam/security-credentials/credlock-test-role",
-            base(&running)
-        ))
-        .await
-        .unwrap();
-        assert_eq!(r.status().as_u16(), 200, "{what}: still serving");
+        assert_eq!(
+            credentials_status(&running).await,
+            200,
+            "{what}: still serving"
+        );
     }
     let _ = running.shutdown.send(true);
 }
@@ -477,13 +388,15 @@ async fn a_failing_source_keeps_its_last_value_and_credlock_keeps_serving() {
 async fn no_source_ever_answered_means_no_lock() {
     let emu = Emulator::start(&[]);
     let moto = Moto::start();
-    let text = format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\nadmin_listen = \"127.0.0.1:0\"\nupstream = \"{}\"\n[lock]\nsts_endpoint = \"{}\"\n[discovery.imds]\nenabled = false\n[discovery.echo]\nurls = [\"http://127.0.0.1:{}/\"]\ntimeout_ms = 200\n",
-        emu.url(),
-        moto.url,
-        free_port()
+    let text = loopback_toml(
+        &emu.url(),
+        &moto.url,
+        &format!(
+            "[discovery.imds]\nenabled = false\n[discovery.echo]\nurls = [\"http://127.0.0.1:{}/\"]\ntimeout_ms = 200\n",
+            free_port()
+        ),
     );
-    let running = start(credlock::config::from_toml(&text, &Default::default()).unwrap()).await;
+    let running = start_toml(&text).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(!*running.ready.borrow());
     assert_eq!(
@@ -494,14 +407,8 @@ async fn no_source_ever_answered_means_no_lock() {
         .await,
         0.0
     );
-    let r = reqwest::get(format!(
-        "{}/latest/meta-data/iam/security-credentials/credlock-test-role",
-        base(&running)
-    ))
-    .await
-    .unwrap();
-    assert_eq!(r.status().as_u16(), 503);
-    let s = status(&running).await;
+    assert_eq!(credentials_status(&running).await, 503);
+    let s = admin_status(&running).await;
     assert!(s["lock"]["locked_environment"].is_null(), "{s}");
     let _ = running.shutdown.send(true);
 }

@@ -19,90 +19,6 @@ use s3_fixture::*;
 const BUCKET: &str = "credlock-fleet-publish";
 const KEY: &str = "env/{account}/{region}/{vpc}.json";
 
-async fn ec2(moto: &Moto) -> aws_sdk_ec2::Client {
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_credential_types::Credentials::new(
-            "testing", "testing", None, None, "t",
-        ))
-        .endpoint_url(&moto.url)
-        .load()
-        .await;
-    aws_sdk_ec2::Client::new(&sdk)
-}
-
-async fn vpc(c: &aws_sdk_ec2::Client, cidr: &str) -> (String, String) {
-    let vpc = c
-        .create_vpc()
-        .cidr_block(cidr)
-        .send()
-        .await
-        .unwrap()
-        .vpc
-        .unwrap()
-        .vpc_id
-        .unwrap();
-    let subnet = c
-        .create_subnet()
-        .vpc_id(&vpc)
-        .cidr_block(cidr.replace(".0.0/16", ".1.0/24"))
-        .send()
-        .await
-        .unwrap()
-        .subnet
-        .unwrap()
-        .subnet_id
-        .unwrap();
-    (vpc, subnet)
-}
-
-async fn endpoint(c: &aws_sdk_ec2::Client, vpc: &str, service: &str) -> String {
-    c.create_vpc_endpoint()
-        .vpc_id(vpc)
-        .service_name(format!("com.amazonaws.us-east-1.{service}"))
-        .send()
-        .await
-        .unwrap()
-        .vpc_endpoint
-        .unwrap()
-        .vpc_endpoint_id
-        .unwrap()
-}
-
-async fn eip(c: &aws_sdk_ec2::Client) -> (String, String) {
-    let a = c.allocate_address().send().await.unwrap();
-    (a.allocation_id.unwrap(), a.public_ip.unwrap())
-}
-
-/// An instance in `subnet` with a new Elastic IP; its address.
-async fn instance_with_eip(c: &aws_sdk_ec2::Client, subnet: &str) -> String {
-    let image = c.describe_images().send().await.unwrap().images()[0]
-        .image_id()
-        .unwrap()
-        .to_string();
-    let instance = c
-        .run_instances()
-        .image_id(image)
-        .min_count(1)
-        .max_count(1)
-        .subnet_id(subnet)
-        .send()
-        .await
-        .unwrap()
-        .instances()[0]
-        .instance_id()
-        .unwrap()
-        .to_string();
-    let (alloc, ip) = eip(c).await;
-    c.associate_address()
-        .allocation_id(alloc)
-        .instance_id(instance)
-        .send()
-        .await
-        .unwrap();
-    ip
-}
-
 /// The binary with EC2 and STS at `aws_url`, S3 at `s3_url`.
 fn publish(aws_url: &str, s3_url: &str, args: &[&str]) -> Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_credlock"));
@@ -125,6 +41,11 @@ fn publish(aws_url: &str, s3_url: &str, args: &[&str]) -> Output {
         }
     }
     cmd.output().unwrap()
+}
+
+/// The command line's `--bucket` and `--key`, then `rest`.
+fn publish_args<'a>(bucket: &'a str, key: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    [&["--bucket", bucket, "--key", key], rest].concat()
 }
 
 fn lines(out: &Output) -> Vec<String> {
@@ -214,21 +135,11 @@ fn assert_document(doc: &serde_json::Value, expected: &Expected, caller: &str) {
 async fn publishes_once_then_only_when_the_environment_changes() {
     let moto = Moto::start();
     let proxy = RecordingProxy::start(&moto.url);
-    let c = ec2(&moto).await;
+    let c = ec2_client(&moto).await;
     let s3 = s3_client(&moto.url).await;
     create_bucket(&s3, BUCKET).await;
     let caller = aws_sdk_sts::Client::from_conf(
-        aws_sdk_sts::config::Builder::from(
-            &aws_config::defaults(aws_config::BehaviorVersion::latest())
-                .region(aws_config::Region::new("us-east-1"))
-                .credentials_provider(aws_credential_types::Credentials::new(
-                    "testing", "testing", None, None, "t",
-                ))
-                .endpoint_url(&moto.url)
-                .load()
-                .await,
-        )
-        .build(),
+        aws_sdk_sts::config::Builder::from(&sdk_config(&moto.url).await).build(),
     )
     .get_caller_identity()
     .send()
@@ -239,23 +150,17 @@ async fn publishes_once_then_only_when_the_environment_changes() {
 
     // VPC A: two endpoints, a NAT gateway, an instance with an Elastic IP. VPC B: one endpoint
     // and an instance with an Elastic IP. And an Elastic IP on nothing, in neither document.
-    let (vpc_a, subnet_a) = vpc(&c, "10.1.0.0/16").await;
-    let (vpc_b, subnet_b) = vpc(&c, "10.2.0.0/16").await;
+    let (vpc_a, subnet_a) = create_vpc(&c, "10.1.0.0/16", None).await;
+    let (vpc_b, subnet_b) = create_vpc(&c, "10.2.0.0/16", None).await;
     let eps_a = [
-        endpoint(&c, &vpc_a, "s3").await,
-        endpoint(&c, &vpc_a, "sts").await,
+        create_endpoint(&c, &vpc_a, "s3").await,
+        create_endpoint(&c, &vpc_a, "sts").await,
     ];
-    let eps_b = [endpoint(&c, &vpc_b, "s3").await];
-    let (nat_alloc, nat_ip) = eip(&c).await;
-    c.create_nat_gateway()
-        .subnet_id(&subnet_a)
-        .allocation_id(nat_alloc)
-        .send()
-        .await
-        .unwrap();
-    let ip_a = instance_with_eip(&c, &subnet_a).await;
-    let ip_b = instance_with_eip(&c, &subnet_b).await;
-    let (_, spare_ip) = eip(&c).await;
+    let eps_b = [create_endpoint(&c, &vpc_b, "s3").await];
+    let nat_ip = create_nat_gateway(&c, &subnet_a).await;
+    let (_, ip_a) = instance_with_eip(&c, &subnet_a).await;
+    let (_, ip_b) = instance_with_eip(&c, &subnet_b).await;
+    let (_, spare_ip) = allocate_eip(&c).await;
 
     let key_a = format!("env/{ACCOUNT}/us-east-1/{vpc_a}.json");
     let key_b = format!("env/{ACCOUNT}/us-east-1/{vpc_b}.json");
@@ -263,9 +168,8 @@ async fn publishes_once_then_only_when_the_environment_changes() {
         format!("s3://{BUCKET}/{key_a}"),
         format!("s3://{BUCKET}/{key_b}"),
     );
-    let args = [
-        "--bucket", BUCKET, "--key", KEY, "--scope", "vpc", "--vpc", &vpc_a, "--vpc", &vpc_b,
-    ];
+    let vpc_scope = ["--scope", "vpc", "--vpc", &vpc_a, "--vpc", &vpc_b];
+    let args = publish_args(BUCKET, KEY, &vpc_scope);
 
     // 1. First run: both documents written.
     let out = publish(&moto.url, &proxy.url, &args);
@@ -331,7 +235,7 @@ async fn publishes_once_then_only_when_the_environment_changes() {
     }
 
     // 3. A new instance with an Elastic IP in VPC A: A is rewritten, B is not.
-    let ip_a2 = instance_with_eip(&c, &subnet_a).await;
+    let (_, ip_a2) = instance_with_eip(&c, &subnet_a).await;
     let out = publish(&moto.url, &proxy.url, &args);
     assert_eq!(out.status.code(), Some(0));
     let expected_a2 = Expected::new(&[&nat_ip, &ip_a, &ip_a2], &vpc_a, &[&eps_a[0], &eps_a[1]]);
@@ -351,14 +255,11 @@ async fn publishes_once_then_only_when_the_environment_changes() {
     let out = publish(
         &moto.url,
         &proxy.url,
-        &[
-            "--bucket",
+        &publish_args(
             BUCKET,
-            "--key",
             "env/{account}/{region}/all.json",
-            "--scope",
-            "region",
-        ],
+            &["--scope", "region"],
+        ),
     );
     assert_eq!(
         out.status.code(),
@@ -388,18 +289,7 @@ async fn publishes_once_then_only_when_the_environment_changes() {
     let out = publish(
         &moto.url,
         &proxy.url,
-        &[
-            "--bucket",
-            "credlock-no-such-bucket",
-            "--key",
-            KEY,
-            "--scope",
-            "vpc",
-            "--vpc",
-            &vpc_a,
-            "--vpc",
-            &vpc_b,
-        ],
+        &publish_args("credlock-no-such-bucket", KEY, &vpc_scope),
     );
     assert_eq!(out.status.code(), Some(1));
     let failed = lines(&out);
@@ -419,47 +309,23 @@ async fn publishes_once_then_only_when_the_environment_changes() {
 async fn usage_errors_exit_2_before_any_call() {
     // No AWS peer at all: these must fail before calling one.
     let unreachable = format!("http://127.0.0.1:{}", free_port());
-    for (args, why) in [
+    for (rest, key, why) in [
+        (&["--scope", "vpc"][..], KEY, "vpc scope without --vpc"),
+        (&["--scope", "region"], KEY, "{vpc} without the vpc scope"),
         (
-            vec!["--bucket", BUCKET, "--key", KEY, "--scope", "vpc"],
-            "vpc scope without --vpc",
-        ),
-        (
-            vec!["--bucket", BUCKET, "--key", KEY, "--scope", "region"],
-            "{vpc} without the vpc scope",
-        ),
-        (
-            vec![
-                "--bucket",
-                BUCKET,
-                "--key",
-                "k",
-                "--scope",
-                "vpc",
-                "--vpc",
-                "vpc-nothex",
-            ],
+            &["--scope", "vpc", "--vpc", "vpc-nothex"],
+            "k",
             "not a VPC ID",
         ),
+        (&["--scope", "tagged"], "k", "tagged without a tag"),
         (
-            vec!["--bucket", BUCKET, "--key", "k", "--scope", "tagged"],
-            "tagged without a tag",
-        ),
-        (
-            vec![
-                "--bucket",
-                BUCKET,
-                "--key",
-                "k",
-                "--scope",
-                "region",
-                "--ipv4",
-                "10.0.0.0/8",
-            ],
+            &["--scope", "region", "--ipv4", "10.0.0.0/8"],
+            "k",
             "a static addition wider than /16",
         ),
-        (vec!["--bucket", BUCKET, "--key", "k"], "no scope"),
+        (&[], "k", "no scope"),
     ] {
+        let args = publish_args(BUCKET, key, rest);
         let out = publish(&unreachable, &unreachable, &args);
         assert_eq!(
             out.status.code(),

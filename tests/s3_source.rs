@@ -12,37 +12,64 @@ mod s3_fixture;
 use std::time::{Duration, Instant};
 
 use common::*;
+use credlock::app::Running;
 use s3_fixture::*;
 
 const BUCKET: &str = "credlock-fleet-env";
 /// The emulator's instance: account, Region, and its primary interface's VPC.
 const KEY_TEMPLATE: &str = "env/{account}/{region}/{vpc}.json";
 const KEY: &str = "env/123456789012/us-east-1/vpc-0abc1234def567890.json";
-const ROLE_PATH: &str = "/latest/meta-data/iam/security-credentials/credlock-test-role";
 
 const VPC: &str = "vpc-0abc1234def567890";
 const VPCE: &str = "vpce-0123456789abcdef0";
 
-fn config_text(emu: &Emulator, sts: &str, s3: &str, extra: &str) -> String {
+fn config_text(emu: &Emulator, sts: &str, s3: &str) -> String {
     // Only the s3 source: what is locked is exactly what the document says.
-    format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\nadmin_listen = \"127.0.0.1:0\"\nupstream = \"{}\"\n\
-         [lock]\nsts_endpoint = \"{sts}\"\nrelock_spread_seconds = 2\n\
-         [discovery]\ninterval_seconds = 5\n\
-         [discovery.imds]\nenabled = false\n[discovery.echo]\nenabled = false\n\
-         [discovery.s3]\nenabled = true\nbucket = \"{BUCKET}\"\nkey = \"{KEY_TEMPLATE}\"\n\
-         expected_bucket_owner = \"{ACCOUNT}\"\nendpoint = \"{s3}\"\n{extra}",
-        emu.url()
+    loopback_toml(
+        &emu.url(),
+        sts,
+        &format!(
+            "relock_spread_seconds = 2\n\
+             [discovery]\ninterval_seconds = 5\n\
+             [discovery.imds]\nenabled = false\n[discovery.echo]\nenabled = false\n\
+             [discovery.s3]\nenabled = true\nbucket = \"{BUCKET}\"\nkey = \"{KEY_TEMPLATE}\"\n\
+             expected_bucket_owner = \"{ACCOUNT}\"\nendpoint = \"{s3}\"\n"
+        ),
     )
 }
 
-async fn status(running: &credlock::app::Running) -> serde_json::Value {
-    reqwest::get(format!("http://{}/status", running.admin_addr))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+/// What every test here runs against: the IMDS emulator, moto, and an S3 client of moto.
+struct Peers {
+    s3: aws_sdk_s3::Client,
+    moto: Moto,
+    emu: Emulator,
+}
+
+impl Peers {
+    /// The emulator and moto started, the bucket created.
+    async fn start() -> Peers {
+        let emu = Emulator::start(&[]);
+        let moto = Moto::start();
+        let s3 = s3_client(&moto.url).await;
+        create_bucket(&s3, BUCKET).await;
+        Peers { s3, moto, emu }
+    }
+
+    /// Writes `body` as the emulator instance's document.
+    async fn put_document(&self, body: &str) {
+        put(&self.s3, BUCKET, KEY, body).await;
+    }
+}
+
+/// The peers with `body` published as the document, and credlock, once ready, reading it
+/// through a recording proxy in front of moto.
+async fn serving(body: &str) -> (Peers, RecordingProxy, Running) {
+    let peers = Peers::start().await;
+    peers.put_document(body).await;
+    let proxy = RecordingProxy::start(&peers.moto.url);
+    let running = start_toml(&config_text(&peers.emu, &peers.moto.url, &proxy.url)).await;
+    wait_ready(&running).await;
+    (peers, proxy, running)
 }
 
 fn s3_status(status: &serde_json::Value) -> serde_json::Value {
@@ -61,14 +88,6 @@ fn locked(status: &serde_json::Value) -> serde_json::Value {
 
 fn env_json(ipv4: &[&str], vpcs: &[&str], endpoints: &[&str]) -> serde_json::Value {
     serde_json::json!({"ipv4": ipv4, "ipv6": [], "vpcs": vpcs, "vpc_endpoints": endpoints})
-}
-
-async fn credentials_served(running: &credlock::app::Running) -> u16 {
-    reqwest::get(format!("{}{ROLE_PATH}", base(running)))
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
 }
 
 /// Polls `check` every 100 ms until it gives `Some`, or fails after `limit`.
@@ -99,18 +118,18 @@ fn assert_every_get_names_the_owner(gets: &[serde_json::Value]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn discover_reports_exactly_the_documents_entries() {
-    let emu = Emulator::start(&[]);
-    let moto = Moto::start();
-    let s3 = s3_client(&moto.url).await;
-    create_bucket(&s3, BUCKET).await;
+    let peers = Peers::start().await;
     let ipv4 = ["192.0.2.0/24", "198.51.100.7/32"];
     let ipv6 = ["2001:db8:aaaa::/48"];
-    put(&s3, BUCKET, KEY, &document(&ipv4, &ipv6, &[VPC], &[VPCE])).await;
+    peers
+        .put_document(&document(&ipv4, &ipv6, &[VPC], &[VPCE]))
+        .await;
 
     let dir = std::env::temp_dir().join(format!("credlock-s3-discover-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("credlock.toml");
-    std::fs::write(&file, config_text(&emu, &moto.url, &moto.url, "")).unwrap();
+    let moto_url = &peers.moto.url;
+    std::fs::write(&file, config_text(&peers.emu, moto_url, moto_url)).unwrap();
     let run = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_credlock"))
             .args(["discover", "--config", file.to_str().unwrap()])
@@ -132,7 +151,7 @@ async fn discover_reports_exactly_the_documents_entries() {
 
     // The same key with a hand-widened list and the old checksum: refused, nothing merged.
     let tampered = document(&ipv4, &ipv6, &[VPC], &[VPCE]).replace("198.51.100.7/32", "0.0.0.0/0");
-    put(&s3, BUCKET, KEY, &tampered).await;
+    peers.put_document(&tampered).await;
     let out = run();
     assert_eq!(out.status.code(), Some(1), "no source answered");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -147,26 +166,12 @@ async fn discover_reports_exactly_the_documents_entries() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replaced_document_is_locked_within_the_spread_and_polls_are_conditional() {
-    let emu = Emulator::start(&[]);
-    let moto = Moto::start();
-    let proxy = RecordingProxy::start(&moto.url);
-    let s3 = s3_client(&moto.url).await;
-    create_bucket(&s3, BUCKET).await;
-    put(
-        &s3,
-        BUCKET,
-        KEY,
-        &document(&["198.51.100.7/32"], &[], &[VPC], &[]),
-    )
-    .await;
-    let cfg = config_text(&emu, &moto.url, &proxy.url, "");
-    let running = start(credlock::config::from_toml(&cfg, &Default::default()).unwrap()).await;
-    wait_ready(&running).await;
+    let (peers, proxy, running) = serving(&document(&["198.51.100.7/32"], &[], &[VPC], &[])).await;
     assert_eq!(
-        locked(&status(&running).await),
+        locked(&admin_status(&running).await),
         env_json(&["198.51.100.7/32"], &[VPC], &[])
     );
-    assert_eq!(credentials_served(&running).await, 200);
+    assert_eq!(credentials_status(&running).await, 200);
 
     // Two polls of the unchanged document: the second is conditional and costs a 304.
     let object = format!("/{BUCKET}/{KEY}");
@@ -177,19 +182,20 @@ async fn a_replaced_document_is_locked_within_the_spread_and_polls_are_condition
 
     // A new NAT gateway address is published: re-locked within one poll (5 s, +10 %) plus
     // the spread window (2 s) plus the AssumeRole.
-    put(
-        &s3,
-        BUCKET,
-        KEY,
-        &document(&["198.51.100.7/32", "198.51.100.8/32"], &[], &[VPC], &[]),
-    )
-    .await;
+    peers
+        .put_document(&document(
+            &["198.51.100.7/32", "198.51.100.8/32"],
+            &[],
+            &[VPC],
+            &[],
+        ))
+        .await;
     let replaced = Instant::now();
     let new_env = env_json(&["198.51.100.7/32", "198.51.100.8/32"], &[VPC], &[]);
     within(
         Duration::from_secs(10),
         "the replaced document locked",
-        || async { (locked(&status(&running).await) == new_env).then_some(()) },
+        || async { (locked(&admin_status(&running).await) == new_env).then_some(()) },
     )
     .await;
     println!("re-locked {:?} after the replacement", replaced.elapsed());
@@ -247,14 +253,14 @@ async fn a_replaced_document_is_locked_within_the_spread_and_polls_are_condition
 /// Waits for the s3 source's error to mention `needle`, then checks the last good document is
 /// still the source's value and the lock's, and credentials are still served.
 async fn assert_kept(
-    running: &credlock::app::Running,
+    running: &Running,
     what: &str,
     needle: &str,
     limit: Duration,
     good: &serde_json::Value,
 ) {
     let s = within(limit, what, || async {
-        let s = status(running).await;
+        let s = admin_status(running).await;
         let err = s3_status(&s)["last_error"]
             .as_str()
             .unwrap_or("")
@@ -271,7 +277,7 @@ async fn assert_kept(
     assert_eq!(&source["environment"], good, "{what}: last good value kept");
     assert_eq!(&locked(&s), good, "{what}: lock unchanged");
     assert_eq!(
-        credentials_served(running).await,
+        credentials_status(running).await,
         200,
         "{what}: still serving"
     );
@@ -279,18 +285,10 @@ async fn assert_kept(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_corrupted_or_missing_document_keeps_the_last_good_value() {
-    let emu = Emulator::start(&[]);
-    let moto = Moto::start();
-    let proxy = RecordingProxy::start(&moto.url);
-    let s3 = s3_client(&moto.url).await;
-    create_bucket(&s3, BUCKET).await;
     let good_doc = document(&["198.51.100.7/32"], &[], &[VPC], &[VPCE]);
-    put(&s3, BUCKET, KEY, &good_doc).await;
     let good = env_json(&["198.51.100.7/32"], &[VPC], &[VPCE]);
-    let cfg = config_text(&emu, &moto.url, &proxy.url, "");
-    let running = start(credlock::config::from_toml(&cfg, &Default::default()).unwrap()).await;
-    wait_ready(&running).await;
-    assert_eq!(locked(&status(&running).await), good);
+    let (peers, proxy, running) = serving(&good_doc).await;
+    assert_eq!(locked(&admin_status(&running).await), good);
 
     // Hand edits that keep the old checksum: one wider than the cap, one within it.
     let widened = good_doc.replace("198.51.100.7/32", "0.0.0.0/0");
@@ -305,10 +303,12 @@ async fn a_corrupted_or_missing_document_keeps_the_last_good_value() {
         ("edited, old checksum", edited.as_str(), "checksum mismatch"),
         ("empty", empty.as_str(), "refusing to lock to nothing"),
     ] {
-        put(&s3, BUCKET, KEY, body).await;
+        peers.put_document(body).await;
         assert_kept(&running, what, needle, Duration::from_secs(10), &good).await;
     }
-    s3.delete_object()
+    peers
+        .s3
+        .delete_object()
         .bucket(BUCKET)
         .key(KEY)
         .send()
@@ -328,22 +328,8 @@ async fn a_corrupted_or_missing_document_keeps_the_last_good_value() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refusal_or_a_slow_s3_keeps_the_last_good_value() {
-    let emu = Emulator::start(&[]);
-    let moto = Moto::start();
-    let proxy = RecordingProxy::start(&moto.url);
-    let s3 = s3_client(&moto.url).await;
-    create_bucket(&s3, BUCKET).await;
-    put(
-        &s3,
-        BUCKET,
-        KEY,
-        &document(&["198.51.100.7/32"], &[], &[VPC], &[]),
-    )
-    .await;
     let good = env_json(&["198.51.100.7/32"], &[VPC], &[]);
-    let cfg = config_text(&emu, &moto.url, &proxy.url, "");
-    let running = start(credlock::config::from_toml(&cfg, &Default::default()).unwrap()).await;
-    wait_ready(&running).await;
+    let (_peers, proxy, running) = serving(&document(&["198.51.100.7/32"], &[], &[VPC], &[])).await;
 
     // A bucket policy refusing the instance role: S3 answers 403 AccessDenied.
     proxy.mode("deny", 0.0).await;
@@ -376,11 +362,11 @@ async fn a_refusal_or_a_slow_s3_keeps_the_last_good_value() {
     // S3 answers again: the source recovers, and nothing was ever unlocked.
     proxy.mode("forward", 0.0).await;
     within(Duration::from_secs(20), "recovered", || async {
-        let s = status(&running).await;
+        let s = admin_status(&running).await;
         (s3_status(&s)["consecutive_failures"] == 0).then_some(())
     })
     .await;
-    assert_eq!(locked(&status(&running).await), good);
+    assert_eq!(locked(&admin_status(&running).await), good);
     assert_every_get_names_the_owner(&proxy.gets(&format!("/{BUCKET}/{KEY}")).await);
     let _ = running.shutdown.send(true);
 }

@@ -74,27 +74,39 @@ pub struct Scenario {
 }
 
 const HOUR: f64 = 3600.0;
+/// When a steady fleet's event comes: an hour after the last instance started.
+const EVENT_AT: f64 = 2.0 * HOUR;
+
+/// A fleet booting over `boot_window` s, nothing happening, watched from boot for `run_for` s.
+const fn booting(name: &'static str, boot_window: f64, source: Source, run_for: f64) -> Scenario {
+    Scenario {
+        name,
+        boot_window,
+        source,
+        event: Event::None,
+        run_for,
+        window: (0.0, run_for),
+    }
+}
+
+/// A steady S3 fleet meeting `event` at [`EVENT_AT`], watched for `watch` s from then.
+const fn steady_then(name: &'static str, event: Event, watch: f64) -> Scenario {
+    Scenario {
+        name,
+        boot_window: HOUR,
+        source: Source::S3,
+        event,
+        run_for: EVENT_AT + watch,
+        window: (EVENT_AT, EVENT_AT + watch),
+    }
+}
 
 /// The scenarios of issue 17. A "steady" fleet started over one session lifetime (one hour),
 /// so its refreshes are as spread as a fleet that has been running for a while; its events come
 /// an hour after the last instance started.
 pub const SCENARIOS: [Scenario; 7] = [
-    Scenario {
-        name: "boot-60s",
-        boot_window: 60.0,
-        source: Source::S3,
-        event: Event::None,
-        run_for: 900.0,
-        window: (0.0, 900.0),
-    },
-    Scenario {
-        name: "boot-5min",
-        boot_window: 300.0,
-        source: Source::S3,
-        event: Event::None,
-        run_for: 1200.0,
-        window: (0.0, 1200.0),
-    },
+    booting("boot-60s", 60.0, Source::S3, 900.0),
+    booting("boot-5min", 300.0, Source::S3, 1200.0),
     Scenario {
         name: "steady-24h",
         boot_window: HOUR,
@@ -103,41 +115,21 @@ pub const SCENARIOS: [Scenario; 7] = [
         run_for: HOUR + 24.0 * HOUR,
         window: (HOUR, HOUR + 24.0 * HOUR),
     },
-    Scenario {
-        name: "change-add",
-        boot_window: HOUR,
-        source: Source::S3,
-        event: Event::AddAddress { at: 2.0 * HOUR },
-        run_for: 2.0 * HOUR + 1800.0,
-        window: (2.0 * HOUR, 2.0 * HOUR + 1800.0),
-    },
-    Scenario {
-        name: "change-remove",
-        boot_window: HOUR,
-        source: Source::S3,
-        event: Event::RemoveAddress { at: 2.0 * HOUR },
-        run_for: 2.0 * HOUR + 1800.0,
-        window: (2.0 * HOUR, 2.0 * HOUR + 1800.0),
-    },
-    Scenario {
-        name: "sts-outage",
-        boot_window: HOUR,
-        source: Source::S3,
-        event: Event::StsOutage {
-            from: 2.0 * HOUR,
-            to: 2.0 * HOUR + 600.0,
+    steady_then("change-add", Event::AddAddress { at: EVENT_AT }, 1800.0),
+    steady_then(
+        "change-remove",
+        Event::RemoveAddress { at: EVENT_AT },
+        1800.0,
+    ),
+    steady_then(
+        "sts-outage",
+        Event::StsOutage {
+            from: EVENT_AT,
+            to: EVENT_AT + 600.0,
         },
-        run_for: 2.0 * HOUR + 2400.0,
-        window: (2.0 * HOUR, 2.0 * HOUR + 2400.0),
-    },
-    Scenario {
-        name: "boot-60s-ec2",
-        boot_window: 60.0,
-        source: Source::Ec2,
-        event: Event::None,
-        run_for: HOUR,
-        window: (0.0, HOUR),
-    },
+        2400.0,
+    ),
+    booting("boot-60s-ec2", 60.0, Source::Ec2, HOUR),
 ];
 
 pub fn scenario(name: &str) -> Option<Scenario> {
@@ -240,6 +232,15 @@ fn seed_for(seed: u64, instance: usize, purpose: u64) -> u64 {
 fn start_instance(shared: &Shared, i: usize) {
     let seed = shared.world.seed;
     let random = |purpose| Arc::new(SeededRandom::new(seed_for(seed, i, purpose)));
+    // A stand-in's client: its own seed, the SDK's attempts, a latency range in seconds.
+    let client = |purpose, attempts, latency| {
+        Client::new(
+            shared.world.clone(),
+            seed_for(seed, i, purpose),
+            attempts,
+            latency,
+        )
+    };
     let identity = InstanceIdentity {
         instance_id: format!("i-{i:017x}"),
         region: REGION.into(),
@@ -251,7 +252,7 @@ fn start_instance(shared: &Shared, i: usize) {
     let (s3, ec2) = match shared.source {
         Source::S3 => {
             let store = SimS3 {
-                client: Client::new(world.clone(), seed_for(seed, i, 3), sdk.s3, (0.010, 0.050)),
+                client: client(3, sdk.s3, (0.010, 0.050)),
             };
             let s3_config = shared.config.discovery.s3.clone();
             let source = s3_config.map(|c| {
@@ -265,7 +266,7 @@ fn start_instance(shared: &Shared, i: usize) {
         }
         Source::Ec2 => {
             let api = SimEc2 {
-                client: Client::new(world.clone(), seed_for(seed, i, 4), sdk.ec2, (0.050, 0.200)),
+                client: client(4, sdk.ec2, (0.050, 0.200)),
             };
             (
                 None,
@@ -294,7 +295,7 @@ fn start_instance(shared: &Shared, i: usize) {
     };
     let locker = Locker {
         issuer: SimSts {
-            client: Client::new(world.clone(), seed_for(seed, i, 5), sdk.sts, (0.050, 0.200)),
+            client: client(5, sdk.sts, (0.050, 0.200)),
             index: i,
         },
         instance: SimInstance(identity),

@@ -1,5 +1,5 @@
-//! Test fixtures: the IMDS emulator (tests/support/imds_emulator.py) and moto as STS, both real
-//! processes on loopback, and credlock started in-process on port 0.
+//! Test fixtures: the IMDS emulator (tests/support/imds_emulator.py) and moto as STS and EC2,
+//! both real processes on loopback, and credlock started in-process on port 0.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 use credlock::app::{self, Running};
 use credlock::config::{self, Config, Overrides};
 
@@ -33,7 +34,7 @@ fn python() -> PathBuf {
 }
 
 /// A child process killed on drop.
-pub struct Proc(Child);
+pub struct Proc(pub Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -85,12 +86,7 @@ impl Emulator {
     }
 
     pub async fn state(&self) -> serde_json::Value {
-        reqwest::get(format!("http://{}/state", self.control))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        get_json(format!("http://{}/state", self.control)).await
     }
 
     pub async fn set(&self, state: serde_json::Value) {
@@ -104,12 +100,7 @@ impl Emulator {
     }
 
     pub async fn requests(&self) -> Vec<serde_json::Value> {
-        reqwest::get(format!("http://{}/requests", self.control))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        get_json(format!("http://{}/requests", self.control)).await
     }
 
     /// Every raw credential value the emulator hands out (v1, v2), to assert none leaks.
@@ -186,8 +177,21 @@ pub fn config(upstream: &str, sts: Option<&str>, extra: &str) -> Config {
     config::from_toml(&text, &Overrides::default()).unwrap()
 }
 
+/// A config text for loopback tests: port 0 listeners, `upstream`, STS at `sts`, then `rest`.
+pub fn loopback_toml(upstream: &str, sts: &str, rest: &str) -> String {
+    format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nadmin_listen = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n\
+         [lock]\nsts_endpoint = \"{sts}\"\n{rest}"
+    )
+}
+
 pub async fn start(config: Config) -> Running {
     app::start(config).await.expect("credlock starts")
+}
+
+/// credlock started from a config text, without overrides.
+pub async fn start_toml(text: &str) -> Running {
+    start(config::from_toml(text, &Overrides::default()).unwrap()).await
 }
 
 pub async fn wait_ready(running: &Running) {
@@ -200,6 +204,28 @@ pub async fn wait_ready(running: &Running) {
 
 pub fn base(running: &Running) -> String {
     format!("http://{}", running.imds_addrs[0])
+}
+
+/// The JSON body of a GET of `url`.
+pub async fn get_json<T: serde::de::DeserializeOwned>(url: impl reqwest::IntoUrl) -> T {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
+/// credlock's `/status` document from its admin listener.
+pub async fn admin_status(running: &Running) -> serde_json::Value {
+    get_json(format!("http://{}/status", running.admin_addr)).await
+}
+
+/// The HTTP status credlock answers a request for the emulator role's credentials with.
+pub async fn credentials_status(running: &Running) -> u16 {
+    reqwest::get(format!(
+        "{}/latest/meta-data/iam/security-credentials/credlock-test-role",
+        base(running)
+    ))
+    .await
+    .unwrap()
+    .status()
+    .as_u16()
 }
 
 /// What a [`FakeHttp`] answers.
@@ -324,4 +350,114 @@ pub async fn token(base: &str) -> String {
         .text()
         .await
         .unwrap()
+}
+
+// ---- moto as AWS: SDK settings and EC2 resources -------------------------------------------
+
+/// SDK settings for moto (or a proxy in front of it) at `url`: us-east-1, moto's test keys.
+pub async fn sdk_config(url: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_credential_types::Credentials::new(
+            "testing", "testing", None, None, "t",
+        ))
+        .endpoint_url(url)
+        .load()
+        .await
+}
+
+/// An EC2 client for moto.
+pub async fn ec2_client(moto: &Moto) -> aws_sdk_ec2::Client {
+    aws_sdk_ec2::Client::new(&sdk_config(&moto.url).await)
+}
+
+/// A VPC with a /24 subnet, tagged `credlock-perimeter` = `tag` if given: their IDs.
+pub async fn create_vpc(
+    c: &aws_sdk_ec2::Client,
+    cidr: &str,
+    tag: Option<&str>,
+) -> (String, String) {
+    let mut req = c.create_vpc().cidr_block(cidr);
+    if let Some(t) = tag {
+        req = req.tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Vpc)
+                .tags(Tag::builder().key("credlock-perimeter").value(t).build())
+                .build(),
+        );
+    }
+    let vpc = req.send().await.unwrap().vpc.unwrap().vpc_id.unwrap();
+    let subnet = c
+        .create_subnet()
+        .vpc_id(&vpc)
+        .cidr_block(cidr.replace(".0.0/16", ".1.0/24"))
+        .send()
+        .await
+        .unwrap()
+        .subnet
+        .unwrap()
+        .subnet_id
+        .unwrap();
+    (vpc, subnet)
+}
+
+/// An endpoint of `com.amazonaws.us-east-1.{service}` in `vpc`: its ID.
+pub async fn create_endpoint(c: &aws_sdk_ec2::Client, vpc: &str, service: &str) -> String {
+    c.create_vpc_endpoint()
+        .vpc_id(vpc)
+        .service_name(format!("com.amazonaws.us-east-1.{service}"))
+        .send()
+        .await
+        .unwrap()
+        .vpc_endpoint
+        .unwrap()
+        .vpc_endpoint_id
+        .unwrap()
+}
+
+/// A new Elastic IP: its allocation ID and address.
+pub async fn allocate_eip(c: &aws_sdk_ec2::Client) -> (String, String) {
+    let a = c.allocate_address().send().await.unwrap();
+    (a.allocation_id.unwrap(), a.public_ip.unwrap())
+}
+
+/// A NAT gateway in `subnet` on a new Elastic IP: that address.
+pub async fn create_nat_gateway(c: &aws_sdk_ec2::Client, subnet: &str) -> String {
+    let (alloc, ip) = allocate_eip(c).await;
+    c.create_nat_gateway()
+        .subnet_id(subnet)
+        .allocation_id(alloc)
+        .send()
+        .await
+        .unwrap();
+    ip
+}
+
+/// An instance in `subnet` with a new Elastic IP: its ID and that address.
+pub async fn instance_with_eip(c: &aws_sdk_ec2::Client, subnet: &str) -> (String, String) {
+    let image = c.describe_images().send().await.unwrap().images()[0]
+        .image_id()
+        .unwrap()
+        .to_string();
+    let instance = c
+        .run_instances()
+        .image_id(image)
+        .min_count(1)
+        .max_count(1)
+        .subnet_id(subnet)
+        .send()
+        .await
+        .unwrap()
+        .instances()[0]
+        .instance_id()
+        .unwrap()
+        .to_string();
+    let (alloc, ip) = allocate_eip(c).await;
+    c.associate_address()
+        .allocation_id(alloc)
+        .instance_id(&instance)
+        .send()
+        .await
+        .unwrap();
+    (instance, ip)
 }

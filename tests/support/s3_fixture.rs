@@ -1,28 +1,22 @@
 //! S3 test fixtures shared by tests/s3_source.rs and tests/publish.rs (included with
 //! `#[path]`): moto's S3 through the SDK, the recording proxy (recording_proxy.py), and
 //! environment documents written from the envelope's specification rather than by credlock's
-//! own renderer.
+//! own renderer. Built on tests/common/mod.rs: a test including this file has `mod common;`.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 
 use sha2::Digest;
+
+use crate::common::{Proc, get_json, repo, sdk_config};
 
 pub const ACCOUNT: &str = "123456789012";
 
 /// An S3 client for `url` (moto or the proxy), path-style, with moto's test credentials.
 pub async fn s3_client(url: &str) -> aws_sdk_s3::Client {
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_credential_types::Credentials::new(
-            "testing", "testing", None, None, "t",
-        ))
-        .endpoint_url(url)
-        .load()
-        .await;
     aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&sdk)
+        aws_sdk_s3::config::Builder::from(&sdk_config(url).await)
             .force_path_style(true)
             .build(),
     )
@@ -81,25 +75,16 @@ pub fn document(ipv4: &[&str], ipv6: &[&str], vpcs: &[&str], endpoints: &[&str])
 /// tests/support/recording_proxy.py in front of `upstream`; killed on drop, and it exits by
 /// itself when its stdin closes (this process ending).
 pub struct RecordingProxy {
-    child: Child,
+    _proc: Proc,
     _stdin: ChildStdin,
     pub url: String,
     control: String,
 }
 
-impl Drop for RecordingProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl RecordingProxy {
     pub fn start(upstream: &str) -> RecordingProxy {
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/support/recording_proxy.py");
         let mut child = Command::new("python3")
-            .arg(script)
+            .arg(repo().join("tests/support/recording_proxy.py"))
             .args(["--upstream", upstream])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -122,7 +107,7 @@ impl RecordingProxy {
             }
         }
         RecordingProxy {
-            child,
+            _proc: Proc(child),
             _stdin: stdin,
             url: url.unwrap(),
             control: control.unwrap(),
@@ -131,12 +116,7 @@ impl RecordingProxy {
 
     /// Every request so far: method, path, headers (lower-case names), status, mode.
     pub async fn requests(&self) -> Vec<serde_json::Value> {
-        reqwest::get(format!("{}/requests", self.control))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        get_json(format!("{}/requests", self.control)).await
     }
 
     /// The GETs of one object so far.
