@@ -300,3 +300,7 @@ fn status(state: &AdminState) -> Response<Full<Bytes>> {
 fn firewall_now() -> SystemTime {
     SystemTime::now()
 }
+
+#[cfg(test)]
+#[path = "admin_tests.rs"]
+mod tests;

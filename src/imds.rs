@@ -253,3 +253,7 @@ impl Imds {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "imds_tests.rs"]
+mod tests;
