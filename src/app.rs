@@ -47,6 +47,8 @@ pub struct Running {
     pub imds_addrs: Vec<SocketAddr>,
     /// The ECS task-credential listeners (`[containers.ecs]`; empty when off).
     pub ecs_addrs: Vec<SocketAddr>,
+    /// The container-credentials endpoint (`[containers.endpoint]`; `None` when off).
+    pub endpoint_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     /// Why the admin listener could not be had (it is then not served; IMDS is). Under
     /// systemd the socket unit holds it from boot, so only `credlock run` by hand can meet this.
@@ -58,121 +60,9 @@ pub struct Running {
     pub task: JoinHandle<()>,
 }
 
-/// The per-process access policy, when rules exist: the gate and the per-connection
-/// identification it needs. With no rules, neither exists and connections are not identified.
-/// A policy that does not compile (the configuration's validation refuses it first, so only a
-/// `Config` built by hand meets this) stops the start: never a proxy without its rules.
-fn access_control(
-    cfg: &crate::access::AccessConfig,
-    metrics: &Arc<Metrics>,
-) -> Result<Option<(Arc<crate::gate::AccessControl>, server::Identify)>, StartError> {
-    use crate::access::{Identity, Policy, Unidentified};
-    use crate::peer::{GroupCache, Identifier, SystemDirectory};
-    // The configuration was validated at load: compile cannot fail here but for a name that
-    // resolves differently now, which is a warning, not an error, at run time.
-    let (policy, warnings) = Policy::compile(cfg, &SystemDirectory, false)
-        .map_err(|e| StartError::Access(e.to_string()))?;
-    for warning in &warnings {
-        tracing::warn!(%warning, "access policy");
-    }
-    if policy.is_empty() {
-        return Ok(None);
-    }
-    tracing::info!(rules = ?policy.rule_names(), "access policy: callers are identified per connection");
-    let groups = Arc::new(GroupCache::default());
-    let own = std::fs::read_to_string("/proc/self/cgroup")
-        .ok()
-        .and_then(|text| {
-            let path = text.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
-            Some((nix::unistd::getuid().as_raw(), path))
-        });
-    let identifier = Arc::new(Identifier::new());
-    let access = Arc::new(
-        crate::gate::AccessControl::new(
-            policy,
-            Box::new(move |uid| groups.groups_of(uid)),
-            own,
-            metrics,
-        )
-        .with_cgroup_root(identifier.cgroup_root().map(Into::into)),
-    );
-    // Names that did not resolve (a user created after the image was baked) are tried again.
-    let refreshed = Arc::downgrade(&access);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            let Some(access) = refreshed.upgrade() else {
-                return;
-            };
-            let mut policy = Policy::clone(&access.policy.load());
-            for warning in policy.refresh(&SystemDirectory) {
-                tracing::warn!(%warning, "access policy");
-            }
-            access.policy.store(Arc::new(policy));
-        }
-    });
-    if !identifier.has_cgroups() {
-        tracing::error!(
-            "access policy: no cgroup v2 hierarchy in /proc/self/mountinfo: no caller can be identified, every connection is unidentified"
-        );
-    }
-    // Learn the cgroups there are now, off the serving thread.
-    let primed = identifier.clone();
-    tokio::task::spawn_blocking(move || primed.prime());
-    // Resolved once: one series per result, no label hashing per connection.
-    let identified = metrics.identified.with_label_values(&["identified"]);
-    let reasons = crate::access::Unidentified::ALL.map(|reason| {
-        (
-            reason,
-            metrics.identified.with_label_values(&[reason.label()]),
-        )
-    });
-    let counters = Arc::new((identified, reasons));
-    fn count(
-        (identified, reasons): &(
-            prometheus::IntCounter,
-            [(Unidentified, prometheus::IntCounter); 3],
-        ),
-        who: &Identity,
-    ) {
-        match who {
-            Identity::Identified(_) => identified.inc(),
-            Identity::Unidentified(reason) => {
-                if let Some((_, counter)) = reasons.iter().find(|(r, _)| r == reason) {
-                    counter.inc();
-                }
-            }
-        }
-    }
-    let identify: server::Identify = Arc::new(move |stream, peer, local| {
-        // The fast part now, while the client waits for its answer (a known caller costs no
-        // more); a new cgroup's path is looked for on the blocking pool.
-        let who = match identifier
-            .owner_of(stream, peer, local)
-            .map(|owner| identifier.cached(owner))
-        {
-            Err(reason) => Arc::new(Identity::Unidentified(reason)),
-            Ok(Ok(known)) => known,
-            Ok(Err(owner)) => {
-                let (identifier, counters) = (identifier.clone(), counters.clone());
-                return server::Identified::Pending(Box::pin(async move {
-                    let who = Arc::new(
-                        tokio::task::spawn_blocking(move || identifier.resolve_blocking(owner))
-                            .await
-                            .unwrap_or(Identity::Unidentified(Unidentified::LookupFailed)),
-                    );
-                    count(&counters, &who);
-                    who
-                }));
-            }
-        };
-        count(&counters, &who);
-        server::Identified::Known(who)
-    });
-    Ok(Some((access, identify)))
-}
+#[path = "app_access.rs"]
+mod access_setup;
+use access_setup::access_control;
 
 /// Loads the session policy template: the configured file, else the installed one, else the
 /// copy compiled in.
@@ -257,6 +147,7 @@ async fn start_with(
         !config.listen.contains(a)
             && *a != config.admin_listen
             && !config.ecs.as_ref().is_some_and(|e| e.listen.contains(a))
+            && config.endpoint.as_ref().is_none_or(|e| e.listen != *a)
     }) {
         return Err(StartError::UnexpectedListener(addr.to_string()));
     }
@@ -294,6 +185,19 @@ async fn start_with(
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .collect();
+    // Like the admin listener's, this port taken by another process must not stop the IMDS
+    // proxy; it is held from boot by credlock.socket when configured there (README).
+    let endpoint_listener = match &config.endpoint {
+        Some(e) => match listener_for(e.listen, &mut inherited).await {
+            Ok(l) => Some(l),
+            Err(err) => {
+                tracing::error!(error = %err, "the container-credentials endpoint is unavailable until credlock restarts; IMDS is served");
+                None
+            }
+        },
+        None => None,
+    };
+    let endpoint_addr = endpoint_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let metrics = Arc::new(Metrics::new());
     let metrics_handle = metrics.clone();
@@ -395,7 +299,29 @@ async fn start_with(
             None,
         ))
     });
-    tracing::info!(imds = ?imds_addrs, admin = %admin_addr, ecs = ?ecs_addrs, upstream = %config.upstream.authority, "serving");
+    let endpoint_server = config.endpoint.as_ref().zip(endpoint_listener).map(|(e, l)| {
+        let endpoint = Arc::new(crate::endpoint::Endpoint {
+            store: store.clone(),
+            lock_status: lock_status.clone(),
+            clock: clock.clone(),
+            serve_margin: config.lock.serve_margin,
+            metrics: metrics.clone(),
+            tokens: crate::endpoint::Tokens::new(e.tokens.clone(), nix::unistd::geteuid().as_raw()),
+        });
+        match endpoint.tokens.summary() {
+            Ok(n) => tracing::info!(tokens = n, file = %e.tokens.display(), "container-credentials endpoint"),
+            Err(why) => tracing::error!(error = %why, "container-credentials endpoint: no token is trusted"),
+        }
+        let limits = server::Limits {
+            max_connections: 64,
+            idle: server::IDLE_TIMEOUT,
+            drain: config.drain_timeout,
+        };
+        let handler = move |req, _| crate::endpoint::handle(endpoint.clone(), req);
+        let connections = Some(metrics.connections("endpoint"));
+        tokio::spawn(server::serve("endpoint", vec![l], handler, limits, shutdown_rx.clone(), connections, None))
+    });
+    tracing::info!(imds = ?imds_addrs, admin = %admin_addr, ecs = ?ecs_addrs, endpoint = ?endpoint_addr, upstream = %config.upstream.authority, "serving");
 
     // A pool of its own: see [`Imds`].
     let imds = Arc::new(
@@ -422,14 +348,15 @@ async fn start_with(
     let task = tokio::spawn(async move {
         let _ = proxy_server.await;
         let _ = admin_server.await;
-        if let Some(ecs) = ecs_server {
-            let _ = ecs.await;
+        for server in ecs_server.into_iter().chain(endpoint_server) {
+            let _ = server.await;
         }
         background.abort();
     });
     Ok(Running {
         imds_addrs,
         ecs_addrs,
+        endpoint_addr,
         admin_addr,
         admin_error,
         metrics: metrics_handle,

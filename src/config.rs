@@ -54,11 +54,13 @@ pub struct Config {
     pub access: crate::access::AccessConfig,
     /// `[containers.ecs]`: locked ECS task credentials; `None`: off.
     pub ecs: Option<EcsConfig>,
+    /// `[containers.endpoint]`: the locked set for token holders on loopback; `None`: off.
+    pub endpoint: Option<EndpointConfig>,
 }
 
 #[path = "config_containers.rs"]
 mod containers;
-pub use containers::EcsConfig;
+pub use containers::{DEFAULT_ENDPOINT_TOKENS, EcsConfig, EndpointConfig};
 #[path = "config_discovery.rs"]
 mod discovery_section;
 pub use discovery_section::{DiscoveryConfig, Ec2Scope, S3Config, StaticEnvironment};
@@ -281,10 +283,20 @@ fn validate(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
         ));
     }
 
-    let ecs = containers::validate(
-        file.containers,
-        &[listen.as_slice(), &[admin_listen]].concat(),
-    )?;
+    let mut containers = file.containers;
+    let taken = [listen.as_slice(), &[admin_listen]].concat();
+    let endpoint = containers::validate_endpoint(&mut containers, &taken)?;
+    let ecs = containers::validate(containers, &taken)?;
+    if let (Some(e), Some(ecs)) = (&endpoint, &ecs)
+        && ecs.listen.contains(&e.listen)
+        && e.listen.port() != 0
+    {
+        return Err(invalid(
+            "containers.endpoint.listen",
+            e.listen,
+            "must differ from containers.ecs.listen",
+        ));
+    }
     Ok(Config {
         listen,
         admin_listen,
@@ -304,6 +316,7 @@ fn validate(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
         firewall_required: file.firewall.required,
         access: validate_access(file.access)?,
         ecs,
+        endpoint,
     })
 }
 

@@ -2,6 +2,7 @@
 //! (`container.rs`). Off unless the table is there.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -18,6 +19,28 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:51680";
 #[serde(deny_unknown_fields, default)]
 pub(super) struct ContainersSection {
     ecs: Option<EcsSection>,
+    endpoint: Option<EndpointSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct EndpointSection {
+    enabled: Option<bool>,
+    listen: Option<String>,
+    tokens: Option<PathBuf>,
+}
+
+/// Where the opt-in container-credentials endpoint listens (`[containers.endpoint]`).
+pub const DEFAULT_ENDPOINT_LISTEN: &str = "127.0.0.1:51682";
+/// The token digests `credlock endpoint-token` writes and the endpoint trusts.
+pub const DEFAULT_ENDPOINT_TOKENS: &str = "/etc/credlock/endpoint-tokens";
+
+/// The validated `[containers.endpoint]`: the instance's locked set in the container
+/// credential format, to holders of a token (`endpoint.rs`).
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    pub listen: SocketAddr,
+    pub tokens: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -41,6 +64,48 @@ pub struct EcsConfig {
     pub assume_rate: f64,
     /// Locked task sets held at most.
     pub max_tasks: usize,
+}
+
+/// `[containers.endpoint]`: loopback only, since the SDKs accept a plain-http
+/// `AWS_CONTAINER_CREDENTIALS_FULL_URI` only to a loopback host ("Container credential
+/// provider", AWS SDKs and Tools Reference Guide).
+pub(super) fn validate_endpoint(
+    c: &mut ContainersSection,
+    taken: &[SocketAddr],
+) -> Result<Option<EndpointConfig>, ConfigError> {
+    let Some(e) = c.endpoint.take() else {
+        return Ok(None);
+    };
+    if e.enabled == Some(false) {
+        return Ok(None);
+    }
+    let raw = e.listen.unwrap_or_else(|| DEFAULT_ENDPOINT_LISTEN.into());
+    let listen = parse_addr("containers.endpoint.listen", &raw)?;
+    if !listen.ip().is_loopback() {
+        return Err(invalid(
+            "containers.endpoint.listen",
+            raw,
+            "must be a loopback address (SDKs send a token over plain http only to loopback)",
+        ));
+    }
+    if listen.port() != 0 && taken.contains(&listen) {
+        return Err(invalid(
+            "containers.endpoint.listen",
+            listen,
+            "must differ from the other listeners",
+        ));
+    }
+    let tokens = e
+        .tokens
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ENDPOINT_TOKENS));
+    if !tokens.is_absolute() {
+        return Err(invalid(
+            "containers.endpoint.tokens",
+            tokens.display(),
+            "must be an absolute path",
+        ));
+    }
+    Ok(Some(EndpointConfig { listen, tokens }))
 }
 
 pub(super) fn validate(

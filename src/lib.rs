@@ -23,7 +23,9 @@
 //! - [`credentials`]: the locked set, its store, the judgement and rewrite of an IMDS
 //!   credential answer (and of a container credential endpoint's);
 //! - [`container`]: the ECS task-credential proxy (`[containers.ecs]`): the agent's answers,
-//!   their sets locked per task with the task's own credentials.
+//!   their sets locked per task with the task's own credentials;
+//! - [`endpoint`]: the opt-in loopback container-credentials endpoint
+//!   (`[containers.endpoint]`): the locked set for holders of a token.
 //!
 //! The background path, which keeps a locked set ready:
 //! - [`identity`] and [`imds`]: who this instance is, read from IMDS with credlock's own
@@ -36,7 +38,8 @@
 //!
 //! Commands beyond the daemon, in [`cli`]: `check-config`, `policy` and `discover`
 //! ([`cli::discover`]), `explain`, `audit`, `publish-environment` ([`cli::publish`], over
-//! [`publish`]) and `credentials` ([`cli::credentials`]).
+//! [`publish`]), `credentials` ([`cli::credentials`]) and `endpoint-token`
+//! ([`cli::endpoint_token`]).
 //!
 //! Observing it: [`metrics`] (Prometheus), [`admin`] (`/healthz`, `/readyz`, `/status`,
 //! `/metrics`), [`firewall`] (the state the firewall units report).
@@ -63,6 +66,8 @@ pub mod container_judge;
 pub mod credentials;
 #[cfg(feature = "daemon")]
 pub mod discovery;
+#[cfg(feature = "daemon")]
+pub mod endpoint;
 pub mod environment;
 pub mod evaluate;
 #[cfg(feature = "proxy")]

@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use credlock::app;
 use credlock::cli::audit::{AuditArgs, audit};
 use credlock::cli::discover::{check_config, print_discovery, print_policy};
+use credlock::cli::endpoint_token::{EndpointTokenArgs, endpoint_token};
 use credlock::cli::explain::{ExplainArgs, explain};
 use credlock::cli::publish::{PublishArgs, publish_environment};
 use credlock::cli::{CommonArgs, CredentialsArgs, credentials_command};
@@ -61,6 +62,11 @@ enum Command {
     /// set is reused from a 0600 cache file ($XDG_RUNTIME_DIR/credlock, else
     /// /tmp/credlock-<uid>). Exit: 0 printed, 1 failed (one line on stderr), 78 invalid config.
     Credentials(CredentialsArgs),
+    /// As root: a token for the loopback container-credentials endpoint ([containers.endpoint])
+    /// for one user: a 0400 file the user owns (for AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE),
+    /// and its SHA-256 in the digests file the endpoint trusts. --revoke takes it away.
+    /// Exit: 0 done, 1 failed, 2 usage.
+    EndpointToken(EndpointTokenArgs),
 }
 
 #[derive(Args)]
@@ -80,6 +86,7 @@ fn main() -> ExitCode {
     // Runs off an instance: no credlock configuration is read.
     let cli = match cli.command {
         Command::PublishEnvironment(args) => return publish_environment(args),
+        Command::EndpointToken(args) => return endpoint_token(args),
         command => Cli { command },
     };
     let (common, listen, admin_listen) = match &cli.command {
@@ -90,7 +97,7 @@ fn main() -> ExitCode {
         Command::Explain(e) => (&e.common, Vec::new(), None),
         Command::Audit(a) => (&a.common, Vec::new(), None),
         Command::Credentials(c) => (&c.common, Vec::new(), None),
-        Command::PublishEnvironment(_) => return ExitCode::from(2),
+        Command::PublishEnvironment(_) | Command::EndpointToken(_) => return ExitCode::from(2),
     };
     let overrides = Overrides {
         listen,
@@ -140,7 +147,7 @@ fn main() -> ExitCode {
             Command::Discover(_) => print_discovery(config).await,
             Command::Explain(args) => explain(config, args).await,
             Command::Audit(args) => audit(config, args).await,
-            Command::PublishEnvironment(_) => ExitCode::from(2),
+            Command::PublishEnvironment(_) | Command::EndpointToken(_) => ExitCode::from(2),
             Command::Credentials(args) => credentials_command(config, args).await,
         }
     })

@@ -8,7 +8,7 @@ use prometheus::{
 
 #[path = "metrics_labels.rs"]
 mod labels;
-pub use labels::{ROUTES, RefusalReason, RouteLabel, code_class};
+pub use labels::{EndpointResult, ROUTES, RefusalReason, RouteLabel, code_class};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -56,6 +56,8 @@ pub struct Metrics {
     pub task_sets: IntGaugeVec,
     /// Failed AssumeRole calls for task sets, by `agent` and STS error `code`.
     pub task_sts_errors: IntCounterVec,
+    /// Answers of the loopback container-credentials endpoint, by [`EndpointResult`].
+    pub endpoint_requests: IntCounterVec,
     /// Resolved once: the request path never hashes a label set (see [`Metrics::answered`]).
     answered_handles: [[IntCounter; 3]; ROUTES.len()],
     /// Every route but `refused`, which never reaches the upstream.
@@ -344,6 +346,11 @@ impl Metrics {
             "Answers of a container credential proxy (the ECS agent's task credentials), by agent and result: locked (a new locked set), cached (a held one), passed (the agent's own secret-free answer), refused (an answer that would carry a raw value, or of the wrong shape: 502), failed (no locked set could be had: 502/503).",
             &["agent", "result"],
         );
+        let endpoint_requests = counter(
+            "credlock_endpoint_requests_total",
+            "Answers of the loopback container-credentials endpoint ([containers.endpoint]), by result: served (the locked set), unauthorized (no token: 401), forbidden (a token not trusted, or an unsafe token file: 403), unavailable (no locked set: 503), refused (a trusted token, another path or method: 404/405).",
+            &["result"],
+        );
         let task_sts_errors = counter(
             "credlock_task_sts_errors_total",
             "Failed AssumeRole calls for task sets, by agent and STS error code.",
@@ -417,6 +424,7 @@ impl Metrics {
             task_credentials,
             task_sets,
             task_sts_errors,
+            endpoint_requests,
             answered_handles,
             upstream_handles,
         }

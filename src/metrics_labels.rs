@@ -78,3 +78,33 @@ pub fn code_class(status: http::StatusCode) -> &'static str {
         _ => "5xx",
     }
 }
+
+/// The `result` label of `credlock_endpoint_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointResult {
+    Served,
+    Unauthorized,
+    Forbidden,
+    Unavailable,
+    Refused,
+}
+
+impl EndpointResult {
+    pub const ALL: [EndpointResult; 5] = [
+        Self::Served,
+        Self::Unauthorized,
+        Self::Forbidden,
+        Self::Unavailable,
+        Self::Refused,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Served => "served",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::Unavailable => "unavailable",
+            Self::Refused => "refused",
+        }
+    }
+}

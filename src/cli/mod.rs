@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod credentials;
 pub mod discover;
+pub mod endpoint_token;
 pub mod explain;
 pub mod publish;
 
