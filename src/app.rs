@@ -187,7 +187,16 @@ async fn start_with(
         .collect();
     // Like the admin listener's, this port taken by another process must not stop the IMDS
     // proxy; it is held from boot by credlock.socket when configured there (README).
+    let first_unprivileged = crate::endpoint::unprivileged_port_start();
     let endpoint_listener = match &config.endpoint {
+        Some(e) if e.listen.port() >= first_unprivileged => {
+            tracing::error!(
+                port = e.listen.port(),
+                first_unprivileged,
+                "the container-credentials endpoint is off: net.ipv4.ip_unprivileged_port_start lets any user bind its port first"
+            );
+            None
+        }
         Some(e) => match listener_for(e.listen, &mut inherited).await {
             Ok(l) => Some(l),
             Err(err) => {

@@ -289,7 +289,6 @@ fn validate(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
     let ecs = containers::validate(containers, &taken)?;
     if let (Some(e), Some(ecs)) = (&endpoint, &ecs)
         && ecs.listen.contains(&e.listen)
-        && e.listen.port() != 0
     {
         return Err(invalid(
             "containers.endpoint.listen",

@@ -31,7 +31,9 @@ struct EndpointSection {
 }
 
 /// Where the opt-in container-credentials endpoint listens (`[containers.endpoint]`).
-pub const DEFAULT_ENDPOINT_LISTEN: &str = "127.0.0.1:51682";
+/// A port below 1024: only root may bind it, so no user can listen there first and collect
+/// the tokens SDKs send (systemd's credlock.socket binds it for credlock).
+pub const DEFAULT_ENDPOINT_LISTEN: &str = "127.0.0.1:982";
 /// The token digests `credlock endpoint-token` writes and the endpoint trusts.
 pub const DEFAULT_ENDPOINT_TOKENS: &str = "/etc/credlock/endpoint-tokens";
 
@@ -88,7 +90,14 @@ pub(super) fn validate_endpoint(
             "must be a loopback address (SDKs send a token over plain http only to loopback)",
         ));
     }
-    if listen.port() != 0 && taken.contains(&listen) {
+    if listen.port() == 0 || listen.port() >= 1024 {
+        return Err(invalid(
+            "containers.endpoint.listen",
+            listen,
+            "the port must be below 1024, one only root may bind: any user could listen on another first and collect the tokens SDKs send (hold it with credlock.socket)",
+        ));
+    }
+    if taken.contains(&listen) {
         return Err(invalid(
             "containers.endpoint.listen",
             listen,

@@ -14,9 +14,14 @@
 //!   endpoint-token` writes it, root only, with each token in a 0400 file of its user): credlock
 //!   never holds a token itself.
 //! - The digests file decides who gets credentials, so it is trusted only while no local user
-//!   could have written it: a regular file (no symlink), owned by root or credlock's own uid,
-//!   writable by its owner only, in a directory writable by its owner only, itself root's or
-//!   credlock's. Otherwise every token is refused (403), loudly, until it is fixed.
+//!   could have written it: a regular file with one link (no symlink), owned by root or
+//!   credlock's own uid, writable by its owner only, every directory above it root's or
+//!   credlock's and writable by its owner only ([`trusted_directory`]). Otherwise every token
+//!   is refused (403), loudly, until it is fixed.
+//! - No user can listen on the endpoint's port first and collect the tokens SDKs send: the port
+//!   must be one only root may bind (below `net.ipv4.ip_unprivileged_port_start`), so it comes
+//!   from credlock.socket; credlock, with no capability, cannot bind it itself, and without the
+//!   socket the endpoint is off (logged), the IMDS listener unaffected.
 //! - Only the locked set is ever served, and only while servable (outside the serving margin):
 //!   503 without one, as on the IMDS listener.
 
@@ -109,7 +114,7 @@ impl Tokens {
         }
     }
 
-    /// How many tokens are trusted, or why none is (for `/status` and the log at start).
+    /// How many tokens are trusted, or why none is (for the log at start).
     pub fn summary(&self) -> Result<usize, String> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.checked.is_none_or(|at| at.elapsed() >= RECHECK) {
@@ -156,8 +161,7 @@ impl Tokens {
         seen: Option<(u64, u64, u64, i128, u32, u32)>,
     ) -> Result<Option<((u64, u64, u64, i128, u32, u32), HashMap<[u8; 32], String>)>, String> {
         let dir = self.path.parent().unwrap_or(Path::new("/"));
-        let d = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        self.safe(dir, d.uid(), d.mode())?;
+        trusted_directory(dir, self.own_uid)?;
         // O_NOFOLLOW: a symlink is refused at open, and the checks are on what was opened
         // (O_NONBLOCK: a FIFO planted there cannot hold the open).
         let opened = std::fs::OpenOptions::new()
@@ -178,6 +182,10 @@ impl Tokens {
         let m = file.metadata().map_err(|e| e.to_string())?;
         if !m.file_type().is_file() {
             return Err(format!("{} is not a regular file", self.path.display()));
+        }
+        // A second name elsewhere would let whoever could write there change it.
+        if m.nlink() != 1 {
+            return Err(format!("{} has {} links", self.path.display(), m.nlink()));
         }
         self.safe(&self.path, m.uid(), m.mode())?;
         let mtime = i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec());
@@ -212,6 +220,73 @@ impl Tokens {
         }
         Ok(())
     }
+}
+
+/// Checks that no user but root (or `trusted_uid`) could change what `dir` names: every
+/// directory on the path from `/`, as given, is owned by root or `trusted_uid` and writable by
+/// its owner only, or is a root-owned sticky directory such as `/tmp` (whose entries others
+/// cannot rename or remove). A symlink on the path is followed only from such a directory (so
+/// no one else can change it), and its target's path must pass too. Then no one else can swap
+/// a component between this check and a use of the path.
+pub fn trusted_directory(dir: &Path, trusted_uid: u32) -> Result<(), String> {
+    let absolute = if dir.is_absolute() {
+        dir.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| format!("the current directory: {e}"))?
+            .join(dir)
+    };
+    let check = |path: &Path, m: &std::fs::Metadata| -> Result<(), String> {
+        if !m.file_type().is_dir() {
+            return Err(format!("{} is not a directory", path.display()));
+        }
+        let sticky_root = m.uid() == 0 && m.mode() & 0o1000 != 0;
+        if m.uid() != 0 && m.uid() != trusted_uid {
+            return Err(format!(
+                "{} is owned by uid {}, not root{}",
+                path.display(),
+                m.uid(),
+                if trusted_uid == 0 {
+                    String::new()
+                } else {
+                    format!(" or uid {trusted_uid}")
+                }
+            ));
+        }
+        if m.mode() & 0o022 != 0 && !sticky_root {
+            return Err(format!(
+                "{} is writable by group or others (mode {:o})",
+                path.display(),
+                m.mode() & 0o7777
+            ));
+        }
+        Ok(())
+    };
+    let lstat =
+        |p: &Path| std::fs::symlink_metadata(p).map_err(|e| format!("{}: {e}", p.display()));
+    let mut at = PathBuf::from("/");
+    check(&at, &lstat(&at)?)?;
+    for part in absolute.components().skip(1) {
+        match part {
+            std::path::Component::Normal(name) => at.push(name),
+            std::path::Component::ParentDir => {
+                at.pop();
+                continue;
+            }
+            _ => continue,
+        }
+        let m = lstat(&at)?;
+        if m.file_type().is_symlink() {
+            // Its directory passed: no one else can change the link. Where it leads must pass.
+            let target =
+                std::fs::canonicalize(&at).map_err(|e| format!("{}: {e}", at.display()))?;
+            trusted_directory(&target, trusted_uid)?;
+            at = target;
+            continue;
+        }
+        check(&at, &m)?;
+    }
+    Ok(())
 }
 
 fn read_all(file: &mut File) -> Result<String, String> {
@@ -372,6 +447,15 @@ fn text(status: StatusCode, text: &'static str, head: bool) -> Response<Full<Byt
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
     response
+}
+
+/// The first port an unprivileged process may bind (`net.ipv4.ip_unprivileged_port_start`,
+/// 1024 unless lowered); the endpoint's port must be below it.
+pub fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(1024)
 }
 
 #[cfg(test)]

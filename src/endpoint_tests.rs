@@ -343,3 +343,37 @@ fn a_changed_file_is_read_again_after_the_recheck_interval() {
     assert_eq!(t.trust(TOKEN.as_bytes()), Trust::Untrusted);
     assert_eq!(t.trust(b"a new token"), Trust::Trusted("other".into()));
 }
+
+#[test]
+fn a_directory_further_up_that_others_could_write_trusts_nothing() {
+    // Others could rename `etc` away and put their own in its place.
+    let top = dir("grand");
+    let etc = top.join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let t = tokens_in(
+        &etc,
+        &format!("{} app\n", digest_hex(TOKEN.as_bytes())),
+        0o644,
+    );
+    assert_eq!(t.trust(TOKEN.as_bytes()), Trust::Trusted("app".into()));
+    std::fs::set_permissions(&top, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::thread::sleep(RECHECK + Duration::from_millis(200));
+    assert_eq!(t.trust(TOKEN.as_bytes()), Trust::Untrusted);
+    assert!(t.summary().unwrap_err().contains("writable"));
+    // A root-owned sticky directory (like /tmp) is fine: others cannot move what is in it.
+    assert!(trusted_directory(&std::env::temp_dir(), own_uid()).is_ok());
+}
+
+#[test]
+fn a_digests_file_with_a_second_link_trusts_nothing() {
+    let d = dir("links2");
+    let t = tokens_in(
+        &d,
+        &format!("{} app\n", digest_hex(TOKEN.as_bytes())),
+        0o644,
+    );
+    std::fs::hard_link(d.join("endpoint-tokens"), d.join("elsewhere")).unwrap();
+    assert_eq!(t.trust(TOKEN.as_bytes()), Trust::Untrusted);
+    assert!(t.summary().unwrap_err().contains("links"));
+}

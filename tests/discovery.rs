@@ -204,9 +204,15 @@ async fn the_boot_provider_is_told_who_asks_and_its_document_is_validated() {
         r#"{"ipv4":["192.0.2.0/24"],"ipv6":["2001:db8:aaaa::/48"],"vpcs":["vpc-0123456789abcdef0"],"vpc_endpoints":["vpce-0123456789abcdef0"]}"#,
     )
     .await;
-    let env = discovery::boot_provider::discover(&http, &provider.url, &identity, &imds, false)
-        .await
-        .unwrap();
+    let env = discovery::boot_provider::discover(
+        &http,
+        &provider.url,
+        &identity,
+        discovery::boot_provider::Asker::Instance(&imds),
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!(ips(&env), set(&["192.0.2.0/24"]));
     assert_eq!(env.vpc_endpoints, set(&["vpce-0123456789abcdef0"]));
     let sent: serde_json::Value =
@@ -224,6 +230,28 @@ async fn the_boot_provider_is_told_who_asks_and_its_document_is_validated() {
             .unwrap()
             .contains("i-0123456789abcdef0")
     );
+    // Off an instance (credlock credentials on a CI runner): what is known, and no claim of an
+    // instance or its document.
+    discovery::boot_provider::discover(
+        &http,
+        &provider.url,
+        &identity,
+        discovery::boot_provider::Asker::Host("ci-runner-7"),
+        false,
+    )
+    .await
+    .unwrap();
+    let sent: serde_json::Value =
+        serde_json::from_str(&provider.bodies.lock().unwrap()[1]).unwrap();
+    let keys: Vec<&str> = sent
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, ["account_id", "region", "role_arn", "host"]);
+    assert_eq!(sent["host"], "ci-runner-7");
+    assert_eq!(sent["account_id"], "123456789012");
 
     for garbage in [
         r#"{"ipv4":["not-an-ip"]}"#,
@@ -233,8 +261,14 @@ async fn the_boot_provider_is_told_who_asks_and_its_document_is_validated() {
         "",
     ] {
         provider.set(|a| a.body = garbage.into());
-        let err =
-            discovery::boot_provider::discover(&http, &provider.url, &identity, &imds, false).await;
+        let err = discovery::boot_provider::discover(
+            &http,
+            &provider.url,
+            &identity,
+            discovery::boot_provider::Asker::Instance(&imds),
+            false,
+        )
+        .await;
         assert!(err.is_err(), "{garbage} accepted");
     }
 }

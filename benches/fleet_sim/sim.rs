@@ -286,6 +286,7 @@ fn start_instance(shared: &Shared, i: usize) {
             identity: identity.clone(),
             ec2,
             s3,
+            host: None,
         },
         metrics: shared.metrics.clone(),
         clock: shared.clock.clone(),

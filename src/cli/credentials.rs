@@ -460,7 +460,8 @@ async fn discover(
         &config.upstream,
         config.upstream_timeout,
     )));
-    let context = discovery::context(config, imds, identity, provider).await;
+    let mut context = discovery::context(config, imds, identity, provider).await;
+    context.host = Some(host.to_string());
     let mut merged = Environment::default();
     let mut failures = Vec::new();
     for kind in discovery::enabled_sources(&config.discovery) {

@@ -3,9 +3,13 @@
 //! SHA-256 in the digests file the endpoint trusts. `--revoke` takes both away.
 //!
 //! Root only: only root can give a file to another user, and the digests file decides who gets
-//! credentials. Files are never written through a symlink: the token file is created with
-//! O_EXCL|O_NOFOLLOW (an existing regular file is removed first, anything else refused), the
-//! digests file is replaced by rename from a new file in the same directory.
+//! credentials. Both files must sit in directories no other user can change, checked from `/`
+//! down ([`trusted_directory`]): a token under a user's home is refused, since that user could
+//! swap a directory on the path for a symlink while root writes. Within them, files are never
+//! written through a symlink: the token file is created with O_EXCL|O_NOFOLLOW (an existing
+//! regular file is removed first, anything else refused), the digests file read through
+//! O_NOFOLLOW and replaced by rename from a new file beside it, under an exclusive lock so two
+//! runs cannot undo each other, and the directory synced so a crash cannot either.
 
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -15,7 +19,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use crate::config::DEFAULT_ENDPOINT_TOKENS;
-use crate::endpoint::digest_hex;
+use crate::endpoint::{digest_hex, trusted_directory};
 
 /// Where a user's token goes unless `--file` says otherwise.
 pub const DEFAULT_TOKEN_DIR: &str = "/etc/credlock/endpoint";
@@ -52,6 +56,15 @@ pub fn endpoint_token(args: EndpointTokenArgs) -> ExitCode {
         .file
         .clone()
         .unwrap_or_else(|| Path::new(DEFAULT_TOKEN_DIR).join(format!("{}.token", args.user)));
+    for path in [&file, &args.tokens] {
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        if let Err(e) = trusted_directory(dir, 0) {
+            return fail(format!(
+                "{}: {e}: put it in a directory only root can change (e.g. {DEFAULT_TOKEN_DIR})",
+                path.display()
+            ));
+        }
+    }
     let result = if args.revoke {
         revoke(&args, &file)
     } else {
@@ -125,25 +138,20 @@ fn remove_regular(path: &Path) -> Result<(), String> {
 }
 
 /// The digests file with `user`'s line replaced by `digest` (or removed), written to a new
-/// 0644 file beside it and renamed over it.
+/// 0644 file beside it and renamed over it, under an exclusive lock on `<file>.lock`.
 fn rewrite_digests(path: &Path, user: &str, digest: Option<&str>) -> Result<(), String> {
-    let old = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_file() && m.uid() == 0 => {
-            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?
-        }
-        Ok(m) if m.file_type().is_file() => {
-            return Err(format!(
-                "{} is owned by uid {}, not root: fix or remove it first",
-                path.display(),
-                m.uid()
-            ));
-        }
-        Ok(_) => {
-            return Err(format!("{} is not a regular file", path.display()));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
-    };
+    let err = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+    let lock_path = path.with_extension("lock");
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&lock_path)
+        .map_err(|e| err(&lock_path, e))?;
+    lock.lock().map_err(|e| err(&lock_path, e))?;
+    let old = read_digests(path)?;
     let mut text: String = old
         .lines()
         .filter(|line| {
@@ -156,28 +164,67 @@ fn rewrite_digests(path: &Path, user: &str, digest: Option<&str>) -> Result<(), 
         text.push_str(&format!("{d} {user}\n"));
     }
     let dir = path.parent().unwrap_or(Path::new("/"));
+    let mut suffix = [0u8; 8];
+    rand::fill(&mut suffix);
     let temp = dir.join(format!(
         ".{}.new-{}",
         path.file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("tokens"),
-        std::process::id()
+        suffix
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     ));
-    let _ = remove_regular(&temp);
     let mut out = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o644)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&temp)
-        .map_err(|e| format!("{}: {e}", temp.display()))?;
+        .map_err(|e| err(&temp, e))?;
     out.write_all(text.as_bytes())
         .and_then(|()| out.sync_all())
-        .map_err(|e| format!("{}: {e}", temp.display()))?;
+        .map_err(|e| err(&temp, e))?;
     std::fs::rename(&temp, path).map_err(|e| {
         let _ = std::fs::remove_file(&temp);
-        format!("{}: {e}", path.display())
-    })
+        err(path, e)
+    })?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| err(dir, e))?;
+    drop(lock);
+    Ok(())
+}
+
+/// The digests file's text through O_NOFOLLOW (a symlink is refused); absent is empty. It must
+/// be root's regular file with one link.
+fn read_digests(path: &Path) -> Result<String, String> {
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path);
+    let mut file = match opened {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(format!("{} is a symlink: refusing it", path.display()));
+        }
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let m = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if !m.file_type().is_file() || m.uid() != 0 || m.nlink() != 1 {
+        return Err(format!(
+            "{} is not a regular file of root's with one link: fix or remove it first",
+            path.display()
+        ));
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(text)
 }
 
 #[cfg(test)]

@@ -4,6 +4,10 @@
 //!
 //! request  `{"account_id": "...", "region": "...", "instance_id": "...", "role_arn": "...",
 //!            "identity_document": "<the raw instance identity document>"}`
+//!          off an instance (`credlock credentials` on a CI runner or an on-premises host),
+//!          what is known instead: `{"account_id", "region", "role_arn", "host": "<hostname>"}`
+//!          (no instance id, no identity document: there is none to prove anything with, and
+//!          the provider decides what a host without one may be told)
 //! response `{"ipv4": ["203.0.113.0/24"], "ipv6": [], "vpcs": ["vpc-..."], "vpc_endpoints": []}`
 //! (the same schema as `[discovery.static]`, plus the optional metadata of `document.rs`;
 //! unknown fields are rejected).
@@ -36,27 +40,46 @@ pub enum BootProviderError {
 struct WhoAmI<'a> {
     account_id: &'a str,
     region: &'a str,
-    instance_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instance_id: Option<&'a str>,
     role_arn: String,
-    identity_document: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    identity_document: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host: Option<&'a str>,
+}
+
+/// Where the request comes from.
+pub enum Asker<'a> {
+    /// An instance: its identity document goes with the request.
+    Instance(&'a Imds),
+    /// A host that is no instance (`credlock credentials` off EC2), by its name.
+    Host(&'a str),
 }
 
 pub async fn discover(
     http: &reqwest::Client,
     url: &str,
     identity: &InstanceIdentity,
-    imds: &Imds,
+    asker: Asker<'_>,
     allow_wide: bool,
 ) -> Result<Environment, BootProviderError> {
-    let document = imds
-        .text("/latest/dynamic/instance-identity/document")
-        .await?;
+    let (instance_id, identity_document, host) = match asker {
+        Asker::Instance(imds) => {
+            let document = imds
+                .text("/latest/dynamic/instance-identity/document")
+                .await?;
+            (Some(identity.instance_id.as_str()), Some(document), None)
+        }
+        Asker::Host(host) => (None, None, Some(host)),
+    };
     let who = WhoAmI {
         account_id: &identity.role.account,
         region: &identity.region,
-        instance_id: &identity.instance_id,
+        instance_id,
         role_arn: identity.role.to_string(),
-        identity_document: document,
+        identity_document,
+        host,
     };
     let response = http
         .post(url)

@@ -74,6 +74,9 @@ pub struct Context {
     pub identity: InstanceIdentity,
     pub ec2: Option<Arc<dyn ec2::Ec2Api>>,
     pub s3: Option<Arc<s3::S3Source>>,
+    /// Off an instance (`credlock credentials` on another host): its name, which the boot
+    /// provider is told instead of an instance identity document; `None` on an instance.
+    pub host: Option<String>,
 }
 
 /// Why one run of a source found nothing (the source keeps its last known environment).
@@ -113,7 +116,11 @@ pub async fn run_source(kind: SourceKind, ctx: &Context) -> Result<Environment, 
                 .as_ref()
                 .ok_or_else(not_configured)?;
             let (identity, wide) = (&ctx.identity, ctx.config.allow_wide_prefixes);
-            boot_provider::discover(&ctx.http, url, identity, &ctx.imds, wide).await?
+            let asker = match &ctx.host {
+                Some(host) => boot_provider::Asker::Host(host),
+                None => boot_provider::Asker::Instance(&ctx.imds),
+            };
+            boot_provider::discover(&ctx.http, url, identity, asker, wide).await?
         }
         SourceKind::S3 => {
             let source = ctx.s3.as_ref().ok_or_else(not_configured)?;
@@ -371,5 +378,6 @@ pub async fn context(
         identity,
         ec2,
         s3,
+        host: None,
     }
 }

@@ -66,6 +66,7 @@ import importlib.util
 import json
 import os
 import pwd
+import random
 import re
 import secrets
 import shutil
@@ -241,6 +242,18 @@ def listening(pid: int) -> set[int]:
 # The stack
 # --------------------------------------------------------------------------------------------
 
+def free_privileged_port() -> int:
+    """A free loopback port below 1024: the endpoint's must be one only root may bind."""
+    for port in random.sample(range(700, 1024), 324):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.fail("no free loopback port below 1024")
+
+
 class EndpointStack(e2e.Stack):
     """conftest's Stack (IMDS emulator + credlock) with credlock's [containers.endpoint]
     listening on a free loopback port and reading the digests file `tokens`."""
@@ -258,7 +271,7 @@ class EndpointStack(e2e.Stack):
             pytest.fail(f"credlock binary missing or not executable: {e2e.CREDLOCK_BIN}")
         self.proxy = f"127.0.0.1:{e2e.free_port()}"
         self.admin = f"127.0.0.1:{e2e.free_port()}"
-        self.endpoint = f"127.0.0.1:{self.endpoint_port or e2e.free_port()}"
+        self.endpoint = f"127.0.0.1:{self.endpoint_port or free_privileged_port()}"
         config = self.workdir / "credlock.toml"
         config.write_text(
             "[server]\n"
@@ -634,8 +647,11 @@ def test_second_run_replaces_the_users_line(ep):
     assert os.lstat(ep.nobody_file).st_uid == NOBODY.pw_uid
     assert lines_for(ep.tokens, "nobody") == [sha256_hex(new)], ep.tokens.read_text()
     assert mode(ep.tokens) == 0o644 and os.lstat(ep.tokens).st_uid == 0
-    assert sorted(os.listdir(ep.etc)) == ["endpoint-tokens"], \
+    # Only the file and its lock (0600 root: runs cannot undo each other's changes).
+    assert sorted(os.listdir(ep.etc)) == ["endpoint-tokens", "endpoint-tokens.lock"], \
         f"left behind next to the digests file: {os.listdir(ep.etc)}"
+    lock = ep.etc / "endpoint-tokens.lock"
+    assert mode(lock) == 0o600 and os.lstat(lock).st_uid == 0
     ep.wait_status(new, 200, "the new token after a second run")
     ep.wait_status(old, 403, "the replaced token")
 
@@ -753,10 +769,13 @@ def test_off_by_default(stack, endpoint_stack):
     assert e2e.split_addr(endpoint_stack.stack.endpoint)[1] in with_endpoint, with_endpoint
 
 
-@pytest.mark.parametrize("listen,rc", [("0.0.0.0", 78), ("127.0.0.1", 0)],
-                         ids=["unspecified-78", "control-loopback-0"])
-def test_check_config_requires_loopback(endpoint_stack, tmp_path, listen, rc):
+@pytest.mark.parametrize("listen,privileged,rc",
+                         [("0.0.0.0", True, 78), ("127.0.0.1", False, 78), ("127.0.0.1", True, 0)],
+                         ids=["unspecified-78", "unprivileged-port-78", "control-loopback-0"])
+def test_check_config_requires_loopback_and_a_privileged_port(endpoint_stack, tmp_path, listen,
+                                                              privileged, rc):
     ep = endpoint_stack
+    port = free_privileged_port() if privileged else e2e.free_port()
     config = tmp_path / "credlock.toml"
     config.write_text(
         "[server]\n"
@@ -765,7 +784,7 @@ def test_check_config_requires_loopback(endpoint_stack, tmp_path, listen, rc):
         'upstream = "http://127.0.0.1:9"\n'
         "\n[discovery.echo]\nenabled = false\n"
         "\n[containers.endpoint]\n"
-        f'listen = "{listen}:{e2e.free_port()}"\n'
+        f'listen = "{listen}:{port}"\n'
         f'tokens = "{ep.tokens}"\n')
     result = subprocess.run([str(e2e.CREDLOCK_BIN), "check-config", "--config", str(config)],
                             env=e2e.clean_env(HOME=str(tmp_path)), capture_output=True,
@@ -773,20 +792,31 @@ def test_check_config_requires_loopback(endpoint_stack, tmp_path, listen, rc):
     assert result.returncode == rc, (result.returncode, result.stdout, result.stderr)
 
 
-def test_a_squatted_endpoint_port_does_not_take_imds_down(moto_url, endpoint_stack, tmp_path):
-    """A local user who binds the endpoint's port before credlock starts (credlock.socket not
-    holding it) gets no credentials and cannot stop credlock: it starts, says so in its log, and
-    its IMDS listener serves the locked set (the stack waits for /readyz, whose probe fetches the
-    role's credentials through that listener and compares them with the held set)."""
-    squatter = subprocess.Popen(
+def test_no_user_can_listen_on_the_endpoint_port_first(endpoint_stack):
+    """The port is below net.ipv4.ip_unprivileged_port_start: the kernel refuses it to nobody,
+    so no user can stand in for the endpoint and collect the tokens SDKs send."""
+    port = free_privileged_port()
+    result = subprocess.run(
         ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
          str(e2e.PYTHON), "-c",
-         "import socket, sys, time\n"
-         "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(8)\n"
-         "print(s.getsockname()[1], flush=True); time.sleep(120)\n"],
-        stdout=subprocess.PIPE, text=True)
+         f"import socket\ns = socket.socket()\ns.bind(('127.0.0.1', {port}))\n"],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert result.returncode != 0 and "PermissionError" in result.stderr, result
+    start = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    assert port < start, (port, start)
+
+
+def test_an_endpoint_port_held_elsewhere_does_not_take_imds_down(moto_url, endpoint_stack,
+                                                                  tmp_path):
+    """The endpoint's port held by another (root) process, e.g. credlock.socket left out of a
+    restart: credlock starts, says so in its log, holds nothing there, and its IMDS listener
+    serves the locked set (the stack waits for /readyz, whose probe fetches the role's
+    credentials through that listener and compares them with the held set)."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", free_privileged_port()))
+    holder.listen(8)
+    port = holder.getsockname()[1]
     try:
-        port = int(squatter.stdout.readline())
         stack = EndpointStack(moto_url, tmp_path, endpoint_stack.tokens, endpoint_port=port)
         try:
             stack.start()
@@ -795,11 +825,33 @@ def test_a_squatted_endpoint_port_does_not_take_imds_down(moto_url, endpoint_sta
             log = proc.log.read_text(errors="replace")
             assert "container-credentials endpoint is unavailable" in log, log[-2000:]
             assert port not in listening(proc.pid)
-            # The IMDS listener serves the locked set, never the raw one.
             ready = e2e.http_request(stack.admin, "GET", "/readyz", timeout=5)
             assert ready.status == 200, ready
         finally:
             stack.stop()
     finally:
-        squatter.kill()
-        squatter.wait()
+        holder.close()
+
+
+def test_a_token_under_a_directory_a_user_controls_is_refused(ep, tmp_path):
+    """The reviewer's attack: the token's user owns a directory on --file's path and swaps a
+    component for a symlink while root writes. Refused before anything is written: every
+    directory from / down must be root's and writable by root only (or a root sticky one)."""
+    home = tmp_path / "home-of-nobody"
+    home.mkdir()
+    os.chown(home, NOBODY.pw_uid, NOBODY.pw_gid)
+    target = tmp_path / "root-only"
+    target.mkdir(mode=0o755)
+    victim = target / "app.token"
+    victim.write_text("root's file\n")
+    os.symlink(target, home / ".aws")  # nobody's symlink, in nobody's directory
+    for file in (home / "x.token", home / ".aws" / "app.token"):
+        run = endpoint_token("--user", "nobody", "--file", str(file), "--tokens", str(ep.tokens))
+        line = assert_error_line(run)
+        assert "home-of-nobody" in line and "owned by uid" in line, line
+    assert victim.read_text() == "root's file\n" and os.lstat(victim).st_uid == 0
+    assert sorted(os.listdir(home)) == [".aws"]
+    # The digests file's directory too.
+    run = endpoint_token("--user", "nobody", "--file", str(ep.nobody_file),
+                         "--tokens", str(home / "endpoint-tokens"))
+    assert "owned by uid" in assert_error_line(run)

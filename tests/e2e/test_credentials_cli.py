@@ -466,6 +466,56 @@ def test_js_sdk_v3_credential_process(front, sources, moto_url, process_profile,
 # 2. The role from the caller
 # --------------------------------------------------------------------------------------------
 
+def test_boot_provider_off_an_instance_is_told_account_role_and_host(credlock, front, sources,
+                                                                     write_config):
+    """Off EC2 there is no instance identity document: the boot provider's POST carries what is
+    known (account, Region, role, host) and nothing claiming an instance; the environment it
+    answers is the one the AssumeRole's session policy allows."""
+    import http.server
+    import threading
+
+    bodies: list[dict] = []
+
+    class Provider(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            length = int(self.headers.get("Content-Length", "0"))
+            bodies.append(json.loads(self.rfile.read(length)))
+            answer = json.dumps({"ipv4": ["198.51.100.0/24"], "vpcs": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Provider)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/environment"
+        config = write_config(extra=f'\n[discovery.boot_provider]\nenabled = true\nurl = "{url}"\n')
+        role = unique("e2e-boot-")
+        mark = front.mark()
+        run = credlock("--config", str(config), "--format", "json", "--no-cache",
+                       "--role-arn", role_arn(role), creds=sources["user"])
+        assert run.rc == 0, run
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(bodies) == 1, bodies
+    sent = bodies[0]
+    assert set(sent) == {"account_id", "region", "role_arn", "host"}, sent
+    assert sent["account_id"] == "123456789012" and sent["region"] == REGION, sent
+    assert sent["role_arn"] == role_arn(role), sent
+    assert SESSION == f"credlock-cli-{sent['host']}", (SESSION, sent)
+    assumes = front.assumes(mark)
+    assert len(assumes) == 1, assumes
+    # The provider's network and the static one are both in the lock.
+    assert "198.51.100.0/24" in assumes[0]["policy"], assumes[0]["policy"]
+    assert "10.1.2.0/24" in assumes[0]["policy"], assumes[0]["policy"]
+
+
 def test_role_from_assumed_role_session(credlock, front, sources, moto_url, write_config):
     mark = front.mark()
     run = credlock("--config", str(write_config()), "--format", "json", "--no-cache",
