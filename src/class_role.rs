@@ -1,9 +1,11 @@
 //! Per-class roles (`access.rule.role`): a class of callers is served locked credentials for
 //! another IAM role instead of the instance role's.
 //!
-//! Each distinct role has its own lock loop (`refresh::Locker` with a `refresh::ClassInstance`), store, `/status` entry and `credlock_class_role_*` series. The role is
-//! assumed with the instance role's own credentials and the same session policy, so the target
-//! role must trust the instance role ("IAM roles: Methods to assume a role", role chaining).
+//! Each distinct role has its own lock loop (`refresh::Locker` with a
+//! `refresh::ClassInstance`), store, `/status` entry and `credlock_class_role_*` series. The
+//! role is assumed with the instance role's own credentials and the same session policy, so
+//! the target role must trust the instance role ("IAM roles: Methods to assume a role", role
+//! chaining).
 //!
 //! On the request path ([`crate::proxy`]) a caller of such a class sees this role only:
 //! - the role listing is forwarded (IMDS still judges the caller's token) and, when IMDS lists

@@ -373,7 +373,8 @@ mod tests {
             Some(StatusCode::UNAUTHORIZED)
         );
         assert_eq!(gate.check(Some(&worker), &creds, true), Ok(Some(1)));
-        // credlock's own readiness probe (its uid in its cgroup) is not judged; its uid elsewhere is.
+        // credlock's own readiness probe (its uid in its cgroup) is not judged; its uid
+        // elsewhere is.
         let own = Identity::Identified(Caller {
             uid: 999,
             unit: Some("credlock.service".into()),

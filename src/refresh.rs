@@ -18,8 +18,9 @@
 //!   spins) and min([`MAX_BACKOFF`], [`BASE_BACKOFF`] × 2^(n-1)). Nothing calls STS before the
 //!   back-off ends: an environment change arriving meanwhile waits for it, a removal included
 //!   (under throttling, "at once" means "at the next retry"). A role change still drops the old
-//!   set at the next identity check; only the call waits. The last good set is served meanwhile until it is within
-//!   `lock.serve_margin_seconds` of expiry, then the credential routes fail closed.
+//!   set at the next identity check; only the call waits. The last good set is served
+//!   meanwhile until it is within `lock.serve_margin_seconds` of expiry, then the credential
+//!   routes fail closed.
 //! - **Environment change** (from any source), compared with the environment the served set
 //!   was locked to:
 //!   - if it only **adds** (every old address is inside a new address or prefix, every old VPC
@@ -128,8 +129,8 @@ impl InstanceSource for ImdsInstance {
 /// The identity a class role's lock loop locks: the instance's own (read from IMDS the same way
 /// as for the instance role, so an unreachable IMDS is noticed the same way) with the class's
 /// role in place of the instance role, which is kept as `assumed_with`: a change of the
-/// instance role drops the class's set too (it was assumed with the old role's credentials). The session name stays the instance
-/// id, so CloudTrail shows which instance assumed the role.
+/// instance role drops the class's set too (it was assumed with the old role's credentials).
+/// The session name stays the instance id, so CloudTrail shows which instance assumed the role.
 pub struct ClassInstance {
     pub instance: ImdsInstance,
     pub role: RoleArn,
