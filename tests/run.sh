@@ -14,21 +14,28 @@ failed=0
 failures=()
 selected=("$@")
 
+# Colour only on a terminal: in CI logs and files, escape codes are noise.
+if [[ -t 1 ]]; then
+  bold=$'\033[1m' green=$'\033[32m' red=$'\033[31m' plain=$'\033[0m'
+else
+  bold='' green='' red='' plain=''
+fi
+
 suite() {
   local name=$1
   shift
   if ((${#selected[@]})) && [[ ! " ${selected[*]} " == *" $name "* ]]; then
     return
   fi
-  printf '\n\033[1m===== %s: %s\033[0m\n' "$name" "$*"
+  printf '\n%s===== %s: %s%s\n' "$bold" "$name" "$*" "$plain"
   local start=$SECONDS
   if "$@"; then
     passed=$((passed + 1))
-    printf '\033[32m===== %s passed (%ss)\033[0m\n' "$name" $((SECONDS - start))
+    printf '%s===== %s passed (%ss)%s\n' "$green" "$name" $((SECONDS - start)) "$plain"
   else
     failed=$((failed + 1))
     failures+=("$name")
-    printf '\033[31m===== %s FAILED (%ss)\033[0m\n' "$name" $((SECONDS - start))
+    printf '%s===== %s FAILED (%ss)%s\n' "$red" "$name" $((SECONDS - start)) "$plain"
   fi
 }
 
