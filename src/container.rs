@@ -65,6 +65,7 @@ use crate::environment::Environment;
 use crate::identity::RoleArn;
 use crate::metrics::Metrics;
 use crate::policy;
+use crate::proxy::local_text as local;
 use crate::sts::{AssumeRequest, AwsIssuer, Issued, StsError, StsErrorCode};
 use crate::upstream::{UpstreamClient, strip_hop_by_hop};
 
@@ -314,19 +315,6 @@ fn upstream(
     let mut response = Response::new(Full::new(if head { Bytes::new() } else { body }));
     *response.status_mut() = status;
     *response.headers_mut() = headers;
-    response
-}
-
-fn local(status: StatusCode, text: &'static str, head: bool) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(if head {
-        Bytes::new()
-    } else {
-        Bytes::from_static(text.as_bytes())
-    }));
-    *response.status_mut() = status;
-    let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
     response
 }
 

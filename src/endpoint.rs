@@ -44,6 +44,7 @@ use sha2::{Digest, Sha256};
 use crate::clock::Clock;
 use crate::credentials::{CredentialStore, imds_timestamp};
 use crate::metrics::{EndpointResult, Metrics};
+use crate::proxy::local_text as text;
 use crate::refresh::LockStatus;
 
 /// The one path the endpoint answers (the `FULL_URI` users are given).
@@ -434,19 +435,6 @@ pub fn answer(
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     (EndpointResult::Served, response)
-}
-
-fn text(status: StatusCode, text: &'static str, head: bool) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(if head {
-        Bytes::new()
-    } else {
-        Bytes::from_static(text.as_bytes())
-    }));
-    *response.status_mut() = status;
-    let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
-    response
 }
 
 /// The first port an unprivileged process may bind (`net.ipv4.ip_unprivileged_port_start`,

@@ -524,19 +524,22 @@ fn respond(outcome: Outcome, head: bool) -> Response<Full<Bytes>> {
             *response.headers_mut() = headers;
             response
         }
-        Outcome::Local(status, text) => {
-            let mut response = Response::new(Full::new(if head {
-                Bytes::new()
-            } else {
-                Bytes::from_static(text.as_bytes())
-            }));
-            *response.status_mut() = status;
-            let h = response.headers_mut();
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-            h.insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
-            response
-        }
+        Outcome::Local(status, text) => local_text(status, text, head),
     }
+}
+
+/// An answer credlock makes itself: a line of plain text (no body for HEAD), on every listener.
+pub fn local_text(status: StatusCode, text: &'static str, head: bool) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(if head {
+        Bytes::new()
+    } else {
+        Bytes::from_static(text.as_bytes())
+    }));
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
+    response
 }
 
 #[cfg(test)]
