@@ -47,6 +47,8 @@ pub struct Running {
     pub imds_addrs: Vec<SocketAddr>,
     /// The ECS task-credential listeners (`[containers.ecs]`; empty when off).
     pub ecs_addrs: Vec<SocketAddr>,
+    /// The Pod Identity listeners (`[containers.pod_identity]`; empty when off).
+    pub pod_identity_addrs: Vec<SocketAddr>,
     /// The container-credentials endpoint (`[containers.endpoint]`; `None` when off).
     pub endpoint_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
@@ -146,7 +148,11 @@ async fn start_with(
     if let Some((addr, _)) = inherited.iter().find(|(a, _)| {
         !config.listen.contains(a)
             && *a != config.admin_listen
-            && !config.ecs.as_ref().is_some_and(|e| e.listen.contains(a))
+            && !config
+                .ecs
+                .iter()
+                .chain(&config.pod_identity)
+                .any(|e| e.listen.contains(a))
             && config.endpoint.as_ref().is_none_or(|e| e.listen != *a)
     }) {
         return Err(StartError::UnexpectedListener(addr.to_string()));
@@ -182,6 +188,19 @@ async fn start_with(
         ecs_listeners.push(listener_for(*addr, &mut inherited).await?);
     }
     let ecs_addrs: Vec<SocketAddr> = ecs_listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    // The agent's link addresses appear when its DaemonSet starts, after credlock may have:
+    // bound without them (IP_FREEBIND), as credlock.socket's FreeBind=yes does.
+    let mut pod_listeners = Vec::new();
+    for addr in config.pod_identity.iter().flat_map(|e| &e.listen) {
+        pod_listeners.push(match inherited.iter().any(|(a, _)| a == addr) {
+            true => listener_for(*addr, &mut inherited).await?,
+            false => server::bind_freely(*addr).map_err(|e| StartError::Bind(*addr, e))?,
+        });
+    }
+    let pod_identity_addrs: Vec<SocketAddr> = pod_listeners
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .collect();
@@ -278,36 +297,53 @@ async fn start_with(
         Some(metrics.connections("admin")),
         None,
     ));
-    let task_locks = config.ecs.as_ref().map(|ecs| {
-        Arc::new(crate::container::TaskLocks::new(
-            UpstreamClient::new(&ecs.agent, ecs.agent_timeout),
-            template.clone(),
-            crate::container::TaskLockConfig {
-                session_duration: config.lock.session_duration,
-                serve_margin: config.lock.serve_margin,
-                source_identity: config.lock.source_identity,
-                max_sets: ecs.max_tasks,
-                assume_rate: ecs.assume_rate,
-            },
-            clock.clone(),
-            metrics.clone(),
-        ))
-    });
-    let ecs_server = task_locks.clone().map(|locks| {
-        tokio::spawn(server::serve(
-            "ecs",
-            ecs_listeners,
-            move |req, _| crate::container::handle(locks.clone(), req),
-            server::Limits {
-                max_connections: config.max_connections,
-                idle: server::IDLE_TIMEOUT,
-                drain: config.drain_timeout,
-            },
-            shutdown_rx.clone(),
-            Some(metrics.connections("ecs")),
-            None,
-        ))
-    });
+    let task_locks: Vec<Arc<crate::container::TaskLocks>> = config
+        .ecs
+        .iter()
+        .chain(&config.pod_identity)
+        .map(|agent| {
+            Arc::new(crate::container::TaskLocks::new(
+                UpstreamClient::new(&agent.agent, agent.agent_timeout),
+                template.clone(),
+                crate::container::TaskLockConfig {
+                    kind: agent.kind,
+                    roles: agent.roles.clone(),
+                    session_duration: config.lock.session_duration,
+                    serve_margin: config.lock.serve_margin,
+                    source_identity: config.lock.source_identity,
+                    max_sets: agent.max_tasks,
+                    assume_rate: agent.assume_rate,
+                },
+                clock.clone(),
+                metrics.clone(),
+            ))
+        })
+        .collect();
+    let mut agent_listeners = [Some(ecs_listeners), Some(pod_listeners)];
+    let agent_servers: Vec<_> = task_locks
+        .iter()
+        .map(|locks| {
+            let locks = locks.clone();
+            let label = locks.kind().label();
+            let listeners = match locks.kind() {
+                crate::container::AgentKind::Ecs => agent_listeners[0].take(),
+                crate::container::AgentKind::PodIdentity => agent_listeners[1].take(),
+            };
+            tokio::spawn(server::serve(
+                label,
+                listeners.unwrap_or_default(),
+                move |req, _| crate::container::handle(locks.clone(), req),
+                server::Limits {
+                    max_connections: config.max_connections,
+                    idle: server::IDLE_TIMEOUT,
+                    drain: config.drain_timeout,
+                },
+                shutdown_rx.clone(),
+                Some(metrics.connections(label)),
+                None,
+            ))
+        })
+        .collect();
     let endpoint_server = config.endpoint.as_ref().zip(endpoint_listener).map(|(e, l)| {
         let endpoint = Arc::new(crate::endpoint::Endpoint {
             store: store.clone(),
@@ -330,7 +366,7 @@ async fn start_with(
         let connections = Some(metrics.connections("endpoint"));
         tokio::spawn(server::serve("endpoint", vec![l], handler, limits, shutdown_rx.clone(), connections, None))
     });
-    tracing::info!(imds = ?imds_addrs, admin = %admin_addr, ecs = ?ecs_addrs, endpoint = ?endpoint_addr, upstream = %config.upstream.authority, "serving");
+    tracing::info!(imds = ?imds_addrs, admin = %admin_addr, ecs = ?ecs_addrs, pod_identity = ?pod_identity_addrs, endpoint = ?endpoint_addr, upstream = %config.upstream.authority, "serving");
 
     // A pool of its own: see [`Imds`].
     let imds = Arc::new(
@@ -357,7 +393,7 @@ async fn start_with(
     let task = tokio::spawn(async move {
         let _ = proxy_server.await;
         let _ = admin_server.await;
-        for server in ecs_server.into_iter().chain(endpoint_server) {
+        for server in agent_servers.into_iter().chain(endpoint_server) {
             let _ = server.await;
         }
         background.abort();
@@ -365,6 +401,7 @@ async fn start_with(
     Ok(Running {
         imds_addrs,
         ecs_addrs,
+        pod_identity_addrs,
         endpoint_addr,
         admin_addr,
         admin_error,
@@ -393,7 +430,7 @@ async fn run_background(
     clock: Arc<dyn Clock>,
     (lock_status, class_roles, class_lock_status): LockStates,
     discovery_status: Arc<ArcSwap<Vec<SourceStatus>>>,
-    task_locks: Option<Arc<crate::container::TaskLocks>>,
+    task_locks: Vec<Arc<crate::container::TaskLocks>>,
     ready: watch::Sender<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -456,7 +493,7 @@ async fn run_background(
         };
         class_loops.spawn(locker.run(shutdown.clone()));
     }
-    if let Some(locks) = &task_locks {
+    for locks in &task_locks {
         // A task's locked session may not assume the instance role or an access rule's role.
         let mut deny = served_roles.clone();
         deny.push(identity.role.clone());

@@ -53,14 +53,16 @@ pub struct Config {
     /// The per-process access policy (`[[access.rule]]`), validated; empty: no policy.
     pub access: crate::access::AccessConfig,
     /// `[containers.ecs]`: locked ECS task credentials; `None`: off.
-    pub ecs: Option<EcsConfig>,
+    pub ecs: Option<AgentConfig>,
+    /// `[containers.pod_identity]`: locked EKS Pod Identity credentials; `None`: off.
+    pub pod_identity: Option<AgentConfig>,
     /// `[containers.endpoint]`: the locked set for token holders on loopback; `None`: off.
     pub endpoint: Option<EndpointConfig>,
 }
 
 #[path = "config_containers.rs"]
 mod containers;
-pub use containers::{DEFAULT_ENDPOINT_TOKENS, EcsConfig, EndpointConfig};
+pub use containers::{AgentConfig, AgentKind, DEFAULT_ENDPOINT_TOKENS, EndpointConfig};
 #[path = "config_discovery.rs"]
 mod discovery_section;
 pub use discovery_section::{DiscoveryConfig, Ec2Scope, S3Config, StaticEnvironment};
@@ -286,14 +288,17 @@ fn validate(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
     let mut containers = file.containers;
     let taken = [listen.as_slice(), &[admin_listen]].concat();
     let endpoint = containers::validate_endpoint(&mut containers, &taken)?;
-    let ecs = containers::validate(containers, &taken)?;
-    if let (Some(e), Some(ecs)) = (&endpoint, &ecs)
-        && ecs.listen.contains(&e.listen)
+    let (ecs, pod_identity) = containers::validate(containers, &taken)?;
+    if let Some(e) = &endpoint
+        && ecs
+            .iter()
+            .chain(&pod_identity)
+            .any(|a| a.listen.contains(&e.listen))
     {
         return Err(invalid(
             "containers.endpoint.listen",
             e.listen,
-            "must differ from containers.ecs.listen",
+            "must differ from containers.ecs.listen and containers.pod_identity.listen",
         ));
     }
     Ok(Config {
@@ -315,6 +320,7 @@ fn validate(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
         firewall_required: file.firewall.required,
         access: validate_access(file.access)?,
         ecs,
+        pod_identity,
         endpoint,
     })
 }

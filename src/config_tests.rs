@@ -218,3 +218,64 @@ fn containers_ecs_rejects_what_would_break_or_overspend() {
         assert!(e.key.starts_with(key), "{text}: {e}");
     }
 }
+
+#[test]
+fn containers_pod_identity_defaults_to_the_agents_addresses_at_a_privileged_port() {
+    let c = from_toml("", &Overrides::default()).unwrap();
+    assert!(c.pod_identity.is_none());
+    let c = from_toml("[containers.pod_identity]\n", &Overrides::default()).unwrap();
+    let p = c.pod_identity.unwrap();
+    assert_eq!(p.kind, AgentKind::PodIdentity);
+    assert_eq!(
+        p.listen,
+        vec![
+            "169.254.170.23:923".parse().unwrap(),
+            "[fd00:ec2::23]:923".parse().unwrap()
+        ]
+    );
+    assert_eq!(p.agent.authority.as_str(), "169.254.170.23:80");
+    assert!(p.roles.is_empty());
+    let c = from_toml(
+        "[containers.ecs]\n[containers.pod_identity]\nroles = [\"arn:aws:iam::111122223333:role/a/b\"]\n",
+        &Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(c.ecs.unwrap().kind, AgentKind::Ecs);
+    assert_eq!(
+        c.pod_identity.unwrap().roles[0].to_string(),
+        "arn:aws:iam::111122223333:role/a/b"
+    );
+}
+
+#[test]
+fn containers_pod_identity_refuses_a_port_any_user_could_take_and_bad_roles() {
+    for (text, key) in [
+        (
+            "[containers.pod_identity]\nlisten = [\"169.254.170.23:8023\"]\n",
+            "containers.pod_identity.listen",
+        ),
+        (
+            "[containers.pod_identity]\nlisten = [\"127.0.0.1:0\"]\n",
+            "containers.pod_identity.listen",
+        ),
+        (
+            "[containers.ecs]\nlisten = [\"127.0.0.1:923\"]\n[containers.pod_identity]\nlisten = [\"127.0.0.1:923\"]\n",
+            "containers.pod_identity.listen",
+        ),
+        (
+            "[containers.pod_identity]\nroles = [\"arn:aws:iam::111122223333:user/u\"]\n",
+            "containers.pod_identity.roles",
+        ),
+        (
+            "[containers.ecs]\nroles = [\"arn:aws:iam::111122223333:role/r\"]\n",
+            "containers.ecs.roles",
+        ),
+        (
+            "[containers.endpoint]\nlisten = \"127.0.0.1:923\"\n[containers.pod_identity]\nlisten = [\"127.0.0.1:923\"]\n",
+            "containers.endpoint.listen",
+        ),
+    ] {
+        let err = from_toml(text, &Overrides::default()).unwrap_err();
+        assert_eq!(err.key, key, "{text}");
+    }
+}

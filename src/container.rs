@@ -1,5 +1,5 @@
-//! Locked credentials for ECS tasks: credlock in front of the ECS container agent's
-//! task-credential endpoint.
+//! Locked credentials for ECS tasks and EKS pods: credlock in front of the ECS container
+//! agent's task-credential endpoint, or of the EKS Pod Identity Agent.
 //!
 //! On an EC2 container instance, ecs-init sends containers' traffic for `169.254.170.2:80` to
 //! the agent on `127.0.0.1:51679`, and the agent answers `GET /v2/credentials/<id>` with the
@@ -18,6 +18,18 @@
 //! trust itself (README, "ECS tasks"). Session name `credlock-ecs-<credential id>`, so
 //! CloudTrail shows which task assumed it; SourceIdentity `credlock-<instance id>` as for the
 //! instance's own sessions.
+//!
+//! EKS Pod Identity ([`AgentKind::PodIdentity`]) is the same proxy in front of the Pod Identity
+//! Agent (169.254.170.23 / [fd00:ec2::23], port 80: "EKS Pod Identity considerations", Amazon
+//! EKS User Guide). The pod's request carries its service-account token in `Authorization`,
+//! which the agent validates and exchanges with EKS Auth (`AssumeRoleForPodIdentity`); credlock
+//! forwards it, never reads it. The answer is the same document without `RoleArn`, so the role
+//! is found from the pod's own credentials: `sts:GetCallerIdentity` (which needs no permission)
+//! names the session `assumed-role/<role name>/<session>`, without the role's path; a role
+//! listed in `[containers.pod_identity] roles` is assumed at that ARN, any other at
+//! `role/<name>`. The lookup is made once per raw set and kept with it; the agent's Host check
+//! needs the link-local Host, which credlock sends as it asks the agent at that address. Session
+//! name `credlock-eks-<the pod's session name>` (a digest when that does not fit).
 //!
 //! Invariants:
 //! - No raw value reaches a client: what an answer must be to pass is
@@ -91,8 +103,43 @@ const RETIRED_FOR: Duration = Duration::from_secs(6 * 3600);
 const UNMARKED_FOR: Duration = Duration::from_secs(3600);
 /// Session names carry the credential id when it fits STS's rules (`[\w+=,.@-]`, 2-64
 /// characters, "AssumeRole", AWS STS API Reference) after the prefix.
-const SESSION_PREFIX: &str = "credlock-ecs-";
-const MAX_ID_IN_NAME: usize = 64 - SESSION_PREFIX.len();
+/// Both prefixes ([`AgentKind::session_prefix`]) are this long.
+const SESSION_PREFIX_LEN: usize = "credlock-ecs-".len();
+const MAX_ID_IN_NAME: usize = 64 - SESSION_PREFIX_LEN;
+
+/// Which agent a container proxy stands in front of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentKind {
+    /// The ECS container agent (`[containers.ecs]`): answers name the role (`RoleArn`).
+    Ecs,
+    /// The EKS Pod Identity Agent (`[containers.pod_identity]`): answers name no role.
+    PodIdentity,
+}
+
+impl AgentKind {
+    /// The `agent` label of the task metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ecs => "ecs",
+            Self::PodIdentity => "pod_identity",
+        }
+    }
+
+    /// The configuration table under `[containers]`.
+    pub fn section(self) -> &'static str {
+        match self {
+            Self::Ecs => "ecs",
+            Self::PodIdentity => "pod_identity",
+        }
+    }
+
+    fn session_prefix(self) -> &'static str {
+        match self {
+            Self::Ecs => "credlock-ecs-",
+            Self::PodIdentity => "credlock-eks-",
+        }
+    }
+}
 
 #[path = "container_locks.rs"]
 mod locks;
@@ -129,13 +176,19 @@ impl TaskResult {
     }
 }
 
-/// AssumeRole signed with a task's own credentials.
+/// STS calls signed with a task's (or pod's) own credentials.
 pub trait TaskIssuer: Send + Sync + 'static {
     fn assume_as<'a>(
         &'a self,
         source: Credentials,
         request: &'a AssumeRequest,
     ) -> Pin<Box<dyn Future<Output = Result<Issued, StsError>> + Send + 'a>>;
+
+    /// The caller's ARN (`sts:GetCallerIdentity`).
+    fn caller_as(
+        &self,
+        source: Credentials,
+    ) -> Pin<Box<dyn Future<Output = Result<String, StsError>> + Send + '_>>;
 }
 
 impl TaskIssuer for AwsIssuer {
@@ -145,6 +198,13 @@ impl TaskIssuer for AwsIssuer {
         request: &'a AssumeRequest,
     ) -> Pin<Box<dyn Future<Output = Result<Issued, StsError>> + Send + 'a>> {
         Box::pin(AwsIssuer::assume_as(self, source, request))
+    }
+
+    fn caller_as(
+        &self,
+        source: Credentials,
+    ) -> Pin<Box<dyn Future<Output = Result<String, StsError>> + Send + '_>> {
+        Box::pin(AwsIssuer::caller_as(self, source))
     }
 }
 
@@ -206,9 +266,13 @@ pub async fn handle(locks: Arc<TaskLocks>, req: Request<Incoming>) -> Response<F
     {
         Ok(answer) => answer,
         Err(e) => {
-            tracing::warn!(error = %e, "the ECS agent did not answer");
+            tracing::warn!(error = %e, agent = locks.config.kind.label(), "the agent did not answer");
             locks.count(TaskResult::Failed);
-            return local(e.status(), "credlock: the ECS agent did not answer\n", head);
+            let text = match locks.config.kind {
+                AgentKind::Ecs => "credlock: the ECS agent did not answer\n",
+                AgentKind::PodIdentity => "credlock: the EKS Pod Identity agent did not answer\n",
+            };
+            return local(e.status(), text, head);
         }
     };
     let known = locks.known.load();
@@ -221,7 +285,8 @@ pub async fn handle(locks: Arc<TaskLocks>, req: Request<Incoming>) -> Response<F
         Verdict::Pass => {
             // 400 InvalidIdInRequest / NoIdInRequest: the agent does not know the id (any
             // more); other errors (429, 503 pending) say nothing about it.
-            if matches!(answer.status.as_u16(), 400 | 404)
+            if locks.config.kind == AgentKind::Ecs
+                && matches!(answer.status.as_u16(), 400 | 404)
                 && let Some(id) = credential_id(&target)
             {
                 locks.forget(id);
@@ -233,7 +298,8 @@ pub async fn handle(locks: Arc<TaskLocks>, req: Request<Incoming>) -> Response<F
             tracing::warn!(
                 reason = reason.label(),
                 status = answer.status.as_u16(),
-                "an ECS agent answer was refused: it would have carried raw credentials"
+                agent = locks.config.kind.label(),
+                "an agent answer was refused: it would have carried raw credentials"
             );
             locks.count(TaskResult::Refused);
             local(
@@ -290,7 +356,7 @@ impl TaskLocks {
     fn count(&self, result: TaskResult) {
         self.metrics
             .task_credentials
-            .with_label_values(&["ecs", result.label()])
+            .with_label_values(&[self.config.kind.label(), result.label()])
             .inc();
     }
 }
@@ -318,6 +384,9 @@ fn upstream(
     response
 }
 
+#[cfg(test)]
+#[path = "container_pod_tests.rs"]
+mod pod_tests;
 #[cfg(test)]
 #[path = "container_tests.rs"]
 mod tests;

@@ -17,6 +17,9 @@ pub struct LockContext {
 /// The settings of one container proxy.
 #[derive(Debug, Clone)]
 pub struct TaskLockConfig {
+    pub kind: AgentKind,
+    /// Pod Identity: the roles with a path (see [`AgentKind::PodIdentity`]).
+    pub roles: Vec<RoleArn>,
     pub session_duration: Duration,
     pub serve_margin: Duration,
     pub source_identity: bool,
@@ -64,6 +67,8 @@ pub(super) struct Slot {
     pub(super) used: AtomicU64,
     /// The last lock failed: answer 502 at once until then ([`FAILED_FIRST`]).
     pub(super) failed: Mutex<Option<(tokio::time::Instant, u32)>>,
+    /// Pod Identity: the role and session name GetCallerIdentity gave for these raw values.
+    pub(super) caller: Mutex<Option<(RoleArn, String)>>,
 }
 
 pub(super) struct Entry {
@@ -79,6 +84,8 @@ pub(super) enum Failure {
     NotReady,
     #[error("the credential document has no RoleArn that credlock can parse")]
     NoRole,
+    #[error("the pod's credentials are {0}, not a role session")]
+    NotRoleSession(String),
     #[error("the STS budget for task credentials is spent; retry shortly")]
     Budget,
     #[error("another request of this task is locking it; retry shortly")]
@@ -156,12 +163,13 @@ impl TaskLocks {
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let label = config.kind.label();
         for result in TaskResult::ALL {
             metrics
                 .task_credentials
-                .with_label_values(&["ecs", result.label()]);
+                .with_label_values(&[label, result.label()]);
         }
-        metrics.task_sets.with_label_values(&["ecs"]).set(0);
+        metrics.task_sets.with_label_values(&[label]).set(0);
         TaskLocks {
             agent,
             template,
@@ -177,6 +185,10 @@ impl TaskLocks {
             metrics,
             uses: AtomicU64::new(0),
         }
+    }
+
+    pub fn kind(&self) -> AgentKind {
+        self.config.kind
     }
 
     /// Called by the background path once the instance is known.
@@ -234,6 +246,7 @@ impl TaskLocks {
             entry: tokio::sync::Mutex::new(None),
             used: AtomicU64::new(use_count),
             failed: Mutex::new(None),
+            caller: Mutex::new(None),
         });
         sets.insert(key, slot.clone());
         self.changed(&sets);
@@ -291,7 +304,7 @@ impl TaskLocks {
         ));
         self.metrics
             .task_sets
-            .with_label_values(&["ecs"])
+            .with_label_values(&[self.config.kind.label()])
             .set(sets.len() as i64);
     }
 
@@ -307,11 +320,10 @@ impl TaskLocks {
             .borrow()
             .clone()
             .ok_or(Failure::NotReady)?;
-        let role = raw
-            .role_arn
-            .as_deref()
-            .and_then(RoleArn::parse)
-            .ok_or(Failure::NoRole)?;
+        let named = raw.role_arn.as_deref().and_then(RoleArn::parse);
+        if named.is_none() && self.config.kind == AgentKind::Ecs {
+            return Err(Failure::NoRole);
+        }
         let slot = self.slot(raw);
         if let Some(id) = credential_id {
             *slot.credential_id.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.to_string());
@@ -324,14 +336,6 @@ impl TaskLocks {
         let Ok(mut entry) = tokio::time::timeout(LOCK_WAIT, slot.entry.lock()).await else {
             return Err(Failure::Busy);
         };
-        let now = self.clock.now();
-        if let Some(held) = entry.as_ref()
-            && held.role == role
-            && held.environment == environment
-            && held.locked.remaining(now) > self.config.serve_margin
-        {
-            return Ok((held.locked.clone(), true));
-        }
         let retry = slot
             .failed
             .lock()
@@ -342,13 +346,34 @@ impl TaskLocks {
         } else {
             &self.budget
         };
+        let (role, session_id) = match named {
+            Some(role) => (role, credential_id.map(str::to_string)),
+            None => match self.pod_caller(&context, &slot, raw, budget).await {
+                Ok(found) => found,
+                Err(e) => return Err(self.failed(&slot, e)),
+            },
+        };
+        let now = self.clock.now();
+        if let Some(held) = entry.as_ref()
+            && held.role == role
+            && held.environment == environment
+            && held.locked.remaining(now) > self.config.serve_margin
+        {
+            return Ok((held.locked.clone(), true));
+        }
         let result = self
-            .lock(&context, raw, &role, &environment, credential_id, budget)
+            .lock(
+                &context,
+                raw,
+                &role,
+                &environment,
+                session_id.as_deref(),
+                budget,
+            )
             .await;
-        let mut failed = slot.failed.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(locked) => {
-                *failed = None;
+                *slot.failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 *entry = Some(Entry {
                     role,
                     environment,
@@ -356,17 +381,58 @@ impl TaskLocks {
                 });
                 Ok((locked, false))
             }
-            // Waiting for the budget is not the task's failure.
-            Err(e @ Failure::Budget) => Err(e),
-            Err(e) => {
-                let n = failed.map_or(1, |(_, n)| n.saturating_add(1));
-                let wait = FAILED_FIRST
-                    .saturating_mul(1 << (n - 1).min(8))
-                    .min(FAILED_MAX);
-                *failed = Some((tokio::time::Instant::now() + wait, n));
-                Err(e)
-            }
+            Err(e) => Err(self.failed(&slot, e)),
         }
+    }
+
+    /// Starts (or lengthens) a slot's back-off after a failure; waiting for the budget is not
+    /// the task's failure.
+    pub(super) fn failed(&self, slot: &Slot, e: Failure) -> Failure {
+        if matches!(e, Failure::Budget) {
+            return e;
+        }
+        let mut failed = slot.failed.lock().unwrap_or_else(|e| e.into_inner());
+        let n = failed.map_or(1, |(_, n)| n.saturating_add(1));
+        let wait = FAILED_FIRST
+            .saturating_mul(1 << (n - 1).min(8))
+            .min(FAILED_MAX);
+        *failed = Some((tokio::time::Instant::now() + wait, n));
+        e
+    }
+
+    /// A pod's role and session name, from GetCallerIdentity signed with its raw credentials
+    /// (once per raw set, within the budget); the role's path from `roles` when listed there.
+    pub(super) async fn pod_caller(
+        &self,
+        context: &LockContext,
+        slot: &Slot,
+        raw: &RawDocument,
+        budget: &Budget,
+    ) -> Result<(RoleArn, Option<String>), Failure> {
+        if let Some((role, session)) = &*slot.caller.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Ok((role.clone(), Some(session.clone())));
+        }
+        budget.wait().await?;
+        let call = context.issuer.caller_as(source_of(raw));
+        let arn = match tokio::time::timeout(ASSUME_TIMEOUT, call).await {
+            Ok(result) => result,
+            Err(_) => Err(StsError {
+                code: StsErrorCode::Timeout,
+                message: "no answer in time".into(),
+            }),
+        }
+        .map_err(|e| {
+            self.metrics
+                .task_sts_errors
+                .with_label_values(&[self.config.kind.label(), e.code.label()])
+                .inc();
+            Failure::Sts(e)
+        })?;
+        let (role, session) = pod_role(&arn, &self.config.roles)
+            .ok_or_else(|| Failure::NotRoleSession(arn.clone()))?;
+        *slot.caller.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((role.clone(), session.clone()));
+        Ok((role, Some(session)))
     }
 
     /// One AssumeRole (two when the role refuses the SourceIdentity), each within the budget.
@@ -396,20 +462,14 @@ impl TaskLocks {
         let policy = policy::render_denying(&self.template, environment, role, &deny)?;
         let request = AssumeRequest {
             role_arn: role.to_string(),
-            session_name: session_name(credential_id, &raw.access_key_id),
+            session_name: session_name(self.config.kind, credential_id, &raw.access_key_id),
             policy: policy.text,
             duration: self.config.session_duration,
             source_identity: (self.config.source_identity && !unmarked)
                 .then(|| crate::refresh::source_identity(&context.instance_id)),
             tags: Vec::new(),
         };
-        let source = Credentials::new(
-            raw.access_key_id.clone(),
-            raw.secret_access_key.expose().to_string(),
-            Some(raw.token.expose().to_string()),
-            None,
-            "credlock-task",
-        );
+        let source = source_of(raw);
         let mut result = self
             .assume(&*context.issuer, source.clone(), &request)
             .await;
@@ -462,28 +522,59 @@ impl TaskLocks {
         result.map_err(|e| {
             self.metrics
                 .task_sts_errors
-                .with_label_values(&["ecs", e.code.label()])
+                .with_label_values(&[self.config.kind.label(), e.code.label()])
                 .inc();
             Failure::Sts(e)
         })
     }
 }
 
-/// `credlock-ecs-<id>` when the id fits a session name, else a digest of the id (or of the
-/// raw key id when the path had none): stable per task, never a raw value.
-pub(super) fn session_name(credential_id: Option<&str>, access_key_id: &str) -> String {
+/// The raw set as the SDK's credentials, to sign a task's own calls with.
+fn source_of(raw: &RawDocument) -> Credentials {
+    Credentials::new(
+        raw.access_key_id.clone(),
+        raw.secret_access_key.expose().to_string(),
+        Some(raw.token.expose().to_string()),
+        None,
+        "credlock-task",
+    )
+}
+
+/// A pod's role from its session's ARN (`arn:aws:sts::<account>:assumed-role/<name>/<session>`,
+/// "IAM identifiers", IAM User Guide) and the session name: the role listed in `roles` with that
+/// account, partition and name, else the name without a path.
+pub(super) fn pod_role(arn: &str, roles: &[RoleArn]) -> Option<(RoleArn, String)> {
+    let found = crate::cli::credentials::role_of_session(arn)?;
+    let session = crate::identity::AssumedRoleArn::parse(arn)?
+        .session
+        .to_string();
+    let role = roles
+        .iter()
+        .find(|r| {
+            r.name == found.name && r.account == found.account && r.partition == found.partition
+        })
+        .cloned()
+        .unwrap_or(found);
+    Some((role, session))
+}
+
+/// `credlock-ecs-<id>` (`credlock-eks-<pod session>`) when the id fits a session name, else a
+/// digest of the id (or of the raw key id when there is none): stable per task, never a raw
+/// value.
+pub(super) fn session_name(kind: AgentKind, id: Option<&str>, access_key_id: &str) -> String {
+    let prefix = kind.session_prefix();
     let fits = |id: &str| {
         (1..=MAX_ID_IN_NAME).contains(&id.len())
             && id
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"_+=,.@-".contains(&b))
     };
-    match credential_id {
-        Some(id) if fits(id) => format!("{SESSION_PREFIX}{id}"),
+    match id {
+        Some(id) if fits(id) => format!("{prefix}{id}"),
         other => {
             let digest = Sha256::digest(other.unwrap_or(access_key_id).as_bytes());
             let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-            format!("{SESSION_PREFIX}{hex}")
+            format!("{prefix}{hex}")
         }
     }
 }

@@ -15,11 +15,15 @@ fn at(secs: u64) -> SystemTime {
 
 /// Issues one-hour sets named after the call count; fails while `failing` is set; refuses a
 /// SourceIdentity while `no_source_identity` is set; records (source key id, request).
-struct FakeSts {
-    clock: Arc<ManualClock>,
-    failing: StdMutex<Option<StsErrorCode>>,
-    no_source_identity: StdMutex<bool>,
-    calls: StdMutex<Vec<(String, AssumeRequest)>>,
+pub(super) struct FakeSts {
+    pub(super) clock: Arc<ManualClock>,
+    pub(super) failing: StdMutex<Option<StsErrorCode>>,
+    pub(super) no_source_identity: StdMutex<bool>,
+    pub(super) calls: StdMutex<Vec<(String, AssumeRequest)>>,
+    /// GetCallerIdentity: the ARN per signing key (absent: the pod session
+    /// `assumed-role/pod-role/eks-demo-<key>`), and the keys that asked.
+    pub(super) callers: StdMutex<HashMap<String, String>>,
+    pub(super) caller_calls: StdMutex<Vec<String>>,
 }
 
 impl TaskIssuer for FakeSts {
@@ -45,6 +49,7 @@ impl TaskIssuer for FakeSts {
             }
             let now = self.clock.now();
             let n = calls.len();
+            drop(calls);
             Ok(Issued {
                 credentials: LockedCredentials::new(
                     format!("ASIALOCKED{n:010}"),
@@ -57,28 +62,64 @@ impl TaskIssuer for FakeSts {
             })
         })
     }
+
+    fn caller_as(
+        &self,
+        source: Credentials,
+    ) -> Pin<Box<dyn Future<Output = Result<String, StsError>> + Send + '_>> {
+        Box::pin(async move {
+            let key = source.access_key_id().to_string();
+            self.caller_calls.lock().unwrap().push(key.clone());
+            if let Some(code) = *self.failing.lock().unwrap() {
+                return Err(StsError {
+                    code,
+                    message: "refused by the fake".into(),
+                });
+            }
+            Ok(self
+                .callers
+                .lock()
+                .unwrap()
+                .get(&key)
+                .cloned()
+                .unwrap_or_else(|| {
+                    format!("arn:aws:sts::111122223333:assumed-role/pod-role/eks-demo-{key}")
+                }))
+        })
+    }
 }
 
-struct Harness {
-    locks: TaskLocks,
-    sts: Arc<FakeSts>,
-    clock: Arc<ManualClock>,
-    env: watch::Sender<Option<Arc<Environment>>>,
+pub(super) struct Harness {
+    pub(super) locks: TaskLocks,
+    pub(super) sts: Arc<FakeSts>,
+    pub(super) clock: Arc<ManualClock>,
+    pub(super) env: watch::Sender<Option<Arc<Environment>>>,
 }
 
-fn env(ip: &str) -> Arc<Environment> {
+pub(super) fn env(ip: &str) -> Arc<Environment> {
     let mut e = Environment::default();
     assert!(e.add_ip(ip));
     Arc::new(e)
 }
 
 fn harness(max_sets: usize, rate: f64) -> Harness {
+    harness_for(AgentKind::Ecs, Vec::new(), max_sets, rate)
+}
+
+pub(super) fn harness_for(
+    kind: AgentKind,
+    roles: Vec<RoleArn>,
+    max_sets: usize,
+    rate: f64,
+) -> Harness {
     let clock = Arc::new(ManualClock::new(at(0)));
     let sts = Arc::new(FakeSts {
         clock: clock.clone(),
         failing: StdMutex::new(None),
         no_source_identity: StdMutex::new(false),
         calls: StdMutex::new(Vec::new()),
+        callers: StdMutex::new(HashMap::new()),
+        caller_calls: StdMutex::new(Vec::new()),
     });
     let upstream = crate::upstream::Upstream {
         authority: "127.0.0.1:9".parse().unwrap(),
@@ -87,6 +128,8 @@ fn harness(max_sets: usize, rate: f64) -> Harness {
         UpstreamClient::new(&upstream, Duration::from_secs(1)),
         policy::parse_template(policy::BUILTIN_TEMPLATE).unwrap(),
         TaskLockConfig {
+            kind,
+            roles,
             session_duration: Duration::from_secs(3600),
             serve_margin: Duration::from_secs(300),
             source_identity: true,
@@ -111,7 +154,7 @@ fn harness(max_sets: usize, rate: f64) -> Harness {
     }
 }
 
-fn raw(key: &str, role: Option<&str>) -> RawDocument {
+pub(super) fn raw(key: &str, role: Option<&str>) -> RawDocument {
     RawDocument {
         role_arn: role.map(str::to_string),
         access_key_id: key.into(),
@@ -120,7 +163,7 @@ fn raw(key: &str, role: Option<&str>) -> RawDocument {
     }
 }
 
-fn calls(h: &Harness) -> Vec<(String, AssumeRequest)> {
+pub(super) fn calls(h: &Harness) -> Vec<(String, AssumeRequest)> {
     h.sts.calls.lock().unwrap().clone()
 }
 
@@ -253,6 +296,8 @@ async fn before_the_instance_is_known_every_task_fails_closed() {
         UpstreamClient::new(&upstream, Duration::from_secs(1)),
         policy::parse_template(policy::BUILTIN_TEMPLATE).unwrap(),
         TaskLockConfig {
+            kind: AgentKind::Ecs,
+            roles: Vec::new(),
             session_duration: Duration::from_secs(3600),
             serve_margin: Duration::from_secs(300),
             source_identity: true,
@@ -421,11 +466,15 @@ async fn a_failing_task_backs_off_without_sts_or_budget() {
 #[test]
 fn session_names_fit_sts_and_never_carry_a_raw_value() {
     assert_eq!(
-        session_name(Some("0b8e1c9e-5f6a-4a3e-9c55-1f4d3c2b1a00"), "ASIARAWE"),
+        session_name(
+            AgentKind::Ecs,
+            Some("0b8e1c9e-5f6a-4a3e-9c55-1f4d3c2b1a00"),
+            "ASIARAWE"
+        ),
         "credlock-ecs-0b8e1c9e-5f6a-4a3e-9c55-1f4d3c2b1a00"
     );
     for odd in [Some("a/b"), Some(&*"x".repeat(60)), Some("sp ace"), None] {
-        let name = session_name(odd, "ASIARAWEXAMPLE");
+        let name = session_name(AgentKind::Ecs, odd, "ASIARAWEXAMPLE");
         assert!(
             name.starts_with("credlock-ecs-") && name.len() <= 64,
             "{name}"

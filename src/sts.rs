@@ -269,6 +269,26 @@ impl AwsIssuer {
         })
     }
 
+    /// GetCallerIdentity signed with `source` (a pod's own credentials, whose answer names no
+    /// role: "GetCallerIdentity", AWS STS API Reference; it needs no permission).
+    pub async fn caller_as(&self, source: Credentials) -> Result<String, StsError> {
+        let config = self
+            .client
+            .config()
+            .to_builder()
+            .credentials_provider(source)
+            .build();
+        let out = aws_sdk_sts::Client::from_conf(config)
+            .get_caller_identity()
+            .send()
+            .await
+            .map_err(classify)?;
+        out.arn.ok_or_else(|| StsError {
+            code: StsErrorCode::Other,
+            message: "GetCallerIdentity answered without an Arn".into(),
+        })
+    }
+
     /// AssumeRole signed with `source` instead of the instance role's credentials (a task's or
     /// a pod's own, for its locked set): the same Region, endpoint, retry and time-out
     /// settings, a client of its own for the one call.

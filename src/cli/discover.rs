@@ -135,12 +135,21 @@ pub fn check_config(config: &Config) -> ExitCode {
             "credlock: warning: the ec2 source is enabled without an s3 or boot_provider source: on a fleet, every instance calling EC2 Describe* shares the account's 20/s refill; publish once with credlock publish-environment and use the s3 source"
         );
     }
-    let ecs = config.ecs.as_ref().map_or(String::new(), |e| {
-        format!(
-            ", ECS tasks {:?} -> agent http://{} (AssumeRole <= {}/s)",
-            e.listen, e.agent.authority, e.assume_rate
-        )
-    });
+    let ecs: String = config
+        .ecs
+        .iter()
+        .chain(&config.pod_identity)
+        .map(|e| {
+            let what = match e.kind {
+                crate::config::AgentKind::Ecs => "ECS tasks",
+                crate::config::AgentKind::PodIdentity => "EKS Pod Identity",
+            };
+            format!(
+                ", {what} {:?} -> agent http://{} (AssumeRole <= {}/s)",
+                e.listen, e.agent.authority, e.assume_rate
+            )
+        })
+        .collect();
     println!(
         "configuration OK: listen {:?}, admin {}, upstream http://{}, sources {:?}{ecs}",
         config.listen,
