@@ -193,12 +193,18 @@ async fn start_with(
         .collect();
     // The agent's link addresses appear when its DaemonSet starts, after credlock may have:
     // bound without them (IP_FREEBIND), as credlock.socket's FreeBind=yes does.
+    // Pods send their service-account token there: a port any user may bind (after
+    // net.ipv4.ip_unprivileged_port_start was lowered) is not listened on at all (fail closed).
+    let first_unprivileged = crate::endpoint::unprivileged_port_start();
     let mut pod_listeners = Vec::new();
     for addr in config.pod_identity.iter().flat_map(|e| &e.listen) {
-        pod_listeners.push(match inherited.iter().any(|(a, _)| a == addr) {
-            true => listener_for(*addr, &mut inherited).await?,
-            false => server::bind_freely(*addr).map_err(|e| StartError::Bind(*addr, e))?,
-        });
+        if inherited.iter().any(|(a, _)| a == addr) {
+            pod_listeners.push(listener_for(*addr, &mut inherited).await?);
+        } else if addr.port() >= first_unprivileged {
+            tracing::error!(%addr, first_unprivileged, "a Pod Identity listener is off: net.ipv4.ip_unprivileged_port_start lets any user bind its port first");
+        } else {
+            pod_listeners.push(server::bind_freely(*addr).map_err(|e| StartError::Bind(*addr, e))?);
+        }
     }
     let pod_identity_addrs: Vec<SocketAddr> = pod_listeners
         .iter()
@@ -206,7 +212,6 @@ async fn start_with(
         .collect();
     // Like the admin listener's, this port taken by another process must not stop the IMDS
     // proxy; it is held from boot by credlock.socket when configured there (README).
-    let first_unprivileged = crate::endpoint::unprivileged_port_start();
     let endpoint_listener = match &config.endpoint {
         Some(e) if e.listen.port() >= first_unprivileged => {
             tracing::error!(

@@ -61,6 +61,7 @@ suite tripwire tests/tripwire/run.sh
 suite firewall-nft need_root tests/root/netns_firewall_test.sh --backend nft
 suite firewall-iptables need_root tests/root/netns_firewall_test.sh --backend iptables
 suite firewall-ecs need_root tests/root/netns_ecs_test.sh
+suite firewall-pod-identity need_root tests/root/netns_pod_identity_test.sh
 suite systemd-nspawn need_root tests/root/nspawn_systemd_test.sh
 
 echo
