@@ -271,6 +271,16 @@ print(sts.get_caller_identity()["Arn"])
     expect "credlock's own uid, in its cgroup, reaches the agent itself (raw)" raw "$(fetch cred_cg "$v4")"
     expect "credlock's own uid, in its cgroup, reaches the agent over IPv6" raw "$(fetch cred_cg "$v6")"
 
+    # Boot order on a node: credlock starts before the agent's DaemonSet adds its addresses.
+    stop_credlock
+    in_i ip addr del "$POD4/32" dev pod-id-link0 && in_i ip addr del "$POD6/128" dev pod-id-link0
+    start_credlock
+    expect "credlock starts while the agent's addresses do not exist yet (IP_FREEBIND)" yes \
+        "$([[ -n $CREDLOCK_PID ]] && kill -0 "$CREDLOCK_PID" 2>/dev/null && echo yes || echo no)"
+    in_i ip addr add "$POD4/32" dev pod-id-link0 && in_i ip addr add "$POD6/128" dev pod-id-link0 nodad
+    expect "once the addresses appear, a pod gets a locked set over IPv4" locked "$(fetch pod "$v4")"
+    expect "once the addresses appear, a pod gets a locked set over IPv6" locked "$(fetch pod "$v6")"
+
     stop_credlock
     expect "credlock stopped: an app gets no credentials (fail closed), not the raw ones" none "$(fetch app "$v4")"
     expect "credlock stopped: a pod gets none either (IPv4)" none "$(fetch pod "$v4")"
