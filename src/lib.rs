@@ -40,6 +40,7 @@
 //! ([`cli::discover`]), `explain`, `audit`, `publish-environment` ([`cli::publish`], over
 //! [`publish`]), `credentials` ([`cli::credentials`]) and `endpoint-token`
 //! ([`cli::endpoint_token`]).
+//! [`lambda`]: the Lambda layer's external extension (`lambda-extension`, [`cli::lambda`]).
 //!
 //! Observing it: [`metrics`] (Prometheus), [`admin`] (`/healthz`, `/readyz`, `/status`,
 //! `/metrics`), [`firewall`] (the state the firewall units report).
@@ -78,6 +79,8 @@ pub mod http1;
 pub mod identity;
 #[cfg(feature = "daemon")]
 pub mod imds;
+#[cfg(feature = "daemon")]
+pub mod lambda;
 #[cfg(feature = "proxy")]
 pub mod metrics;
 #[cfg(feature = "daemon")]

@@ -15,6 +15,7 @@ use credlock::cli::audit::{AuditArgs, audit};
 use credlock::cli::discover::{check_config, print_discovery, print_policy};
 use credlock::cli::endpoint_token::{EndpointTokenArgs, endpoint_token};
 use credlock::cli::explain::{ExplainArgs, explain};
+use credlock::cli::lambda::{LambdaArgs, lambda_extension};
 use credlock::cli::publish::{PublishArgs, publish_environment};
 use credlock::cli::{CommonArgs, CredentialsArgs, credentials_command};
 use credlock::config::{self, Config, EXIT_CONFIG, LogFormat, Overrides};
@@ -67,6 +68,9 @@ enum Command {
     /// and its SHA-256 in the digests file the endpoint trusts. --revoke takes it away.
     /// Exit: 0 done, 1 failed, 2 usage.
     EndpointToken(EndpointTokenArgs),
+    /// In an AWS Lambda execution environment, as the credlock layer's external extension:
+    /// lock the function's credentials and serve them on a loopback endpoint (see layer/).
+    LambdaExtension(LambdaArgs),
 }
 
 #[derive(Args)]
@@ -97,6 +101,7 @@ fn main() -> ExitCode {
         Command::Explain(e) => (&e.common, Vec::new(), None),
         Command::Audit(a) => (&a.common, Vec::new(), None),
         Command::Credentials(c) => (&c.common, Vec::new(), None),
+        Command::LambdaExtension(l) => (&l.common, Vec::new(), None),
         Command::PublishEnvironment(_) | Command::EndpointToken(_) => return ExitCode::from(2),
     };
     let overrides = Overrides {
@@ -149,6 +154,7 @@ fn main() -> ExitCode {
             Command::Audit(args) => audit(config, args).await,
             Command::PublishEnvironment(_) | Command::EndpointToken(_) => ExitCode::from(2),
             Command::Credentials(args) => credentials_command(config, args).await,
+            Command::LambdaExtension(args) => lambda_extension(config, args).await,
         }
     })
 }

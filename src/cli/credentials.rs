@@ -163,7 +163,7 @@ pub async fn run(config: &Config, options: &Options) -> Result<String, String> {
         }
     };
     let host = host_id();
-    let environment = discover(config, &region, &role, &host, provider).await?;
+    let environment = discover(config, &region, &role, &host, provider, &[]).await?;
     let template = app::load_template(config).map_err(|e| e.to_string())?;
     let policy = policy::render(&template, &environment, &role).map_err(|e| e.to_string())?;
 
@@ -442,13 +442,15 @@ fn session_name(host: &str) -> String {
     format!("credlock-cli-{host}")
 }
 
-/// The configured sources, once, merged; the identity they see is this host's.
-async fn discover(
+/// The configured sources but `skip`, once, merged; the identity they see is `host`'s (this
+/// host, or a Lambda function). One source failing is a warning while another finds something.
+pub async fn discover(
     config: &Config,
     region: &str,
     role: &RoleArn,
     host: &str,
     provider: aws_credential_types::provider::SharedCredentialsProvider,
+    skip: &[discovery::SourceKind],
 ) -> Result<Environment, String> {
     let identity = InstanceIdentity {
         instance_id: host.to_string(),
@@ -465,6 +467,9 @@ async fn discover(
     let mut merged = Environment::default();
     let mut failures = Vec::new();
     for kind in discovery::enabled_sources(&config.discovery) {
+        if skip.contains(&kind) {
+            continue;
+        }
         match discovery::run_source(kind, &context).await {
             Ok(e) => merged.merge(&e),
             Err(e) => failures.push(format!("{}: {e}", kind.label())),
@@ -472,9 +477,12 @@ async fn discover(
     }
     if merged.is_empty() {
         return Err(format!(
-            "no discovery source found this host's environment ({}): configure discovery.static, echo, s3 or a boot provider",
+            "no discovery source found the environment of {host} ({}): configure discovery.static, echo, s3 or a boot provider",
             failures.join("; ")
         ));
+    }
+    for failure in &failures {
+        tracing::warn!(source = %failure, "a discovery source failed; the others count");
     }
     Ok(merged)
 }

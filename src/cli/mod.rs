@@ -6,6 +6,7 @@ pub mod credentials;
 pub mod discover;
 pub mod endpoint_token;
 pub mod explain;
+pub mod lambda;
 pub mod publish;
 
 use std::path::PathBuf;
