@@ -193,17 +193,26 @@ async fn start_with(
         .collect();
     // The agent's link addresses appear when its DaemonSet starts, after credlock may have:
     // bound without them (IP_FREEBIND), as credlock.socket's FreeBind=yes does.
-    // Pods send their service-account token there: a port any user may bind (after
-    // net.ipv4.ip_unprivileged_port_start was lowered) is not listened on at all (fail closed).
+    // Pods send their service-account token there, and the firewall sends them there whether
+    // or not credlock listens: the port is held whenever it can be (credlock.socket holds it
+    // across restarts). One that cannot be bound leaves pods without an answer (fail closed),
+    // never IMDS down.
     let first_unprivileged = crate::endpoint::unprivileged_port_start();
     let mut pod_listeners = Vec::new();
     for addr in config.pod_identity.iter().flat_map(|e| &e.listen) {
-        if inherited.iter().any(|(a, _)| a == addr) {
-            pod_listeners.push(listener_for(*addr, &mut inherited).await?);
-        } else if addr.port() >= first_unprivileged {
-            tracing::error!(%addr, first_unprivileged, "a Pod Identity listener is off: net.ipv4.ip_unprivileged_port_start lets any user bind its port first");
-        } else {
-            pod_listeners.push(server::bind_freely(*addr).map_err(|e| StartError::Bind(*addr, e))?);
+        let held = inherited.iter().any(|(a, _)| a == addr);
+        let bound = match held {
+            true => listener_for(*addr, &mut inherited).await,
+            false => server::bind_freely(*addr).map_err(|e| StartError::Bind(*addr, e)),
+        };
+        match bound {
+            Ok(l) => pod_listeners.push(l),
+            Err(e) => {
+                tracing::error!(error = %e, "a Pod Identity listener is unavailable: pods sent there get no answer until credlock restarts; IMDS is served")
+            }
+        }
+        if !held && addr.port() >= first_unprivileged {
+            tracing::warn!(%addr, first_unprivileged, "net.ipv4.ip_unprivileged_port_start lets any user bind this Pod Identity port while credlock is not running: hold it with credlock.socket");
         }
     }
     let pod_identity_addrs: Vec<SocketAddr> = pod_listeners

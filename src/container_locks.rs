@@ -320,10 +320,17 @@ impl TaskLocks {
             .borrow()
             .clone()
             .ok_or(Failure::NotReady)?;
-        let named = raw.role_arn.as_deref().and_then(RoleArn::parse);
-        if named.is_none() && self.config.kind == AgentKind::Ecs {
-            return Err(Failure::NoRole);
-        }
+        // Pod Identity answers name no role; one that does is not believed: the role is the
+        // pod's own session's, whatever the answer says.
+        let named = match self.config.kind {
+            AgentKind::Ecs => Some(
+                raw.role_arn
+                    .as_deref()
+                    .and_then(RoleArn::parse)
+                    .ok_or(Failure::NoRole)?,
+            ),
+            AgentKind::PodIdentity => None,
+        };
         let slot = self.slot(raw);
         if let Some(id) = credential_id {
             *slot.credential_id.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.to_string());

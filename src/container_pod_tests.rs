@@ -174,3 +174,22 @@ fn the_agents_documented_answer_is_a_document_without_a_role() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_role_named_in_a_pod_identity_answer_is_not_believed() {
+    let h = pods(&[]);
+    let claimed = raw("ASIARAWPOD1", Some("arn:aws:iam::111122223333:role/admin"));
+    h.locks
+        .locked_for(&claimed, Some("chosen-by-the-pod"))
+        .await
+        .unwrap();
+    let calls = calls(&h);
+    assert_eq!(
+        calls[0].1.role_arn, POD_ROLE,
+        "the pod's own session's role"
+    );
+    assert_eq!(
+        calls[0].1.session_name, "credlock-eks-eks-demo-ASIARAWPOD1",
+        "the session from STS, not from the request"
+    );
+}

@@ -338,7 +338,17 @@ impl<I: Issuer> Lock<I> {
     /// AssumeRole, and without SourceIdentity if that alone was refused (a role that does not
     /// trust sts:SetSourceIdentity), as `credlock credentials` does.
     async fn assume(&self) -> Result<LockedCredentials, String> {
-        let mut result = self.issuer.assume(&self.request).await;
+        let within = |request: AssumeRequest| async move {
+            tokio::time::timeout(ASSUME_TIMEOUT, self.issuer.assume(&request))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(crate::sts::StsError {
+                        code: StsErrorCode::Timeout,
+                        message: "no answer in time".into(),
+                    })
+                })
+        };
+        let mut result = within(self.request.clone()).await;
         if let Err(e) = &result
             && e.code == StsErrorCode::AccessDenied
             && self.request.source_identity.is_some()
@@ -347,7 +357,7 @@ impl<I: Issuer> Lock<I> {
                 source_identity: None,
                 ..self.request.clone()
             };
-            result = self.issuer.assume(&plain).await;
+            result = within(plain).await;
         }
         result
             .map(|issued| issued.credentials)
@@ -468,6 +478,26 @@ impl ExtensionsApi {
         }
     }
 }
+
+/// Whether the runtime will start through credlock's wrapper: `AWS_LAMBDA_EXEC_WRAPPER` names
+/// it, or `CREDLOCK_LAMBDA_CUSTOM_BOOTSTRAP=1` says the function's own bootstrap runs it (the
+/// `provided` runtimes ignore the variable). Otherwise the runtime would start with the raw
+/// credentials beside a locked set nobody uses: the init fails instead.
+pub fn wrapper_in_place(var: impl Fn(&str) -> Option<String>) -> Result<(), String> {
+    if var("CREDLOCK_LAMBDA_CUSTOM_BOOTSTRAP").as_deref() == Some("1") {
+        return Ok(());
+    }
+    let wrapper = var("AWS_LAMBDA_EXEC_WRAPPER").unwrap_or_default();
+    if Path::new(&wrapper).file_name() == Some(std::ffi::OsStr::new("credlock-wrapper")) {
+        return Ok(());
+    }
+    Err(format!(
+        "AWS_LAMBDA_EXEC_WRAPPER is {wrapper:?}, not /opt/credlock-wrapper: the runtime would start with the function's raw credentials (set it; or CREDLOCK_LAMBDA_CUSTOM_BOOTSTRAP=1 when the function's bootstrap runs the wrapper itself)"
+    ))
+}
+
+/// The longest one AssumeRole may take: the endpoint and the event loop wait on it.
+const ASSUME_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The error type reported when no locked set can be had at init.
 pub const INIT_ERROR_TYPE: &str = "Extension.CredlockNoLockedCredentials";

@@ -401,3 +401,32 @@ async fn answer_serves_the_set_or_503_never_without_the_token() {
     );
     assert!(!body.unwrap().contains("ASIALOCKED"));
 }
+
+#[test]
+fn the_runtime_must_start_through_credlocks_wrapper() {
+    let vars = |pairs: &'static [(&'static str, &'static str)]| {
+        move |k: &str| {
+            pairs
+                .iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| v.to_string())
+        }
+    };
+    assert!(
+        wrapper_in_place(vars(&[(
+            "AWS_LAMBDA_EXEC_WRAPPER",
+            "/opt/credlock-wrapper"
+        )]))
+        .is_ok()
+    );
+    assert!(wrapper_in_place(vars(&[("CREDLOCK_LAMBDA_CUSTOM_BOOTSTRAP", "1")])).is_ok());
+    for refused in [
+        vars(&[]),
+        vars(&[("AWS_LAMBDA_EXEC_WRAPPER", "/opt/other-wrapper")]),
+        vars(&[("AWS_LAMBDA_EXEC_WRAPPER", "/opt/credlock-wrapper.d")]),
+        vars(&[("CREDLOCK_LAMBDA_CUSTOM_BOOTSTRAP", "yes")]),
+    ] {
+        let e = wrapper_in_place(refused).unwrap_err();
+        assert!(e.contains("raw credentials"), "{e}");
+    }
+}

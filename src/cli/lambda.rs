@@ -62,6 +62,11 @@ fn source_credentials() -> Result<aws_credential_types::Credentials, String> {
         aws_credential_types::Credentials::new(s.key, s.secret, s.token, None, "lambda-environment")
     };
     if std::env::var_os(FROM_STDIN).is_some() {
+        // Not dumpable: the function's code runs as this user and could otherwise read this
+        // process's memory (/proc/PID/mem, ptrace) or a core dump of it. execve reset the flag,
+        // so it is set here, before the credentials are read.
+        nix::sys::prctl::set_dumpable(false)
+            .map_err(|e| format!("cannot make the process undumpable: {e}"))?;
         let mut text = String::new();
         std::io::stdin()
             .take(64 * 1024)
@@ -129,9 +134,12 @@ pub async fn lambda_extension(config: Config, args: LambdaArgs) -> ExitCode {
         name = args.extension_name,
         "registered with the Extensions API"
     );
-    let ready = match source {
-        Ok(source) => init(&config, &settings, source).await,
-        Err(e) => Err(e),
+    let ready = match (
+        source,
+        crate::lambda::wrapper_in_place(|k| std::env::var(k).ok()),
+    ) {
+        (Ok(source), Ok(())) => init(&config, &settings, source).await,
+        (Err(e), _) | (_, Err(e)) => Err(e),
     };
     let (lock, listener) = match ready {
         Ok(ready) => ready,

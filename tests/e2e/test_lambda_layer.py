@@ -234,13 +234,18 @@ class Environment:
                "CREDLOCK_LAMBDA_LISTEN": f"127.0.0.1:{self.port}",
                "CREDLOCK_LAMBDA_TOKEN_FILE": str(self.token_file),
                "AWS_ENDPOINT_URL_STS": self.front_url,
-               "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+               "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+               # The function's configuration, which its extensions see too ("Modifying the
+               # runtime environment", AWS Lambda Developer Guide).
+               "AWS_LAMBDA_EXEC_WRAPPER": str(self.opt / "credlock-wrapper")}
         if self.role:
             env["CREDLOCK_ROLE_ARN"] = role_arn(self.role)
         return env
 
-    def start_extension(self) -> subprocess.Popen:
+    def start_extension(self, without: tuple[str, ...] = ()) -> subprocess.Popen:
         env = {**self.ctl("GET", "/environment?for=extension"), **self.settings()}
+        for name in without:
+            env.pop(name, None)
         self.extension_log = self.workdir / "extension.log"
         self.extension = subprocess.Popen(
             [str(self.opt / "extensions" / "credlock")], env=env, stdin=subprocess.DEVNULL,
@@ -589,6 +594,27 @@ def test_init_fails_closed_when_sts_refuses(opt, front, config, tmp_path_factory
         assert refused and all(c["status"] == 403 and not c["issued"] for c in refused), refused
         log = env.extension_log.read_text(errors="replace")
         assert "AccessDenied" in log or "access_denied" in log, log[-2000:]
+        assert_no_raw(log, "the extension's log")
+    finally:
+        env.stop()
+
+
+def test_init_fails_closed_without_credlocks_exec_wrapper(opt, front, config, tmp_path_factory):
+    """A function configured without AWS_LAMBDA_EXEC_WRAPPER would start its runtime with the
+    raw credentials beside an unused locked set: the extension fails the init instead, before
+    any STS call, and says why."""
+    role = f"short-nowrap-{uuid.uuid4().hex[:8]}"
+    env = Environment(opt, tmp_path_factory.mktemp("nowrap"), front.url, config, role)
+    try:
+        mark = front.mark()
+        env.start_extension(without=("AWS_LAMBDA_EXEC_WRAPPER",))
+        assert env.extension.wait(timeout=WAIT) != 0
+        ext = env.extension_state()
+        assert ext["state"] == "InitError" and ext["error_type"] == INIT_ERROR_TYPE, ext
+        assert not env.token_file.exists()
+        assert not front.assumes(mark, session=SESSION), "an AssumeRole was made anyway"
+        log = env.extension_log.read_text(errors="replace")
+        assert "AWS_LAMBDA_EXEC_WRAPPER" in log, log[-2000:]
         assert_no_raw(log, "the extension's log")
     finally:
         env.stop()

@@ -263,6 +263,11 @@ run_checks() {
     expect "control: without credlock's rules an app gets it over IPv6 too" raw "$(fetch app "$v6")"
     expect "control: without credlock's rules a pod gets the raw set" raw "$(fetch pod "$v4")"
 
+    out=$(CREDLOCK_IPV6=off fw apply 2>&1)
+    expect "CREDLOCK_IPV6=off with CREDLOCK_POD_IDENTITY=on is refused (78): [fd00:ec2::23] would stay open" \
+        "78 yes" "$? $([[ $out == *fd00:ec2::23* ]] && echo yes || echo no)"
+    expect "control: ... and the agent is still reachable directly, nothing was loaded" raw "$(fetch app "$v6")"
+
     fw apply >"$TMP/apply.log" 2>&1
     expect "apply with CREDLOCK_POD_IDENTITY=on succeeds" 0 "$?"
     fw status >/dev/null 2>&1
