@@ -40,7 +40,8 @@
 //! ([`cli::discover`]), `explain`, `audit`, `publish-environment` ([`cli::publish`], over
 //! [`publish`]), `credentials` ([`cli::credentials`]) and `endpoint-token`
 //! ([`cli::endpoint_token`]).
-//! [`lambda`]: the Lambda layer's external extension (`lambda-extension`, [`cli::lambda`]).
+//! [`lambda`]: the Lambda layer's external extension (`lambda-extension`, [`cli::lambda`]; its
+//! Extensions API client in `lambda_api.rs`).
 //!
 //! Observing it: [`metrics`] (Prometheus), [`admin`] (`/healthz`, `/readyz`, `/status`,
 //! `/metrics`), [`firewall`] (the state the firewall units report).
