@@ -135,6 +135,20 @@ async fn listener_for(
     Ok(bound.remove(0))
 }
 
+/// A listener on `addr` whether or not the address is configured yet (`IP_FREEBIND`, which
+/// Linux honours for IPv6 sockets too; systemd's `FreeBind=`): for addresses that another
+/// service adds later.
+fn bind_freely(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::IpFreebind, &true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 async fn start_with(
     config: Config,
     clock: Arc<dyn Clock>,
@@ -203,7 +217,7 @@ async fn start_with(
         let held = inherited.iter().any(|(a, _)| a == addr);
         let bound = match held {
             true => listener_for(*addr, &mut inherited).await,
-            false => server::bind_freely(*addr).map_err(|e| StartError::Bind(*addr, e)),
+            false => bind_freely(*addr).map_err(|e| StartError::Bind(*addr, e)),
         };
         match bound {
             Ok(l) => pod_listeners.push(l),

@@ -59,20 +59,6 @@ pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, (SocketAddr,
     Ok(listeners)
 }
 
-/// A listener on `addr` whether or not the address is configured yet (`IP_FREEBIND`, which
-/// Linux honours for IPv6 sockets too; systemd's `FreeBind=`): for addresses that another
-/// service adds later.
-pub fn bind_freely(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::IpFreebind, &true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
-}
-
 /// Request heads larger than this (request line and headers) get 431 and a close. IMDS requests
 /// are a few hundred bytes; hyper's default would let each connection buffer about 400 KiB.
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
