@@ -18,6 +18,7 @@
 # Waiting     wait_until SECONDS COMMAND... | wait_ready PID SECONDS COMMAND...
 #             http_answers CODE URL [RUNNER...] | wait_http URL CODE SECONDS [RUNNER...]
 # Ports       free_ports N
+# SDKs        sdk_arn RUNNER KIND VAR=VALUE... (ROOT and VENV set by the caller)
 # System      cgroup2_root | rmdir_wait SECONDS DIR...
 # Colours     BOLD PLAIN: escape sequences when stdout is a terminal, empty otherwise
 
@@ -255,3 +256,33 @@ rmdir_wait() {
 # ---- colours -------------------------------------------------------------------------------
 # shellcheck disable=SC2034 # used by the sourcing scripts
 if [[ -t 1 ]]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD='' PLAIN=''; fi
+
+# ---- SDKs ----------------------------------------------------------------------------------
+# sdk_arn RUNNER KIND VAR=VALUE...: the caller ARN STS gives for the credentials an SDK's
+# default chain resolves in an environment of only VAR=VALUE... (plus a Region, PATH, HOME and
+# the venv's site-packages), run through RUNNER (a function that runs a command as some user in
+# some namespace). KIND: boto3 and awscli (the AWS CLI v1) call STS themselves; rust runs
+# examples/sdk_chain_child (the Rust SDK's chain), which reports its caller ARN; js resolves the
+# set with the JS SDK v3's fromHttp (container credentials, relative or full URI) and boto3
+# presents it to STS. Prints the last line of output: the ARN, or the error.
+sdk_arn() {
+    local run=$1 kind=$2
+    shift 2
+    local env=(env -i PATH=/usr/bin:/bin HOME=/tmp AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
+        AWS_EC2_METADATA_DISABLED=true PYTHONPATH="$VENV/lib/python3.11/site-packages" "$@")
+    local py=/usr/bin/python3 to_arn='
+import boto3, json, sys
+d = json.loads(sys.stdin.read())
+print(boto3.client("sts", aws_access_key_id=d["accessKeyId"], aws_secret_access_key=d["secretAccessKey"],
+      aws_session_token=d["sessionToken"]).get_caller_identity()["Arn"])'
+    case $kind in
+    boto3) "$run" "${env[@]}" "$py" -c 'import boto3; print(boto3.client("sts").get_caller_identity()["Arn"])' ;;
+    awscli) "$run" "${env[@]}" "$py" -m awscli sts get-caller-identity --query Arn --output text ;;
+    rust) "$run" "${env[@]}" "$ROOT/target/debug/examples/sdk_chain_child" |
+        sed -n 's/^SDK-CHAIN-REPORT //p' | "$py" -c 'import json, sys; print(json.load(sys.stdin)["arn"])' ;;
+    js) "$run" "${env[@]}" NODE_PATH="$ROOT/tests/js/node_modules" node -e '
+const { fromHttp } = require("@aws-sdk/credential-provider-http");
+fromHttp({ timeout: 3000 })().then((c) => console.log(JSON.stringify(c)),
+  (e) => { console.error(String(e)); process.exit(1); });' | "$run" "${env[@]}" "$py" -c "$to_arn" ;;
+    esac 2>&1 | tail -n 1
+}

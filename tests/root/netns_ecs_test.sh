@@ -142,35 +142,6 @@ agent_port_drops() {
     fi | awk '{n += $1} END {print n + 0}'
 }
 
-# sdk_arn KIND: the ARN moto gives for the credentials an SDK's default chain resolves as the app
-# user with only AWS_CONTAINER_CREDENTIALS_RELATIVE_URI set, as ECS sets it in a task ("Container
-# credential provider", AWS SDKs and Tools Reference Guide: the SDK asks 169.254.170.2 itself).
-# boto3 and the AWS CLI v1 call STS themselves; the Rust SDK's chain (examples/sdk_chain_child)
-# reports its caller ARN; the JS SDK v3 provider (fromContainerMetadata) prints the set, which
-# boto3 then presents to moto.
-SITE=$VENV/lib/python3.11/site-packages
-sdk_arn() {
-    local env=(env -i PATH=/usr/bin:/bin HOME=/tmp AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
-        AWS_EC2_METADATA_DISABLED=true
-        "AWS_ENDPOINT_URL_STS=http://127.0.0.1:$MOTO_PORT" PYTHONPATH="$SITE"
-        AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials/task-a)
-    local to_arn='
-import boto3, json, sys
-d = json.loads(sys.stdin.read())
-print(boto3.client("sts", aws_access_key_id=d["accessKeyId"], aws_secret_access_key=d["secretAccessKey"],
-      aws_session_token=d["sessionToken"]).get_caller_identity()["Arn"])'
-    case $1 in
-    boto3) as_app "${env[@]}" "$PY" -c 'import boto3; print(boto3.client("sts").get_caller_identity()["Arn"])' ;;
-    awscli) as_app "${env[@]}" "$PY" -m awscli sts get-caller-identity --query Arn --output text ;;
-    rust) as_app "${env[@]}" "$ROOT/target/debug/examples/sdk_chain_child" |
-        sed -n 's/^SDK-CHAIN-REPORT //p' | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["arn"])' ;;
-    js) as_app "${env[@]}" NODE_PATH="$ROOT/tests/js/node_modules" node -e '
-const { fromContainerMetadata } = require("@smithy/credential-provider-imds");
-fromContainerMetadata({ timeout: 3000 })().then((c) => console.log(JSON.stringify(c)),
-  (e) => { console.error(String(e)); process.exit(1); });' | as_app "${env[@]}" "$PY" -c "$to_arn" ;;
-    esac 2>&1 | tail -n 1
-}
-
 setup() {
     local u
     for u in "$CRED_USER" "$APP_USER"; do
@@ -290,10 +261,14 @@ run_checks() {
     expect "a container asking 169.254.170.2 gets a locked set (ahead of ecs-init's DNAT)" locked "$(fetch container "$url")"
     after=$(( $(metric locked) + $(metric cached) ))
     expect "credlock served those three (its metrics)" 3 "$((after - before))"
+    # The SDKs as a task's application runs them: only AWS_CONTAINER_CREDENTIALS_RELATIVE_URI,
+    # as ECS sets it ("Container credential provider", AWS SDKs and Tools Reference Guide: the
+    # SDK asks 169.254.170.2 itself).
     local kind want=arn:aws:sts::123456789012:assumed-role/ecs-task-a/credlock-ecs-task-a
     for kind in boto3 awscli rust js; do
         expect "$kind through AWS_CONTAINER_CREDENTIALS_RELATIVE_URI (169.254.170.2) gets the locked set: moto knows it as credlock's session of the task role" \
-            "$want" "$(sdk_arn "$kind")"
+            "$want" "$(sdk_arn as_app "$kind" "AWS_ENDPOINT_URL_STS=http://127.0.0.1:$MOTO_PORT" \
+                AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials/task-a)"
     done
     expect "an unknown task id gets the agent's own 400 through credlock" "status 400" \
         "$(fetch app "http://$ECS4/v2/credentials/nope")"

@@ -135,34 +135,6 @@ print(c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"])
 ' "http://127.0.0.1:$MOTO_PORT" "$POD_ROLE"
 }
 
-# sdk_arn KIND URL: the ARN moto gives for the credentials an SDK's default chain resolves as the
-# app user with the variables EKS gives a pod ("How EKS Pod Identity works", Amazon EKS User
-# Guide): AWS_CONTAINER_CREDENTIALS_FULL_URI at the agent's address and
-# AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE. The JS SDK v3 provider (fromHttp) prints the set,
-# which boto3 then presents to moto.
-SITE=$VENV/lib/python3.11/site-packages
-sdk_arn() {
-    local env=(env -i PATH=/usr/bin:/bin HOME=/tmp AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
-        AWS_EC2_METADATA_DISABLED=true "AWS_ENDPOINT_URL_STS=http://127.0.0.1:$MOTO_PORT"
-        PYTHONPATH="$SITE" "AWS_CONTAINER_CREDENTIALS_FULL_URI=$2"
-        "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE=$TMP/token")
-    local to_arn='
-import boto3, json, sys
-d = json.loads(sys.stdin.read())
-print(boto3.client("sts", aws_access_key_id=d["accessKeyId"], aws_secret_access_key=d["secretAccessKey"],
-      aws_session_token=d["sessionToken"]).get_caller_identity()["Arn"])'
-    case $1 in
-    boto3) as_app "${env[@]}" "$PY" -c 'import boto3; print(boto3.client("sts").get_caller_identity()["Arn"])' ;;
-    awscli) as_app "${env[@]}" "$PY" -m awscli sts get-caller-identity --query Arn --output text ;;
-    rust) as_app "${env[@]}" "$ROOT/target/debug/examples/sdk_chain_child" |
-        sed -n 's/^SDK-CHAIN-REPORT //p' | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["arn"])' ;;
-    js) as_app "${env[@]}" NODE_PATH="$ROOT/tests/js/node_modules" node -e '
-const { fromHttp } = require("@aws-sdk/credential-provider-http");
-fromHttp({ timeout: 3000 })().then((c) => console.log(JSON.stringify(c)),
-  (e) => { console.error(String(e)); process.exit(1); });' | as_app "${env[@]}" "$PY" -c "$to_arn" ;;
-    esac 2>&1 | tail -n 1
-}
-
 setup() {
     local u set token
     for u in "$CRED_USER" "$APP_USER"; do
@@ -295,13 +267,15 @@ sts = boto3.client("sts", endpoint_url=sys.argv[1], region_name="us-east-1",
 print(sts.get_caller_identity()["Arn"])
 ' "http://127.0.0.1:$MOTO_PORT" 2>&1)
     expect "moto knows the pod's set as the pod role assumed by credlock for that pod"         "arn:aws:sts::123456789012:assumed-role/pod-role/credlock-eks-eks-credlock-test-demo-pod-1" "$out"
-    # The SDKs, as a pod's application reads them (the token file readable by the app).
+    # The SDKs, as a pod's application reads them: the variables EKS gives a pod ("How EKS Pod
+    # Identity works", Amazon EKS User Guide), the token file readable by the app.
     printf '%s' "$TOKEN" >"$TMP/token" && chmod 644 "$TMP/token"
     local kind url want=arn:aws:sts::123456789012:assumed-role/pod-role/credlock-eks-eks-credlock-test-demo-pod-1
     for kind in boto3 awscli rust js; do
         for url in "$v4" "$v6"; do
             expect "$kind with AWS_CONTAINER_CREDENTIALS_FULL_URI=$url gets the pod role's locked set" \
-                "$want" "$(sdk_arn "$kind" "$url")"
+                "$want" "$(sdk_arn as_app "$kind" "AWS_ENDPOINT_URL_STS=http://127.0.0.1:$MOTO_PORT" \
+                    "AWS_CONTAINER_CREDENTIALS_FULL_URI=$url" "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE=$TMP/token")"
         done
     done
     expect "a request without the token gets the agent's own 400 through credlock" "status 400" \
