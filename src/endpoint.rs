@@ -42,7 +42,8 @@ use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 
 use crate::clock::Clock;
-use crate::credentials::{CredentialStore, imds_timestamp};
+use crate::credentials::{CredentialStore, LockedCredentials, imds_timestamp};
+use crate::identity::RoleArn;
 use crate::metrics::{EndpointResult, Metrics};
 use crate::proxy::local_text as text;
 use crate::refresh::LockStatus;
@@ -410,16 +411,29 @@ pub fn answer(
             ),
         );
     };
+    let role = endpoint.lock_status.load().role_arn.clone();
+    tracing::debug!(user = %label, "endpoint: locked set served");
+    (EndpointResult::Served, document(&set, role.as_ref(), head))
+}
+
+/// A locked set in the container credential provider's format (`AccessKeyId`,
+/// `SecretAccessKey`, `Token`, `Expiration`, and `RoleArn` when known; "Container credential
+/// provider", AWS SDKs and Tools Reference Guide), never cached by a client in between: the
+/// endpoint's answer, and the Lambda extension's.
+pub fn document(
+    set: &LockedCredentials,
+    role: Option<&RoleArn>,
+    head: bool,
+) -> Response<Full<Bytes>> {
     let mut body = serde_json::json!({
         "AccessKeyId": set.access_key_id,
         "SecretAccessKey": set.secret_access_key().expose(),
         "Token": set.token().expose(),
         "Expiration": imds_timestamp(set.expiration),
     });
-    if let Some(role) = &endpoint.lock_status.load().role_arn {
+    if let Some(role) = role {
         body["RoleArn"] = serde_json::Value::String(role.to_string());
     }
-    tracing::debug!(user = %label, "endpoint: locked set served");
     let bytes = serde_json::to_vec(&body).unwrap_or_default();
     let length = bytes.len();
     let mut response = Response::new(Full::new(if head {
@@ -434,7 +448,7 @@ pub fn answer(
     );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    (EndpointResult::Served, response)
+    response
 }
 
 /// The first port an unprivileged process may bind (`net.ipv4.ip_unprivileged_port_start`,

@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header;
 use http::{HeaderMap, Method, Response, StatusCode};
 use http_body_util::Full;
 use serde::Deserialize;
@@ -253,32 +253,6 @@ pub fn refusal(method: &Method, path: &str, auth: Auth) -> Option<Response<Full<
     (path != PATH).then(|| text(StatusCode::NOT_FOUND, "credlock: not found\n", head))
 }
 
-/// The container-credentials document of a locked set.
-pub fn document(set: &LockedCredentials, role: &RoleArn, head: bool) -> Response<Full<Bytes>> {
-    let body = serde_json::json!({
-        "AccessKeyId": set.access_key_id,
-        "SecretAccessKey": set.secret_access_key().expose(),
-        "Token": set.token().expose(),
-        "Expiration": imds_timestamp(set.expiration),
-        "RoleArn": role.to_string(),
-    });
-    let bytes = serde_json::to_vec(&body).unwrap_or_default();
-    let length = bytes.len();
-    let mut response = Response::new(Full::new(if head {
-        Bytes::new()
-    } else {
-        Bytes::from(bytes)
-    }));
-    let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
-}
-
 /// `[\w+=,.@-]` of `name`, after `prefix`, at most 64 characters (STS's RoleSessionName and
 /// SourceIdentity limits, AWS STS API Reference, "AssumeRole").
 pub fn sts_name(prefix: &str, name: &str) -> String {
@@ -475,7 +449,7 @@ pub async fn answer<I: Issuer>(
         return refused;
     }
     match lock.ensure(lock.margin).await {
-        Ok(set) => document(&set, &lock.role, method == Method::HEAD),
+        Ok(set) => crate::endpoint::document(&set, Some(&lock.role), method == Method::HEAD),
         Err(e) => {
             tracing::error!(error = %e, "endpoint: no servable locked set");
             text(

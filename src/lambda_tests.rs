@@ -149,7 +149,7 @@ fn document_has_the_container_provider_fields() {
         SystemTime::now(),
     );
     let role = RoleArn::parse("arn:aws:iam::123456789012:role/fn-role").unwrap();
-    let response = document(&set, &role, false);
+    let response = crate::endpoint::document(&set, Some(&role), false);
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
     let body = futures_body(response);

@@ -257,36 +257,25 @@ impl AwsIssuer {
 
     /// The caller's ARN (`sts:GetCallerIdentity`, which needs no permission).
     pub async fn caller_arn(&self) -> Result<String, StsError> {
-        let out = self
-            .client
-            .get_caller_identity()
-            .send()
-            .await
-            .map_err(classify)?;
-        out.arn.ok_or_else(|| StsError {
-            code: StsErrorCode::Other,
-            message: "GetCallerIdentity answered without an Arn".into(),
-        })
+        caller_on(&self.client).await
     }
 
     /// GetCallerIdentity signed with `source` (a pod's own credentials, whose answer names no
     /// role: "GetCallerIdentity", AWS STS API Reference; it needs no permission).
     pub async fn caller_as(&self, source: Credentials) -> Result<String, StsError> {
+        caller_on(&self.client_as(source)).await
+    }
+
+    /// A client of its own for one call signed with `source`: the same Region, endpoint, retry
+    /// and time-out settings.
+    fn client_as(&self, source: Credentials) -> aws_sdk_sts::Client {
         let config = self
             .client
             .config()
             .to_builder()
             .credentials_provider(source)
             .build();
-        let out = aws_sdk_sts::Client::from_conf(config)
-            .get_caller_identity()
-            .send()
-            .await
-            .map_err(classify)?;
-        out.arn.ok_or_else(|| StsError {
-            code: StsErrorCode::Other,
-            message: "GetCallerIdentity answered without an Arn".into(),
-        })
+        aws_sdk_sts::Client::from_conf(config)
     }
 
     /// AssumeRole signed with `source` instead of the instance role's credentials (a task's or
@@ -297,19 +286,20 @@ impl AwsIssuer {
         source: Credentials,
         request: &AssumeRequest,
     ) -> Result<Issued, StsError> {
-        let config = self
-            .client
-            .config()
-            .to_builder()
-            .credentials_provider(source)
-            .build();
-        assume_on(
-            &aws_sdk_sts::Client::from_conf(config),
-            &*self.clock,
-            request,
-        )
-        .await
+        assume_on(&self.client_as(source), &*self.clock, request).await
     }
+}
+
+async fn caller_on(client: &aws_sdk_sts::Client) -> Result<String, StsError> {
+    let out = client
+        .get_caller_identity()
+        .send()
+        .await
+        .map_err(classify)?;
+    out.arn.ok_or_else(|| StsError {
+        code: StsErrorCode::Other,
+        message: "GetCallerIdentity answered without an Arn".into(),
+    })
 }
 
 impl Issuer for AwsIssuer {
