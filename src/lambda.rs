@@ -351,7 +351,6 @@ impl<I: Issuer> Lock<I> {
         match self.assume().await {
             Ok(set) => {
                 tracing::info!(
-                    access_key_id = %set.access_key_id,
                     expiration = %imds_timestamp(set.expiration),
                     "locked set renewed"
                 );

@@ -253,7 +253,6 @@ async fn init(
     let first = lock.ensure(margin).await?;
     tracing::info!(
         role = %lock.role(),
-        access_key_id = %first.access_key_id,
         expiration = %imds_timestamp(first.expiration),
         "locked set held"
     );
